@@ -1,0 +1,226 @@
+"""`apply_peft`: wrap a model's linear layers with LiME and route the model's padding mask to them."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from transformers import PreTrainedModel
+
+from lime_kernels import LiMELinear
+
+from .config import LiMEConfig
+
+Targets = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+def lime_layers(model: nn.Module) -> Iterator[Tuple[str, LiMELinear]]:
+    """`(qualified name, layer)` for every LiME layer of `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LiMELinear):
+            yield name, module
+
+
+class MaskScope:
+    """Carries the padding mask of one module's calls to the LiME layers below it.
+
+    The module (a scope owner: the model given to `apply_peft` and every Hugging Face
+    `PreTrainedModel` inside it) gets hooks that record the 2-D `attention_mask` of each call. Its
+    LiME layers read the mask of the call in progress; during backward (recomputation under
+    gradient checkpointing, after the call has returned) they read the mask of the latest call
+    that recorded gradients, which is the one being recomputed in ordinary training.
+    """
+
+    def __init__(self, owner_name: str, owner: nn.Module):
+        self.owner_name = owner_name or type(owner).__name__
+        self._mask_position = self._positional_index(owner)
+        self._active: List[Optional[torch.Tensor]] = []
+        self._latest_with_grad: Optional[torch.Tensor] = None
+        self._warned = False
+
+    @staticmethod
+    def _positional_index(owner: nn.Module) -> Optional[int]:
+        parameters = list(inspect.signature(owner.forward).parameters.values())
+        for index, parameter in enumerate(parameters):
+            if parameter.name == "attention_mask":
+                positional = parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+                return index if positional else None
+        return None
+
+    def _mask_of_call(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_position is not None and len(args) > self._mask_position:
+            mask = args[self._mask_position]
+        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            return mask
+        if not self._warned:
+            self._warned = True
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            warnings.warn(
+                f"{self.owner_name} received an attention_mask of shape {shape}, not a 2-D padding mask; "
+                "its LiME layers route every token.",
+                stacklevel=4,
+            )
+        return None
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = self._mask_of_call(args, kwargs)
+        self._active.append(mask)
+        if torch.is_grad_enabled():
+            self._latest_with_grad = mask
+
+    def exit(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self._active.pop()
+
+    def current(self) -> Optional[torch.Tensor]:
+        if self._active:
+            return self._active[-1]
+        if torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
+            return self._latest_with_grad
+        return None
+
+
+def _target_matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
+    if targets is None:
+        return lambda path, module: isinstance(module, nn.Linear)
+    if callable(targets):
+        return lambda path, module: isinstance(module, nn.Linear) and bool(targets(path, module))
+    suffixes = [targets] if isinstance(targets, str) else list(targets)
+
+    def matches(path: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and any(path == s or path.endswith("." + s) for s in suffixes)
+
+    return matches
+
+
+def _describe_linear_names(model: nn.Module, limit: int = 12) -> str:
+    names = []
+    for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and not isinstance(module, LiMELinear) and leaf not in names:
+            names.append(leaf)
+    if not names:
+        return "the model has no nn.Linear layer"
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return "linear layers that exist: " + ", ".join(names[:limit]) + more
+
+
+def _install_mask_scopes(model: nn.Module) -> None:
+    """Give every LiME layer the scope of its nearest owner (the model or a PreTrainedModel)."""
+    scopes: Dict[int, MaskScope] = getattr(model, "_lime_mask_scopes", None)
+    if scopes is None:
+        scopes = model._lime_mask_scopes = {}
+    owners = {name: module for name, module in model.named_modules() if name == "" or isinstance(module, PreTrainedModel)}
+    for name, layer in lime_layers(model):
+        owner_name = max((o for o in owners if o == "" or name.startswith(o + ".")), key=len)
+        owner = owners[owner_name]
+        scope = scopes.get(id(owner))
+        if scope is None:
+            scope = scopes[id(owner)] = MaskScope(owner_name, owner)
+            owner.register_forward_pre_hook(scope.enter, with_kwargs=True)
+            owner.register_forward_hook(scope.exit, with_kwargs=True, always_call=True)
+        layer.mask_provider = scope.current
+
+
+def apply_peft(
+    model: nn.Module,
+    targets: Targets = None,
+    num_experts: int = 4,
+    rank: int = 2,
+    alpha: float = 16.0,
+    top_k: int = 1,
+    dropout: float = 0.0,
+    temperature: float = 0.5,
+    use_shared_LiME: bool = True,
+    preserve_tying: bool = True,
+    pad_token_id: Optional[int] = None,
+    tokenizer=None,
+    track_aux: bool = True,
+    rep_mode: str = "token",
+    jitter_noise: float = 0.1,
+    n_gram: int = 1,
+    LiME_init_std: float = 0.1,
+    gamma_routing: float = 0.7,
+    soft_topk: bool = True,
+    soft_topk_temperature: float = 0.5,
+    auto_topk: bool = True,
+    auto_topk_threshold: float = 0.5,
+    peft_dtype: Optional[torch.dtype] = None,
+    moe_dtype: Optional[torch.dtype] = None,
+    use_compile: bool = False,
+    sparse_mode: bool = False,
+    router: str = "cosine",
+    ngram_mode: str = "window",
+    backend: str = "auto",
+) -> nn.Module:
+    """Wrap the target linear layers of `model` with LiME, in place, and return the model.
+
+    `targets`: module-name suffixes (`"q_proj"` matches `...self_attn.q_proj`), a callable
+    `(qualified_name, module) -> bool`, or None for every `nn.Linear`. Every parameter that is not
+    LiME's is frozen. The 2-D `attention_mask` that the model (or any Hugging Face model inside it)
+    receives reaches its LiME layers, so padding changes neither routing nor the statistics.
+    `tokenizer` supplies `pad_token_id` (kept in the config for embedding targets). `use_compile`
+    compiles each LiME layer with `torch.compile`. The other keywords are `LiMELinear`'s.
+    """
+    if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
+        pad_token_id = tokenizer.pad_token_id
+    config = LiMEConfig(
+        targets=None if targets is None or callable(targets) else targets,
+        num_experts=num_experts, rank=rank, alpha=alpha, top_k=top_k, dropout=dropout, temperature=temperature,
+        use_shared_LiME=use_shared_LiME, preserve_tying=preserve_tying, pad_token_id=pad_token_id,
+        track_aux=track_aux, rep_mode=rep_mode, jitter_noise=jitter_noise, n_gram=n_gram,
+        LiME_init_std=LiME_init_std, gamma_routing=gamma_routing, soft_topk=soft_topk,
+        soft_topk_temperature=soft_topk_temperature, auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold,
+        peft_dtype=peft_dtype, moe_dtype=moe_dtype, use_compile=use_compile, sparse_mode=sparse_mode,
+        router=router, ngram_mode=ngram_mode, backend=backend,
+    )
+    wants = _target_matcher(targets)
+
+    wrapped: Dict[int, LiMELinear] = {}
+    replacements = []
+    inside_lime = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LiMELinear):
+            inside_lime.add(path + ".linear")
+            continue
+        if path in inside_lime or not path or not wants(path, module):
+            continue
+        replacements.append((path, module))
+    if not replacements:
+        raise ValueError(f"targets={targets!r} match no nn.Linear of {type(model).__name__}; {_describe_linear_names(model)}")
+    for path, module in replacements:
+        if module.out_features < num_experts:
+            raise ValueError(
+                f"num_experts must be <= out_features of every target: {path} has out_features="
+                f"{module.out_features}; got num_experts={num_experts}"
+            )
+
+    # Validated: from here on the model is changed.
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+    bypassed = []
+    for path, module in replacements:
+        parent_path, _, child_name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if id(module) not in wrapped:  # a module shared by several parents is wrapped once
+            wrapped[id(module)] = LiMELinear(module, **config.layer_kwargs())
+        setattr(parent, child_name, wrapped[id(module)])
+        if isinstance(parent, nn.MultiheadAttention):
+            bypassed.append(path)
+    if bypassed:
+        warnings.warn(
+            f"{len(bypassed)} wrapped layer(s) belong to nn.MultiheadAttention, which reads out_proj.weight "
+            f"directly: {', '.join(bypassed[:4])}. They keep working but their LiME adapters are never applied.",
+            stacklevel=2,
+        )
+
+    _install_mask_scopes(model)
+    if use_compile:
+        for _, layer in lime_layers(model):
+            layer.forward = torch.compile(layer.forward)
+    model.lime_config = config
+    return model

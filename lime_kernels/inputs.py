@@ -1,0 +1,73 @@
+"""Input shapes and attention masks, checked once for every backend.
+
+A LiME layer sees `x` as `(B, T, Din)` sequences: a 2-D input `(N, Din)` is N sequences of length 1
+and extra leading dimensions are folded into B. Masks become a `(B, T)` bool tensor of valid tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def as_sequences(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """View `x` as `(B, T, Din)`; raise a ValueError naming both shapes when it cannot be."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"LiME layer input must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() < 2 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"LiME layer expects input of shape (..., {in_features}) with at least 2 dimensions; "
+            f"got input of shape {tuple(x.shape)}"
+        )
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _check_mask_dtype(mask: torch.Tensor) -> None:
+    # Floating masks are refused: an additive mask (0 = attend, -inf = masked) would read backwards.
+    if mask.dtype != torch.bool and (mask.dtype.is_floating_point or mask.dtype.is_complex):
+        raise ValueError(f"attention_mask must be bool or integer (1 = valid token, 0 = padding); got dtype {mask.dtype}")
+
+
+def explicit_valid_mask(attention_mask: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+    """The `(B, T)` bool mask for an attention mask passed to the layer itself.
+
+    Accepted shapes: `input_shape[:-1]`, or `(B, T)` after folding leading dimensions; for a 2-D
+    input `(N, Din)` also `(N,)`.
+    """
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a torch.Tensor; got {type(attention_mask).__name__}")
+    _check_mask_dtype(attention_mask)
+    if len(input_shape) == 2:
+        batch, tokens = input_shape[0], 1
+        accepted = [(batch,), (batch, 1)]
+    else:
+        tokens = input_shape[-2]
+        batch = input_shape[:-2].numel()
+        accepted = [tuple(input_shape[:-1]), (batch, tokens)]
+    if tuple(attention_mask.shape) not in accepted:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not match input of shape "
+            f"{tuple(input_shape)}: expected one of {', '.join(map(str, dict.fromkeys(accepted)))}"
+        )
+    return attention_mask.reshape(batch, tokens) != 0
+
+
+def context_valid_mask(attention_mask: torch.Tensor, input_shape: torch.Size) -> Tuple[Optional[torch.Tensor], bool]:
+    """Align a model-level padding mask `(B, Tm)` with a layer input `(..., T, Din)`.
+
+    A layer inside a model sees the last T positions of the sequence the mask describes (T = Tm
+    normally, T < Tm when decoding with a cache or keeping only the last logits). Returns
+    `(mask, True)` when the mask describes the input, `(None, False)` when it does not (an input
+    that is not that token sequence, such as image features or a pooled 2-D input).
+    """
+    _check_mask_dtype(attention_mask)
+    if len(input_shape) < 3 or attention_mask.dim() != 2:
+        return None, False
+    tokens = input_shape[-2]
+    batch = input_shape[:-2].numel()
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < tokens:
+        return None, False
+    return attention_mask[:, attention_mask.shape[1] - tokens :] != 0, True

@@ -1,0 +1,114 @@
+"""Invalid hyperparameters and shapes raise a ValueError that names the value."""
+
+import re
+
+import pytest
+import torch
+
+import lime
+from lime_kernels import LiMELinear
+
+INVALID = [
+    (dict(num_experts=0), "num_experts=0"),
+    (dict(num_experts=2.5), "num_experts=2.5"),
+    (dict(num_experts=20), "num_experts=20"),  # more than out_features = 16
+    (dict(top_k=0), "top_k=0"),
+    (dict(num_experts=4, top_k=5), "top_k=5"),
+    (dict(rank=0), "rank=0"),
+    (dict(rank=True), "rank=True"),
+    (dict(temperature=0.0), "temperature=0.0"),
+    (dict(temperature=float("nan")), "temperature=nan"),
+    (dict(gamma_routing=1.5), "gamma_routing=1.5"),
+    (dict(gamma_routing=-0.1), "gamma_routing=-0.1"),
+    (dict(jitter_noise=1.0), "jitter_noise=1.0"),
+    (dict(jitter_noise=-0.01), "jitter_noise=-0.01"),
+    (dict(auto_topk_threshold=0.0), "auto_topk_threshold=0.0"),
+    (dict(auto_topk_threshold=1.2), "auto_topk_threshold=1.2"),
+    (dict(n_gram=0), "n_gram=0"),
+    (dict(n_gram=2, rep_mode="mean"), "rep_mode='mean'"),
+    (dict(rep_mode="sentence"), "rep_mode='sentence'"),
+    (dict(router="softmax"), "router='softmax'"),
+    (dict(ngram_mode="sliding"), "ngram_mode='sliding'"),
+    (dict(soft_topk_temperature=0), "soft_topk_temperature=0"),
+    (dict(dropout=1.0), "dropout=1.0"),
+    (dict(LiME_init_std=-1.0), "LiME_init_std=-1.0"),
+    (dict(peft_dtype=torch.int8), "peft_dtype=torch.int8"),
+    (dict(moe_dtype="float32"), "moe_dtype='float32'"),
+    (dict(backend="cuda"), "backend='cuda'"),
+    (dict(auto_topk="yes"), "auto_topk='yes'"),
+    (dict(sparse_mode=1), "sparse_mode=1"),
+]
+
+
+@pytest.mark.parametrize("kwargs,named", INVALID, ids=[named for _, named in INVALID])
+def test_invalid_hyperparameter_names_itself(kwargs, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        LiMELinear(torch.nn.Linear(8, 16), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,named", INVALID[:6] + INVALID[-6:], ids=[n for _, n in INVALID[:6] + INVALID[-6:]])
+def test_apply_peft_validates_before_touching_the_model(kwargs, named):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    with pytest.raises(ValueError, match=re.escape(named)):
+        lime.apply_peft(model, **kwargs)
+    assert all(p.requires_grad for p in model.parameters()), "a failed apply_peft must leave the model untouched"
+    assert not any(True for _ in lime.lime_layers(model))
+
+
+def test_triton_backend_is_not_available_yet():
+    with pytest.raises(NotImplementedError, match="triton"):
+        LiMELinear(torch.nn.Linear(8, 16), backend="triton")
+
+
+def test_only_linear_layers_are_wrapped():
+    with pytest.raises(ValueError, match="Conv1d"):
+        LiMELinear(torch.nn.Conv1d(8, 16, 1))
+
+
+@pytest.mark.parametrize("shape", [(8,), (3, 7), (2, 5, 9)])
+def test_wrong_input_shape_names_both_shapes(shape):
+    layer = LiMELinear(torch.nn.Linear(8, 16))
+    with pytest.raises(ValueError, match=re.escape(f"(..., 8)")) as error:
+        layer(torch.randn(shape))
+    assert str(tuple(shape)) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "x_shape,mask_shape",
+    [((2, 5, 8), (2, 4)), ((2, 5, 8), (5, 2)), ((2, 5, 8), (10,)), ((6, 8), (6, 2)), ((6, 8), (3,))],
+)
+def test_mask_shape_mismatch_names_both_shapes(x_shape, mask_shape):
+    layer = LiMELinear(torch.nn.Linear(8, 16))
+    with pytest.raises(ValueError) as error:
+        layer(torch.randn(x_shape), attention_mask=torch.ones(mask_shape, dtype=torch.long))
+    assert str(tuple(mask_shape)) in str(error.value) and str(tuple(x_shape)) in str(error.value)
+
+
+def test_floating_masks_are_refused():
+    layer = LiMELinear(torch.nn.Linear(8, 16))
+    with pytest.raises(ValueError, match="float32"):
+        layer(torch.randn(2, 3, 8), attention_mask=torch.zeros(2, 3))
+
+
+def test_targets_matching_nothing_list_existing_names():
+    model = torch.nn.Sequential()
+    model.add_module("encoder", torch.nn.Sequential())
+    model.encoder.add_module("query", torch.nn.Linear(8, 8))
+    model.encoder.add_module("value", torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"q_proj.*query, value"):
+        lime.apply_peft(model, targets=["q_proj"])
+
+
+def test_runtime_switches_validate():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    lime.apply_peft(model)
+    with pytest.raises(ValueError, match="temperature=0"):
+        lime.set_temperature(model, 0)
+    with pytest.raises(ValueError, match="gamma_routing=2"):
+        lime.set_gamma_routing(model, 2)
+    with pytest.raises(ValueError, match="auto_topk_threshold=0"):
+        lime.set_auto_topk(model, True, threshold=0)
+    with pytest.raises(ValueError, match="num_experts"):
+        model[0].update_routing(num_experts=2)
+    with pytest.raises(ValueError, match="has no LiME layer"):
+        lime.set_jitter(torch.nn.Linear(2, 2), 0.1)
