@@ -11,6 +11,7 @@ import torch.nn as nn
 from transformers import PreTrainedModel
 
 from lime_kernels import LiMELinear
+from lime_kernels.inputs import ContextMask
 
 from .config import LiMEConfig
 
@@ -32,10 +33,15 @@ class MaskScope:
     LiME layers read the mask of the call in progress; during backward (recomputation under
     gradient checkpointing, after the call has returned) they read the mask of the latest call
     that recorded gradients, which is the one being recomputed in ordinary training.
+
+    An owner with no other owner inside it is the model that consumes the token sequence (a
+    language model, a vision tower); an owner with sub-models inside is a composite whose own
+    layers (projector, head) see the sequence only when their input has the mask's exact shape.
     """
 
-    def __init__(self, owner_name: str, owner: nn.Module):
+    def __init__(self, owner_name: str, owner: nn.Module, in_sequence_model: bool):
         self.owner_name = owner_name or type(owner).__name__
+        self.in_sequence_model = in_sequence_model
         self._mask_position = self._positional_index(owner)
         self._active: List[Optional[torch.Tensor]] = []
         self._latest_with_grad: Optional[torch.Tensor] = None
@@ -75,12 +81,14 @@ class MaskScope:
     def exit(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         self._active.pop()
 
-    def current(self) -> Optional[torch.Tensor]:
+    def current(self) -> Optional[ContextMask]:
         if self._active:
-            return self._active[-1]
-        if torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
-            return self._latest_with_grad
-        return None
+            mask = self._active[-1]
+        elif torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
+            mask = self._latest_with_grad
+        else:
+            mask = None
+        return None if mask is None else ContextMask(mask, self.in_sequence_model)
 
 
 def _target_matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
@@ -119,7 +127,8 @@ def _install_mask_scopes(model: nn.Module) -> None:
         owner = owners[owner_name]
         scope = scopes.get(id(owner))
         if scope is None:
-            scope = scopes[id(owner)] = MaskScope(owner_name, owner)
+            composite = any(o != owner_name and (owner_name == "" or o.startswith(owner_name + ".")) for o in owners)
+            scope = scopes[id(owner)] = MaskScope(owner_name, owner, in_sequence_model=not composite)
             owner.register_forward_pre_hook(scope.enter, with_kwargs=True)
             owner.register_forward_hook(scope.exit, with_kwargs=True, always_call=True)
         layer.mask_provider = scope.current
@@ -163,7 +172,7 @@ def apply_peft(
     LiME's is frozen. The 2-D `attention_mask` that the model (or any Hugging Face model inside it)
     receives reaches its LiME layers, so padding changes neither routing nor the statistics.
     `tokenizer` supplies `pad_token_id` (kept in the config for embedding targets). `use_compile`
-    compiles each LiME layer with `torch.compile`. The other keywords are `LiMELinear`'s.
+    runs the layers' math through `torch.compile` (`LiMELinear.compile_reference`). The other keywords are `LiMELinear`'s.
     """
     if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
         pad_token_id = tokenizer.pad_token_id
@@ -221,6 +230,6 @@ def apply_peft(
     _install_mask_scopes(model)
     if use_compile:
         for _, layer in lime_layers(model):
-            layer.forward = torch.compile(layer.forward)
+            layer.compile_reference()
     model.lime_config = config
     return model

@@ -6,7 +6,7 @@ and extra leading dimensions are folded into B. Masks become a `(B, T)` bool ten
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -55,19 +55,33 @@ def explicit_valid_mask(attention_mask: torch.Tensor, input_shape: torch.Size) -
     return attention_mask.reshape(batch, tokens) != 0
 
 
-def context_valid_mask(attention_mask: torch.Tensor, input_shape: torch.Size) -> Tuple[Optional[torch.Tensor], bool]:
-    """Align a model-level padding mask `(B, Tm)` with a layer input `(..., T, Din)`.
+class ContextMask(NamedTuple):
+    """A padding mask `(B, Tm)` offered to a layer by the model call it runs in.
 
-    A layer inside a model sees the last T positions of the sequence the mask describes (T = Tm
-    normally, T < Tm when decoding with a cache or keeping only the last logits). Returns
-    `(mask, True)` when the mask describes the input, `(None, False)` when it does not (an input
-    that is not that token sequence, such as image features or a pooled 2-D input).
+    `in_sequence_model`: the layer belongs to the model that consumes the masked token sequence (a
+    language model's body), so it may see only the last T <= Tm positions (decoding with a cache)
+    and an input the mask does not fit is unexpected. Otherwise (layers of a composite model beside
+    its sub-models: a projector on image features, a head on the kept positions) the mask applies
+    only to an input of exactly its shape.
     """
-    _check_mask_dtype(attention_mask)
-    if len(input_shape) < 3 or attention_mask.dim() != 2:
+
+    mask: torch.Tensor
+    in_sequence_model: bool
+
+
+def context_valid_mask(context: ContextMask, input_shape: torch.Size) -> Tuple[Optional[torch.Tensor], bool]:
+    """Align a model-level padding mask with a layer input `(..., T, Din)`.
+
+    Returns `(valid, True)` when the mask describes the input and `(None, False)` when it does not
+    (an input that is not that token sequence, such as image features or a pooled 2-D input).
+    """
+    mask = context.mask
+    _check_mask_dtype(mask)
+    if len(input_shape) < 3 or mask.dim() != 2:
         return None, False
     tokens = input_shape[-2]
     batch = input_shape[:-2].numel()
-    if attention_mask.shape[0] != batch or attention_mask.shape[1] < tokens:
+    fits = mask.shape[1] >= tokens if context.in_sequence_model else mask.shape[1] == tokens
+    if mask.shape[0] != batch or not fits:
         return None, False
-    return attention_mask[:, attention_mask.shape[1] - tokens :] != 0, True
+    return mask[:, mask.shape[1] - tokens :] != 0, True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import replace
@@ -9,13 +10,19 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import reference
-from .inputs import as_sequences, context_valid_mask, explicit_valid_mask
+from .inputs import ContextMask, as_sequences, context_valid_mask, explicit_valid_mask
 from .options import AdapterOptions, RoutingOptions
 from .reference import RoutingStats
 
-MaskProvider = Callable[[], Optional[torch.Tensor]]
+MaskProvider = Callable[[], Optional[ContextMask]]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    return torch.compile(reference.lime_linear)
 
 
 class LiMELinear(nn.Module):
@@ -105,6 +112,7 @@ class LiMELinear(nn.Module):
             self.register_parameter("LiME_shared", None)
             self.register_parameter("gamma", None)
 
+        self.compiled = False
         self.mask_provider: Optional[MaskProvider] = None
         self.last_stats: Optional[RoutingStats] = None
         self._warned_unmatched_mask = False
@@ -144,29 +152,40 @@ class LiMELinear(nn.Module):
 
     def update_routing(self, **changes) -> None:
         """Runtime switches (temperature, gamma_routing, auto_topk, jitter_noise, ...), validated."""
-        unknown = set(changes) - set(self.routing.__dataclass_fields__) | ({"num_experts"} & set(changes))
-        if unknown:
-            raise ValueError(
-                f"cannot switch {', '.join(sorted(unknown))} at runtime; switchable: "
-                f"{', '.join(f for f in self.routing.__dataclass_fields__ if f != 'num_experts')}"
-            )
+        switchable = [name for name in self.routing.__dataclass_fields__ if name != "num_experts"]  # shapes LiMEs
+        refused = sorted(set(changes) - set(switchable))
+        if refused:
+            raise ValueError(f"cannot switch {', '.join(refused)} at runtime; switchable: {', '.join(switchable)}")
         self.routing = replace(self.routing, **changes)
+
+    def compile_reference(self) -> None:
+        """Run the reference math through `torch.compile` (one compiled function shared by all layers).
+
+        Only the math is compiled: the jitter and the dropout mask are still drawn eagerly from
+        torch's RNG, so compiled and eager layers see the same random numbers.
+        """
+        self.compiled = True
 
     def set_track_aux(self, track_aux: bool) -> None:
         self.adapter = replace(self.adapter, track_aux=track_aux)
 
     def _valid_tokens(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        valid = self._resolve_mask(x, attention_mask)
+        # With device_map="auto" the model's mask stays on the first device; layers may be elsewhere.
+        return None if valid is None else valid.to(x.device, non_blocking=True)
+
+    def _resolve_mask(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if attention_mask is not None:
             return explicit_valid_mask(attention_mask, x.shape)
-        context_mask = self.mask_provider() if self.mask_provider is not None else None
-        if context_mask is None:
+        context = self.mask_provider() if self.mask_provider is not None else None
+        if context is None:
             return None
-        valid, matched = context_valid_mask(context_mask, x.shape)
-        if not matched and not self._warned_unmatched_mask:
+        valid, matched = context_valid_mask(context, x.shape)
+        if not matched and context.in_sequence_model and not self._warned_unmatched_mask:
             self._warned_unmatched_mask = True
             warnings.warn(
                 f"LiMELinear({self.in_features}->{self.out_features}): the model's attention_mask of shape "
-                f"{tuple(context_mask.shape)} does not describe this layer's input of shape {tuple(x.shape)} "
+                f"{tuple(context.mask.shape)} does not describe this layer's input of shape {tuple(x.shape)} "
                 "(not the masked token sequence); this layer routes every token of it.",
                 stacklevel=3,
             )
@@ -186,10 +205,13 @@ class LiMELinear(nn.Module):
             jitter = reference.sample_jitter(
                 sequences.shape[0] * sequences.shape[1], routing.num_experts, routing.jitter_noise, x.device
             )
-        out, self.last_stats = reference.lime_linear(
-            sequences, self.linear(sequences), self.A, self.B, self.LiMEs, self.LiME_shared, self.gamma,
-            routing, self.adapter.scaling, valid=valid, jitter=jitter, dropout=self.adapter.dropout,
-            training=self.training, aux=self._aux_mode(),
+        adapter_input = sequences
+        if self.training and self.adapter.dropout > 0:
+            adapter_input = F.dropout(sequences, p=self.adapter.dropout, training=True)
+        compute = _compiled_reference() if self.compiled else reference.lime_linear
+        out, self.last_stats = compute(
+            adapter_input, self.linear(sequences), self.A, self.B, self.LiMEs, self.LiME_shared, self.gamma,
+            routing, self.adapter.scaling, valid=valid, jitter=jitter, aux=self._aux_mode(),
         )
         return out.reshape(*x.shape[:-1], self.out_features)
 

@@ -246,7 +246,7 @@ def route_and_modulate(
 
 
 def lime_linear(
-    x: torch.Tensor,
+    adapter_input: torch.Tensor,
     base: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -257,17 +257,16 @@ def lime_linear(
     scaling: float,
     valid: Optional[torch.Tensor] = None,
     jitter: Optional[torch.Tensor] = None,
-    dropout: float = 0.0,
-    training: bool = False,
     aux: str = "none",
 ) -> Tuple[torch.Tensor, Optional[RoutingStats]]:
     """The LiME-LoRA layer on `(B, T, Din)` sequences, given `base = base_layer(x)`.
 
-    `delta = scaling * dropout(x) @ A.T @ B.T` in float32 (float64 for float64 inputs); the rest is
-    `route_and_modulate`.
+    `adapter_input` is `dropout(x)` in training with dropout, else `x` itself: the caller draws the
+    dropout mask (after the jitter), so that every backend sees the same random numbers.
+    `delta = scaling * adapter_input @ A.T @ B.T` in float32 (float64 for float64 inputs); the rest
+    is `route_and_modulate`.
     """
-    dtype = compute_dtype(x, A, B)
-    adapter_input = F.dropout(x, p=dropout, training=training) if dropout > 0 else x
+    dtype = compute_dtype(adapter_input, A, B)
     down = adapter_input.to(dtype) @ A.to(dtype).t()
     delta = scaling * (down @ B.to(dtype).t())
     return route_and_modulate(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, aux)

@@ -5,7 +5,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from lime_kernels import LiMELinear  # noqa: E402
+from lime_kernels import LiMELinear, sample_jitter  # noqa: E402
+from loop_lime import loop_lime  # noqa: E402
 
 
 def make_layer(d_in=8, d_out=10, dtype=torch.float64, seed=0, bias=True, **kwargs):
@@ -38,3 +39,71 @@ def padding_mask(kind, batch, tokens):
                 mask[b, tokens - pad :] = 0
     return mask
 
+
+def tolerance_check(name, actual, expected, rtol=1e-9, atol=1e-10):
+    # A gradient that never reached a tensor (None) equals a gradient of zeros.
+    if expected is None and actual is None:
+        return
+    if expected is None:
+        expected = torch.zeros_like(actual)
+    if actual is None:
+        actual = torch.zeros_like(expected)
+    if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
+        diff = (actual - expected).abs()
+        worst = diff.argmax()
+        raise AssertionError(
+            f"{name}: max |diff| {diff.max().item():.3e} at flat index {worst.item()} "
+            f"(actual {actual.flatten()[worst].item():.6e}, expected {expected.flatten()[worst].item():.6e})"
+        )
+
+
+def _layer_parameters(layer):
+    return [layer.A, layer.B, layer.LiMEs] + ([layer.LiME_shared, layer.gamma] if layer.gamma is not None else [])
+
+
+def compare_with_loop(layer, x, mask, training, seed=1234):
+    """Run the layer and the loop version with the same jitter; compare outputs, stats and gradients."""
+    options = layer.routing
+    layer.train(training)
+    tokens = x.shape[0] * (x.shape[1] if x.dim() == 3 else 1)
+    torch.manual_seed(seed)
+    jitter = sample_jitter(tokens, options.num_experts, options.jitter_noise, x.device).double() if training and options.jitter_noise > 0 else None
+    torch.manual_seed(seed)
+    x_layer = x.clone().requires_grad_(True)
+    out = layer(x_layer, attention_mask=mask)
+    stats = layer.last_stats
+
+    x_loop = x.clone().requires_grad_(True)
+    params = _layer_parameters(layer)
+    loop_params = [p.detach().clone().requires_grad_(True) for p in params]
+    shared = loop_params[3] if len(loop_params) == 5 else None
+    gamma = loop_params[4] if len(loop_params) == 5 else None
+    x3 = x_loop if x_loop.dim() == 3 else x_loop.unsqueeze(1)
+    mask3 = None if mask is None else mask.reshape(x3.shape[:2])
+    expected, expected_stats = loop_lime(
+        x3, layer.linear.weight, layer.linear.bias, loop_params[0], loop_params[1], loop_params[2], shared, gamma,
+        options=options, scaling=layer.adapter.scaling, mask=mask3, jitter=jitter,
+    )
+    expected = expected.reshape(out.shape)
+    tolerance_check("output", out, expected)
+
+    if training:
+        for key in ("importance", "kl_uniform", "load", "active_experts"):
+            tolerance_check(key, getattr(stats, key), torch.as_tensor(expected_stats[key], dtype=torch.float64))
+    tolerance_check("usage", stats.usage.double(), expected_stats["usage"].detach())
+
+    torch.manual_seed(seed + 1)
+    cotangent = torch.randn_like(out)
+    loss = (out * cotangent).sum()
+    expected_loss = (expected * cotangent).sum()
+    if training:
+        loss = loss + 0.3 * stats.importance + 0.7 * stats.kl_uniform
+        expected_loss = expected_loss + 0.3 * expected_stats["importance"] + 0.7 * expected_stats["kl_uniform"]
+    for p in params:
+        p.grad = None
+    loss.backward()
+    expected_loss.backward()
+    tolerance_check("grad x", x_layer.grad, x_loop.grad)
+    for name, p, q in zip(["A", "B", "LiMEs", "LiME_shared", "gamma"], params, loop_params):
+        tolerance_check(f"grad {name}", p.grad, q.grad)
+    return out

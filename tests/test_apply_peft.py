@@ -1,6 +1,7 @@
 """`apply_peft` on a tiny LLaVA-OneVision: wrapping, freezing, training, and the padding mask's path."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -107,8 +108,9 @@ def _context_masks(model):
     seen = {}
 
     def hook(layer, args, kwargs):
-        mask = layer.mask_provider() if layer.mask_provider is not None else None
-        seen.setdefault(layer.qualified_name, []).append((None if mask is None else mask.clone(), tuple(args[0].shape)))
+        context = layer.mask_provider() if layer.mask_provider is not None else None
+        mask = None if context is None else context.mask.clone()
+        seen.setdefault(layer.qualified_name, []).append((mask, tuple(args[0].shape)))
 
     handles = []
     for name, layer in lime.lime_layers(model):
@@ -189,7 +191,10 @@ def test_gradient_checkpointing_recomputes_with_the_same_mask():
         model, processor = fresh(rep_mode="mean", jitter_noise=0.1)
         _randomize_adapters(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         batch = make_batch(processor, ["What is shown?", "How many objects are there in the picture?"], ["a dog", "2"])
         torch.manual_seed(5)
@@ -266,3 +271,48 @@ def test_config_round_trips_through_json():
     assert lime.LiMEConfig.from_json_string(text) == model.lime_config
     with pytest.raises(ValueError, match="unknown LiMEConfig field"):
         lime.LiMEConfig.from_dict({**data, "experts": 4})
+
+
+def test_every_linear_with_targets_none_and_the_composite_rule():
+    """targets=None wraps all 29 linears; the projector (image features) and lm_head belong to the
+    composite model: they take the text mask only when their input has its exact shape."""
+    model, processor = build_tiny_llava_onevision(seed=0)
+    lime.apply_peft(model, targets=None)
+    layers = dict(lime.lime_layers(model))
+    assert len(layers) == 29
+    resolved = {}
+
+    def hook(layer, args, kwargs):
+        resolved.setdefault(layer.qualified_name, []).append(layer._valid_tokens(args[0], None))
+
+    for name, layer in layers.items():
+        layer.qualified_name = name
+        layer.register_forward_pre_hook(hook, with_kwargs=True)
+    batch = make_batch(processor, ["What is shown?", "Which option is correct? A B C D"], padding_side="left")
+    model.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(**batch)
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert not [w for w in caught if "LiME" in str(w.message)], "every mismatch here is expected: no warning"
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(resolved["lm_head"][0], mask)
+    assert resolved["lm_head"][1] is None  # generate keeps only the last position: not the mask's shape
+    assert all(v is None for v in resolved["model.multi_modal_projector.linear_1"])
+    assert torch.equal(resolved["model.language_model.layers.0.mlp.up_proj"][0], mask)
+    assert all(v is None for v in resolved["model.vision_tower.encoder.layers.0.mlp.fc1"])
+
+
+def test_context_mask_alignment_rules():
+    from lime_kernels.inputs import ContextMask, context_valid_mask
+
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
+    valid, matched = context_valid_mask(ContextMask(mask, True), torch.Size([2, 1, 8]))
+    assert matched and torch.equal(valid, torch.tensor([[True], [False]]))
+    assert context_valid_mask(ContextMask(mask, False), torch.Size([2, 1, 8])) == (None, False)
+    valid, matched = context_valid_mask(ContextMask(mask, False), torch.Size([2, 4, 8]))
+    assert matched and torch.equal(valid, mask.bool())
+    assert context_valid_mask(ContextMask(mask, True), torch.Size([3, 4, 8])) == (None, False)
+    assert context_valid_mask(ContextMask(mask, True), torch.Size([2, 5, 8])) == (None, False)
+    assert context_valid_mask(ContextMask(mask, True), torch.Size([2, 8])) == (None, False)

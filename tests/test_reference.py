@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_layer, padding_mask
+from conftest import compare_with_loop, make_layer, padding_mask, tolerance_check
 from loop_lime import loop_lime
 
 from lime_kernels import RoutingOptions, lime_linear, sample_jitter
@@ -28,72 +28,6 @@ REPRESENTATIONS = {
 COMBINATIONS = list(itertools.product(["cosine", "maxabs"], SELECTIONS, REPRESENTATIONS, ["none", "left", "right"]))
 
 
-def _tolerance_check(name, actual, expected, rtol=1e-9, atol=1e-10):
-    if expected is None:
-        assert actual is None, f"{name}: expected no gradient"
-        return
-    assert actual is not None, f"{name}: missing"
-    if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
-        diff = (actual - expected).abs()
-        worst = diff.argmax()
-        raise AssertionError(
-            f"{name}: max |diff| {diff.max().item():.3e} at flat index {worst.item()} "
-            f"(actual {actual.flatten()[worst].item():.6e}, expected {expected.flatten()[worst].item():.6e})"
-        )
-
-
-def _layer_parameters(layer):
-    return [layer.A, layer.B, layer.LiMEs] + ([layer.LiME_shared, layer.gamma] if layer.gamma is not None else [])
-
-
-def _compare_with_loop(layer, x, mask, training, seed=1234):
-    """Run the layer and the loop version with the same jitter; compare outputs, stats and gradients."""
-    options = layer.routing
-    layer.train(training)
-    tokens = x.shape[0] * (x.shape[1] if x.dim() == 3 else 1)
-    torch.manual_seed(seed)
-    jitter = sample_jitter(tokens, options.num_experts, options.jitter_noise, x.device).double() if training and options.jitter_noise > 0 else None
-    torch.manual_seed(seed)
-    x_layer = x.clone().requires_grad_(True)
-    out = layer(x_layer, attention_mask=mask)
-    stats = layer.last_stats
-
-    x_loop = x.clone().requires_grad_(True)
-    params = _layer_parameters(layer)
-    loop_params = [p.detach().clone().requires_grad_(True) for p in params]
-    shared = loop_params[3] if len(loop_params) == 5 else None
-    gamma = loop_params[4] if len(loop_params) == 5 else None
-    x3 = x_loop if x_loop.dim() == 3 else x_loop.unsqueeze(1)
-    mask3 = None if mask is None else mask.reshape(x3.shape[:2])
-    expected, expected_stats = loop_lime(
-        x3, layer.linear.weight, layer.linear.bias, loop_params[0], loop_params[1], loop_params[2], shared, gamma,
-        options=options, scaling=layer.adapter.scaling, mask=mask3, jitter=jitter,
-    )
-    expected = expected.reshape(out.shape)
-    _tolerance_check("output", out, expected)
-
-    if training:
-        for key in ("importance", "kl_uniform", "load", "active_experts"):
-            _tolerance_check(key, getattr(stats, key), torch.as_tensor(expected_stats[key], dtype=torch.float64))
-    _tolerance_check("usage", stats.usage.double(), expected_stats["usage"].detach())
-
-    torch.manual_seed(seed + 1)
-    cotangent = torch.randn_like(out)
-    loss = (out * cotangent).sum()
-    expected_loss = (expected * cotangent).sum()
-    if training:
-        loss = loss + 0.3 * stats.importance + 0.7 * stats.kl_uniform
-        expected_loss = expected_loss + 0.3 * expected_stats["importance"] + 0.7 * expected_stats["kl_uniform"]
-    for p in params:
-        p.grad = None
-    loss.backward()
-    expected_loss.backward()
-    _tolerance_check("grad x", x_layer.grad, x_loop.grad)
-    for name, p, q in zip(["A", "B", "LiMEs", "LiME_shared", "gamma"], params, loop_params):
-        _tolerance_check(f"grad {name}", p.grad, q.grad)
-    return out
-
-
 @pytest.mark.parametrize("router,selection,representation,mask_kind", COMBINATIONS)
 def test_reference_matches_loop_training(router, selection, representation, mask_kind):
     index = COMBINATIONS.index((router, selection, representation, mask_kind))
@@ -103,20 +37,20 @@ def test_reference_matches_loop_training(router, selection, representation, mask
     )
     torch.manual_seed(100 + index)
     x = torch.randn(3, 7, 8, dtype=torch.float64)
-    _compare_with_loop(layer, x, padding_mask(mask_kind, 3, 7), training=True)
+    compare_with_loop(layer, x, padding_mask(mask_kind, 3, 7), training=True)
 
 
 @pytest.mark.parametrize("router,selection", list(itertools.product(["cosine", "maxabs"], SELECTIONS)))
 def test_reference_matches_loop_eval(router, selection):
     layer = make_layer(num_experts=3, rank=2, router=router, n_gram=2, **SELECTIONS[selection] | {"top_k": 1})
     x = torch.randn(2, 5, 8, dtype=torch.float64)
-    _compare_with_loop(layer, x, padding_mask("left", 2, 5), training=False)
+    compare_with_loop(layer, x, padding_mask("left", 2, 5), training=False)
 
 
 def test_single_token_and_2d_input():
     layer = make_layer(num_experts=4, n_gram=3)
-    _compare_with_loop(layer, torch.randn(4, 1, 8, dtype=torch.float64), None, training=True)
-    out2d = _compare_with_loop(layer, torch.randn(5, 8, dtype=torch.float64), torch.tensor([1, 0, 1, 1, 0]), training=True)
+    compare_with_loop(layer, torch.randn(4, 1, 8, dtype=torch.float64), None, training=True)
+    out2d = compare_with_loop(layer, torch.randn(5, 8, dtype=torch.float64), torch.tensor([1, 0, 1, 1, 0]), training=True)
     assert out2d.shape == (5, 10)
 
 
@@ -140,7 +74,7 @@ def test_dropout_feeds_the_adapter_only():
         x, layer.linear.weight, layer.linear.bias, layer.A, layer.B, layer.LiMEs, layer.LiME_shared, layer.gamma,
         options=layer.routing, scaling=layer.adapter.scaling, jitter=jitter, adapter_input=dropped,
     )
-    _tolerance_check("output with dropout", out, expected)
+    tolerance_check("output with dropout", out, expected)
     without_dropout, _ = loop_lime(
         x, layer.linear.weight, layer.linear.bias, layer.A, layer.B, layer.LiMEs, layer.LiME_shared, layer.gamma,
         options=layer.routing, scaling=layer.adapter.scaling, jitter=jitter,
@@ -178,7 +112,7 @@ def test_gradcheck_float64(overrides):
     def function(x, A, B, LiMEs, shared, gamma):
         out, stats = lime_linear(
             x, x @ weight.t(), A, B, LiMEs, shared, gamma, options, scaling=1.5,
-            valid=valid, jitter=jitter, training=True, aux="full",
+            valid=valid, jitter=jitter, aux="full",
         )
         return out, stats.importance, stats.kl_uniform
 
