@@ -112,3 +112,28 @@ def test_runtime_switches_validate():
         model[0].update_routing(num_experts=2)
     with pytest.raises(ValueError, match="has no LiME layer"):
         lime.set_jitter(torch.nn.Linear(2, 2), 0.1)
+
+
+def test_every_entry_point_has_the_same_defaults():
+    """LiMELinear, apply_peft, LiMEConfig and the option dataclasses declare each default once each:
+    they must agree, and they must be the LiME README's recommended values."""
+    import dataclasses
+    import inspect
+
+    from lime_kernels.options import AdapterOptions, RoutingOptions
+
+    def signature_defaults(function):
+        return {n: p.default for n, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
+
+    layer = signature_defaults(LiMELinear.__init__)
+    injector = signature_defaults(lime.apply_peft)
+    config = {f.name: f.default for f in dataclasses.fields(lime.LiMEConfig)}
+    options = {f.name: f.default for cls in (RoutingOptions, AdapterOptions) for f in dataclasses.fields(cls)}
+    assert layer == options
+    for name, value in layer.items():
+        assert injector[name] == value, name
+        assert config[name] == value, name
+    assert set(injector) - {"tokenizer"} == set(config)
+    readme = dict(num_experts=4, rank=2, n_gram=1, top_k=1, temperature=0.5, gamma_routing=0.7,
+                  auto_topk_threshold=0.5, jitter_noise=0.1)
+    assert {k: layer[k] for k in readme} == readme
