@@ -33,14 +33,18 @@ $(VENV)/.complete:
 venv: $(VENV)/.complete
 	@touch $(VENV)
 
+# The fused kernels are checked twice without a GPU: compiled for sm_80/sm_90 (compile_check),
+# and run against the reference under Triton's CPU interpreter (float32).
 test: venv
-	$(RUN) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(RUN) -m lime_kernels.compile_check
+	$(RUN) -m pytest -q -m "not slow" $(PYTEST_ARGS) --ignore=tests/test_fused.py tests
+	TRITON_INTERPRET=1 $(RUN) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests/test_fused.py
 
 test-slow: venv
-	$(RUN) -m pytest -q -m slow $(PYTEST_ARGS) tests
+	$(RUN) -m pytest -q -m slow $(PYTEST_ARGS) --ignore=tests/test_fused.py tests
+	TRITON_INTERPRET=1 $(RUN) -m pytest -q -m slow $(PYTEST_ARGS) tests/test_fused.py
 
-test-all: venv
-	$(RUN) -m pytest -q $(PYTEST_ARGS) tests
+test-all: test test-slow
 
 demo: venv
 	$(RUN) -m lime.demo

@@ -1,4 +1,5 @@
-"""Layer benchmark: one LiME layer against the frozen linear (the floor) and HF PEFT's LoRA.
+"""Layer benchmark: one LiME layer (fused on CUDA, reference) against the frozen linear (the floor)
+and HF PEFT's LoRA.
 
 Forward+backward time (median and 20th/80th percentiles) and, on CUDA, peak memory, measured in
 one process on one device, written as CSV rows. Ratios to `frozen-linear` are what to read.
@@ -44,10 +45,19 @@ def _time(step: Callable[[], None], device: torch.device, repeats: int, warmup: 
 def providers(d_in: int, d_out: int, rank: int, experts: int, n_gram: int, dtype, device) -> Dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     linear = torch.nn.Linear(d_in, d_out, dtype=dtype, device=device).requires_grad_(False)
-    lime = LiMELinear(linear, num_experts=experts, rank=rank, n_gram=n_gram, auto_topk=True, backend="reference")
+    def lime(backend):
+        layer = LiMELinear(linear, num_experts=experts, rank=rank, n_gram=n_gram, auto_topk=True, backend=backend)
+        with torch.no_grad():
+            layer.B.normal_(0, 0.02)  # B = 0 at init would make the routing degenerate
+        return layer.train()
+
     config = LoraConfig(r=rank, lora_alpha=16, target_modules=["linear"])
-    lora = PeftLoraLinear(linear, "default", config, r=rank, lora_alpha=16).to(device)
-    return {"frozen-linear": linear, "lime-reference": lime.train(), "peft-lora": lora.train()}
+    lora = PeftLoraLinear(linear, "default", config, r=rank, lora_alpha=16).to(device).train()
+    chosen = {"frozen-linear": linear}
+    if device.type == "cuda":
+        chosen["lime-fused"] = lime("triton")
+    chosen.update({"lime-reference": lime("reference"), "peft-lora": lora})
+    return chosen
 
 
 def measure(args) -> List[Dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from dataclasses import replace
 from typing import Callable, Optional
@@ -18,6 +19,10 @@ from .options import AdapterOptions, RoutingOptions
 from .reference import RoutingStats
 
 MaskProvider = Callable[[], Optional[ContextMask]]
+
+# The fused kernels unroll rank-r and rank-E multiply-adds per output tile.
+MAX_FUSED_RANK = 128
+MAX_FUSED_EXPERTS = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,10 +84,6 @@ class LiMELinear(nn.Module):
             LiME_init_std=LiME_init_std, track_aux=track_aux, peft_dtype=peft_dtype,
             moe_dtype=moe_dtype, backend=backend,
         )
-        if backend == "triton":
-            raise NotImplementedError(
-                "backend='triton' (the fused kernels) is not available yet; use backend='reference' or 'auto'"
-            )
         if num_experts > linear.out_features:
             raise ValueError(
                 f"num_experts must be <= out_features of the wrapped layer ({linear.out_features}): routing "
@@ -113,6 +114,8 @@ class LiMELinear(nn.Module):
             self.register_parameter("gamma", None)
 
         self.compiled = False
+        # The fused backward reduces with per-tile partial sums; False allows atomics (faster, last bits vary).
+        self.deterministic = True
         self.mask_provider: Optional[MaskProvider] = None
         self.last_stats: Optional[RoutingStats] = None
         self._warned_unmatched_mask = False
@@ -196,23 +199,61 @@ class LiMELinear(nn.Module):
             return "none"
         return "full" if self.training else "usage"
 
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend this input runs on: 'auto' takes the fused path for CUDA inputs it supports
+        (a plain linear base, rank <= 128, at most 64 experts) and the reference elsewhere."""
+        backend = self.adapter.backend
+        if backend == "reference":
+            return "reference"
+        unsupported = self._fused_unsupported()
+        if backend == "auto":
+            return "triton" if x.is_cuda and unsupported is None else "reference"
+        if unsupported is not None:
+            raise ValueError(f"backend='triton' cannot run this layer: {unsupported}")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got an input on {x.device}); on CPU it runs only "
+                "under Triton's interpreter (TRITON_INTERPRET=1). Use backend='reference' or 'auto'."
+            )
+        return "triton"
+
+    def _fused_unsupported(self) -> Optional[str]:
+        if type(self.linear).forward is not nn.Linear.forward:
+            return f"the base layer {type(self.linear).__name__} is not a plain nn.Linear"
+        if self.adapter.rank > MAX_FUSED_RANK:
+            return f"rank={self.adapter.rank} > {MAX_FUSED_RANK}"
+        if self.routing.num_experts > MAX_FUSED_EXPERTS:
+            return f"num_experts={self.routing.num_experts} > {MAX_FUSED_EXPERTS}"
+        return None
+
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         sequences = as_sequences(x, self.in_features)
         valid = self._valid_tokens(x, attention_mask)
         routing = self.routing
+        # Random numbers in a fixed order for every backend: the jitter, then the dropout mask.
         jitter = None
         if self.training and routing.jitter_noise > 0:
             jitter = reference.sample_jitter(
                 sequences.shape[0] * sequences.shape[1], routing.num_experts, routing.jitter_noise, x.device
             )
-        adapter_input = sequences
+        dropped = None
         if self.training and self.adapter.dropout > 0:
-            adapter_input = F.dropout(sequences, p=self.adapter.dropout, training=True)
-        compute = _compiled_reference() if self.compiled else reference.lime_linear
-        out, self.last_stats = compute(
-            adapter_input, self.linear(sequences), self.A, self.B, self.LiMEs, self.LiME_shared, self.gamma,
-            routing, self.adapter.scaling, valid=valid, jitter=jitter, aux=self._aux_mode(),
-        )
+            dropped = F.dropout(sequences, p=self.adapter.dropout, training=True)
+        if self.resolve_backend(x) == "triton":
+            from .fused import fused_lime_linear
+
+            out, probs_sum, selection_counts, num_valid = fused_lime_linear(
+                sequences, dropped, self.linear.weight, self.linear.bias, self.A, self.B, self.LiMEs,
+                self.LiME_shared, self.gamma, routing, self.adapter.scaling, valid, jitter, self.deterministic,
+            )
+            self.last_stats = reference.balance_statistics(probs_sum, selection_counts, num_valid, self._aux_mode())
+        else:
+            compute = _compiled_reference() if self.compiled else reference.lime_linear
+            out, self.last_stats = compute(
+                dropped if dropped is not None else sequences, self.linear(sequences), self.A, self.B, self.LiMEs,
+                self.LiME_shared, self.gamma, routing, self.adapter.scaling, valid=valid, jitter=jitter,
+                aux=self._aux_mode(),
+            )
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

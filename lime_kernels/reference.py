@@ -180,25 +180,39 @@ def mixing_weights(probs: torch.Tensor, options: RoutingOptions) -> Tuple[torch.
 # --- auxiliary statistics ---------------------------------------------------------------------------
 
 
-def routing_stats(probs: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor, aux: str) -> Optional[RoutingStats]:
-    """Load-balancing statistics over the valid tokens (`aux` = 'full' in training, 'usage' in eval)."""
+def balance_statistics(
+    probs_sum: torch.Tensor, selection_counts: torch.Tensor, num_valid: torch.Tensor, aux: str
+) -> Optional[RoutingStats]:
+    """The statistics from per-expert sums over the valid tokens (shared by every backend).
+
+    `probs_sum` (E): sum of the routing probabilities (differentiable); `selection_counts` (E):
+    how many valid tokens selected each expert; `num_valid`: how many valid tokens there are.
+    """
     if aux == "none":
         return None
-    num_experts = probs.shape[-1]
-    valid3 = valid.unsqueeze(-1)
-    num_valid = valid.sum().clamp_min(1).to(probs.dtype)
-    mean_probs = torch.where(valid3, probs, torch.zeros_like(probs)).sum(dim=(0, 1)) / num_valid
+    num_experts = probs_sum.shape[-1]
+    num_valid = num_valid.clamp_min(1).to(probs_sum.dtype)
+    mean_probs = probs_sum / num_valid
     usage = mean_probs.detach()
     if aux == "usage":
         return RoutingStats(None, None, None, usage, None)
     importance = num_experts * mean_probs.square().sum() - 1.0
     kl_uniform = (mean_probs * (mean_probs.clamp_min(LOG_EPS).log() + math.log(num_experts))).sum()
-    chosen = selected & valid3
-    counts = chosen.sum(dim=(0, 1)).to(probs.dtype)
+    counts = selection_counts.to(probs_sum.dtype)
     load_share = counts / counts.sum().clamp_min(1.0)
     load = num_experts * load_share.square().sum() - 1.0
-    active = chosen.sum().to(probs.dtype) / num_valid
+    active = counts.sum() / num_valid
     return RoutingStats(importance, kl_uniform, load.detach(), usage, active.detach())
+
+
+def routing_stats(probs: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor, aux: str) -> Optional[RoutingStats]:
+    """Load-balancing statistics over the valid tokens (`aux` = 'full' in training, 'usage' in eval)."""
+    if aux == "none":
+        return None
+    valid3 = valid.unsqueeze(-1)
+    probs_sum = torch.where(valid3, probs, torch.zeros_like(probs)).sum(dim=(0, 1))
+    selection_counts = (selected & valid3).sum(dim=(0, 1))
+    return balance_statistics(probs_sum, selection_counts, valid.sum(), aux)
 
 
 # --- steps 2-11: route and modulate ------------------------------------------------------------------

@@ -55,9 +55,24 @@ def test_apply_peft_validates_before_touching_the_model(kwargs, named):
     assert not any(True for _ in lime.lime_layers(model))
 
 
-def test_triton_backend_is_not_available_yet():
-    with pytest.raises(NotImplementedError, match="triton"):
-        LiMELinear(torch.nn.Linear(8, 16), backend="triton")
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = LiMELinear(torch.nn.Linear(8, 16), backend="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        layer(torch.randn(2, 3, 8))
+    assert LiMELinear(torch.nn.Linear(8, 16), backend="auto").resolve_backend(torch.randn(2, 8)) == "reference"
+
+
+def test_triton_backend_refuses_what_it_cannot_fuse():
+    class ScaledLinear(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    for layer, reason in [(LiMELinear(ScaledLinear(8, 16), backend="triton"), "not a plain nn.Linear"),
+                          (LiMELinear(torch.nn.Linear(8, 200), rank=129, backend="triton"), "rank=129"),
+                          (LiMELinear(torch.nn.Linear(8, 200), num_experts=65, backend="triton"), "num_experts=65")]:
+        with pytest.raises(ValueError, match=reason):
+            layer.resolve_backend(torch.randn(2, 8))
 
 
 def test_only_linear_layers_are_wrapped():
@@ -68,7 +83,7 @@ def test_only_linear_layers_are_wrapped():
 @pytest.mark.parametrize("shape", [(8,), (3, 7), (2, 5, 9)])
 def test_wrong_input_shape_names_both_shapes(shape):
     layer = LiMELinear(torch.nn.Linear(8, 16))
-    with pytest.raises(ValueError, match=re.escape(f"(..., 8)")) as error:
+    with pytest.raises(ValueError, match=re.escape("(..., 8)")) as error:
         layer(torch.randn(shape))
     assert str(tuple(shape)) in str(error.value)
 

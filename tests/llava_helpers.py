@@ -1,0 +1,42 @@
+"""Helpers for tests on the tiny LLaVA-OneVision: the README's apply_peft call and image batches."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+import lime
+
+README_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj"]
+LIME_PARAMETER_NAMES = ("A", "B", "LiMEs", "LiME_shared", "gamma")
+
+
+def readme_call(model, processor, **overrides):
+    kwargs = dict(
+        targets=README_TARGETS, num_experts=4, rank=2, use_shared_LiME=True, n_gram=1, top_k=1,
+        rep_mode="token", jitter_noise=0.1, tokenizer=processor.tokenizer, temperature=0.5,
+        gamma_routing=0.7, auto_topk=True, auto_topk_threshold=0.5, peft_dtype=torch.float32,
+        moe_dtype=torch.float32,
+    )
+    kwargs.update(overrides)
+    return lime.apply_peft(model, **kwargs)
+
+
+def image(seed, height, width):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8))
+
+
+def make_batch(processor, questions, answers=None, padding_side="right"):
+    """A batch of one image per conversation, padded on `padding_side`."""
+    texts = []
+    for index, question in enumerate(questions):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        if answers is not None:
+            conversation.append({"role": "assistant", "content": [{"type": "text", "text": answers[index]}]})
+        texts.append(processor.apply_chat_template(conversation, add_generation_prompt=answers is None))
+    images = [image(i, 24 + 8 * i, 40 - 6 * i) for i in range(len(questions))]
+    processor.tokenizer.padding_side = padding_side
+    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    if answers is not None:
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch

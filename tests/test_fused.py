@@ -1,0 +1,273 @@
+"""The fused Triton path against the reference path: outputs, statistics and every gradient.
+
+Runs on a CUDA device natively in float32, bfloat16 and float16, or on the CPU under Triton's
+interpreter (`TRITON_INTERPRET=1`, float32 only: the interpreter's low-precision `tl.dot` is wrong),
+which is how `make test` runs it. Without either it is skipped (the main run leaves it to the
+interpreter run).
+"""
+
+import itertools
+import os
+
+import pytest
+import torch
+from conftest import make_layer, padding_mask
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRETER
+pytestmark = pytest.mark.skipif(not (INTERPRETER or CUDA), reason="needs a CUDA device or TRITON_INTERPRET=1")
+
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+# Relative error bounds: float32 is compared entry by entry (max |diff| / max |reference|); bf16 and
+# fp16 by norms, since a near-tie can flip one token's hard choice after a rounding difference.
+TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+SELECTIONS = {
+    "dense-auto": dict(auto_topk=True, top_k=1),
+    "dense-soft": dict(auto_topk=False, soft_topk=True, top_k=2),
+    "dense-hard": dict(auto_topk=False, soft_topk=False, top_k=2),
+    "sparse-auto": dict(auto_topk=True, sparse_mode=True, top_k=1),
+    "sparse-hard": dict(auto_topk=False, sparse_mode=True, top_k=3),
+}
+REPRESENTATIONS = {
+    "token": dict(rep_mode="token", n_gram=1),
+    "window3": dict(rep_mode="token", n_gram=3, ngram_mode="window"),
+    "anchor2": dict(rep_mode="token", n_gram=2, ngram_mode="anchor"),
+    "mean": dict(rep_mode="mean"),
+    "last": dict(rep_mode="last"),
+}
+COMBINATIONS = list(itertools.product(["cosine", "maxabs"], SELECTIONS, REPRESENTATIONS, ["left", "right"]))
+
+
+def _close(name, actual, expected, dtype, floor=1e-6):
+    """`floor`: the smallest scale errors are relative to (1 for the statistics: importance and KL are
+    small differences of O(1) terms, so their error is absolute)."""
+    assert actual is not None and expected is not None, f"{name}: a gradient is missing"
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, f"{name}: {actual.shape}/{actual.dtype}"
+    actual, expected = actual.double(), expected.double()
+    if dtype == torch.float32:
+        error = (actual - expected).abs().max() / expected.abs().max().clamp_min(floor)
+    else:
+        error = (actual - expected).norm() / expected.norm().clamp_min(floor)
+    if error > TOLERANCE[dtype]:
+        worst = (actual - expected).abs().argmax()
+        raise AssertionError(
+            f"{name}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}; worst at flat index {worst.item()}: "
+            f"fused {actual.flatten()[worst].item():.6e}, reference {expected.flatten()[worst].item():.6e}"
+        )
+
+
+def _pair(dtype, seed=0, **kwargs):
+    """A reference layer and a fused layer with the same parameters, on the test device."""
+    kwargs.setdefault("d_in", 40)
+    kwargs.setdefault("d_out", 70)
+    kwargs.setdefault("jitter_noise", 0.2)
+    reference = make_layer(dtype=dtype, peft_dtype=torch.float32, moe_dtype=torch.float32, seed=seed,
+                           backend="reference", **kwargs).to(DEVICE)
+    fused = make_layer(dtype=dtype, peft_dtype=torch.float32, moe_dtype=torch.float32, seed=seed,
+                       backend="triton", **kwargs).to(DEVICE)
+    fused.load_state_dict(reference.state_dict())
+    return reference, fused
+
+
+def run_both(reference, fused, x, mask=None, training=True, seed=1234, dtype=torch.float32):
+    """Same input, same random numbers: compare outputs, statistics and every gradient."""
+    results = []
+    for layer in (reference, fused):
+        layer.train(training)
+        for parameter in layer.parameters():
+            parameter.grad = None
+        inputs = x.detach().clone().requires_grad_(True)
+        torch.manual_seed(seed)
+        out = layer(inputs, attention_mask=mask)
+        stats = layer.last_stats
+        torch.manual_seed(seed + 1)
+        loss = (out.float() * torch.randn(out.shape, device=out.device)).sum()
+        if training:
+            loss = loss + 0.3 * stats.importance + 0.7 * stats.kl_uniform
+        loss.backward()
+        results.append((out, stats, inputs.grad, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
+    (out_r, stats_r, dx_r, grads_r), (out_f, stats_f, dx_f, grads_f) = results
+    _close("output", out_f, out_r, dtype)
+    names = ("importance", "kl_uniform", "load", "usage", "active_experts") if training else ("usage",)
+    for name in names:
+        _close(name, getattr(stats_f, name).reshape(-1), getattr(stats_r, name).reshape(-1), dtype, floor=1.0)
+    _close("grad x", dx_f, dx_r, dtype)
+    assert grads_f.keys() == grads_r.keys()
+    for name in grads_r:
+        _close(f"grad {name}", grads_f[name], grads_r[name], dtype)
+    return out_f
+
+
+@pytest.mark.parametrize("router,selection,representation,padding", COMBINATIONS)
+def test_fused_matches_reference(router, selection, representation, padding):
+    index = COMBINATIONS.index((router, selection, representation, padding))
+    for dtype in DTYPES:
+        reference, fused = _pair(dtype, seed=index, num_experts=4, rank=3, router=router,
+                                 use_shared_LiME=index % 2 == 0, **SELECTIONS[selection], **REPRESENTATIONS[representation])
+        torch.manual_seed(index)
+        x = torch.randn(3, 29, 40, device=DEVICE, dtype=dtype)  # 87 tokens: not a multiple of the blocks
+        run_both(reference, fused, x, padding_mask(padding, 3, 29).to(DEVICE), dtype=dtype)
+
+
+SIZES = [(rank, experts) for rank in (1, 2, 4, 8, 16) for experts in (2, 4, 8)]
+
+
+@pytest.mark.parametrize("rank,experts", SIZES)
+def test_fused_awkward_sizes(rank, experts):
+    index = SIZES.index((rank, experts))
+    n_gram = (1, 2, 3, 5)[index % 4]
+    for dtype in DTYPES:
+        reference, fused = _pair(dtype, seed=index, num_experts=experts, rank=rank, n_gram=n_gram, d_in=33, d_out=21,
+                                 top_k=min(2, experts))
+        x = torch.randn(2, 37, 33, device=DEVICE, dtype=dtype)
+        run_both(reference, fused, x, padding_mask("right", 2, 37).to(DEVICE), dtype=dtype)
+
+
+@pytest.mark.parametrize("shape,mask", [((4, 1, 40), None), ((9, 40), torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 1])),
+                                        ((2, 3, 5, 40), None)])
+def test_fused_single_tokens_2d_and_folded_inputs(shape, mask):
+    for dtype in DTYPES:
+        reference, fused = _pair(dtype, num_experts=4, n_gram=3)
+        x = torch.randn(shape, device=DEVICE, dtype=dtype)
+        out = run_both(reference, fused, x, None if mask is None else mask.to(DEVICE), dtype=dtype)
+        assert out.shape == (*shape[:-1], 70)
+
+
+def test_fused_eval_mode_and_dropout():
+    for dtype in DTYPES:
+        reference, fused = _pair(dtype, num_experts=4, n_gram=2)
+        x = torch.randn(2, 11, 40, device=DEVICE, dtype=dtype)
+        run_both(reference, fused, x, padding_mask("left", 2, 11).to(DEVICE), training=False, dtype=dtype)
+        reference, fused = _pair(dtype, num_experts=4, dropout=0.3)
+        run_both(reference, fused, x, padding_mask("left", 2, 11).to(DEVICE), dtype=dtype)
+
+
+def test_fused_masked_tokens_return_the_frozen_output_exactly():
+    for dtype in DTYPES:
+        _, fused = _pair(dtype, num_experts=4, n_gram=2)
+        mask = padding_mask("left", 3, 13).to(DEVICE)
+        x = torch.randn(3, 13, 40, device=DEVICE, dtype=dtype)
+        out = fused.train()(x, attention_mask=mask)
+        base = fused.linear(x)
+        assert torch.equal(out[mask == 0], base[mask == 0])
+        assert not torch.equal(out[mask == 1], base[mask == 1])
+
+
+def test_fused_respects_which_inputs_need_gradients():
+    reference, fused = _pair(torch.float32, num_experts=4)
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    for frozen in (("A", "B"), ("LiMEs", "LiME_shared", "gamma"), ("A", "B", "LiMEs", "LiME_shared", "gamma")):
+        for layer in (reference, fused):
+            for name, parameter in layer.named_parameters():
+                parameter.requires_grad_(name.split(".")[0] != "linear" and name not in frozen)
+        run_both(reference, fused, x.clone().requires_grad_(True), training=False)
+        assert all(getattr(fused, name).grad is None for name in frozen)
+
+
+def test_fused_deterministic_by_default_and_atomics_on_request():
+    _, fused = _pair(torch.float32, num_experts=4, n_gram=3)
+    x = torch.randn(3, 29, 40, device=DEVICE)
+
+    def gradients():
+        for parameter in fused.parameters():
+            parameter.grad = None
+        torch.manual_seed(0)
+        fused.train()(x).square().sum().backward()
+        return [p.grad.clone() for p in (fused.A, fused.B, fused.LiMEs, fused.LiME_shared, fused.gamma)]
+
+    first, second = gradients(), gradients()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    fused.deterministic = False
+    for atomic, deterministic in zip(gradients(), first):
+        torch.testing.assert_close(atomic, deterministic, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_under_non_reentrant_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    _, fused = _pair(torch.float32, num_experts=4, n_gram=2, dropout=0.2)
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    mask = padding_mask("right", 2, 9).to(DEVICE)
+    grads = []
+    for use_checkpoint in (False, True):
+        fused.zero_grad()
+        torch.manual_seed(3)
+        out = checkpoint(fused, x, mask, use_reentrant=False) if use_checkpoint else fused.train()(x, mask)
+        out.square().sum().backward()
+        grads.append([p.grad.clone() for p in (fused.A, fused.B, fused.LiMEs)])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_op_registration_opcheck():
+    """torch.library.opcheck: schema, fake implementation and autograd registration agree."""
+    from lime_kernels.fused.op import fused_linear
+
+    torch.manual_seed(0)
+    tokens, d_in, d_out, rank, experts = 12, 16, 20, 2, 4
+    args = (
+        torch.randn(tokens, d_in, device=DEVICE, requires_grad=True), None, torch.randn(d_out, d_in, device=DEVICE),
+        torch.randn(d_out, device=DEVICE), torch.randn(rank, d_in, device=DEVICE, requires_grad=True),
+        torch.randn(d_out, rank, device=DEVICE, requires_grad=True),
+        torch.rand(experts, d_out, device=DEVICE, requires_grad=True),
+        torch.randn(d_out, device=DEVICE, requires_grad=True), torch.full((1,), 0.5, device=DEVICE, requires_grad=True),
+        torch.tensor([True] * 10 + [False] * 2, device=DEVICE), None,
+        6, 8.0, 1, 0.5, 0.7, "cosine", "token", 2, "window", 0, 0.5, 0.5, True,
+    )
+    torch.library.opcheck(fused_linear, args)
+
+
+def test_fused_compiles_without_graph_breaks():
+    from lime_kernels.fused import fused_lime_linear
+    from lime_kernels.options import RoutingOptions
+
+    torch.manual_seed(0)
+    _, fused = _pair(torch.float32, num_experts=4, n_gram=2)
+    options = RoutingOptions(num_experts=4, n_gram=2, jitter_noise=0.0)
+    x = torch.randn(2, 9, 40, device=DEVICE)
+
+    def function(x, A, B, LiMEs, shared, gamma):
+        out, probs_sum, _, _ = fused_lime_linear(x, None, fused.linear.weight, fused.linear.bias, A, B, LiMEs, shared,
+                                                 gamma, options, 8.0, None, None)
+        return out.square().sum() + probs_sum.square().sum()
+
+    params = [fused.A, fused.B, fused.LiMEs, fused.LiME_shared, fused.gamma]
+    eager = torch.autograd.grad(function(x, *params), params)
+    compiled = torch.compile(function, fullgraph=True)
+    got = torch.autograd.grad(compiled(x, *params), params)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tiny_llava_onevision_trains_the_same_on_both_backends():
+    """The README's apply_peft call on the tiny LLaVA-OneVision: losses and every LiME gradient of a
+    few training steps agree between backend='triton' and backend='reference'."""
+    import lime
+    from lime.tiny import build_tiny_llava_onevision
+    from llava_helpers import README_TARGETS, make_batch
+
+    runs = []
+    for backend in ("reference", "triton"):
+        model, processor = build_tiny_llava_onevision(seed=0)
+        model = lime.apply_peft(model, targets=README_TARGETS, backend=backend, tokenizer=processor.tokenizer).to(DEVICE)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        batch = make_batch(processor, ["What is shown?", "Which option is correct? A B C D"], ["a cat", "B"]).to(DEVICE)
+        model.train()
+        torch.manual_seed(7)
+        losses, grads = [], None
+        for step in range(3):
+            optimizer.zero_grad()
+            loss = model(**batch).loss + lime.compute_balance_loss(model)
+            loss.backward()
+            if step == 0:
+                grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append((losses, grads))
+    (losses_r, grads_r), (losses_f, grads_f) = runs
+    assert losses_f == pytest.approx(losses_r, rel=1e-4), (losses_f, losses_r)
+    assert losses_f[-1] < losses_f[0]
+    for name in grads_r:
+        _close(f"grad {name}", grads_f[name], grads_r[name], torch.float32)
