@@ -9,6 +9,16 @@ from lime_kernels import LiMELinear, sample_jitter  # noqa: E402
 from loop_lime import loop_lime  # noqa: E402
 
 
+# Every selection rule of step 9 of the semantics, as LiMELinear keywords.
+SELECTIONS = {
+    "dense-auto": dict(auto_topk=True, top_k=1),
+    "dense-soft": dict(auto_topk=False, soft_topk=True, top_k=2),
+    "dense-hard": dict(auto_topk=False, soft_topk=False, top_k=2),
+    "sparse-auto": dict(auto_topk=True, sparse_mode=True, top_k=1),
+    "sparse-hard": dict(auto_topk=False, sparse_mode=True, top_k=3),
+}
+
+
 def make_layer(d_in=8, d_out=10, dtype=torch.float64, seed=0, bias=True, **kwargs):
     """A LiMELinear with every parameter random (B and gamma are zero at init, which would hide bugs)."""
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_layer, padding_mask
+from conftest import SELECTIONS, make_layer, padding_mask
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRETER
@@ -23,13 +23,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.floa
 # fp16 by norms, since a near-tie can flip one token's hard choice after a rounding difference.
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
-SELECTIONS = {
-    "dense-auto": dict(auto_topk=True, top_k=1),
-    "dense-soft": dict(auto_topk=False, soft_topk=True, top_k=2),
-    "dense-hard": dict(auto_topk=False, soft_topk=False, top_k=2),
-    "sparse-auto": dict(auto_topk=True, sparse_mode=True, top_k=1),
-    "sparse-hard": dict(auto_topk=False, sparse_mode=True, top_k=3),
-}
 REPRESENTATIONS = {
     "token": dict(rep_mode="token", n_gram=1),
     "window3": dict(rep_mode="token", n_gram=3, ngram_mode="window"),

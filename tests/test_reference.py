@@ -5,18 +5,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compare_with_loop, make_layer, padding_mask, tolerance_check
+from conftest import SELECTIONS, compare_with_loop, make_layer, padding_mask, tolerance_check
 from loop_lime import loop_lime
 
 from lime_kernels import RoutingOptions, lime_linear, sample_jitter
 
-SELECTIONS = {
-    "dense-auto": dict(auto_topk=True, top_k=1),
-    "dense-soft": dict(auto_topk=False, soft_topk=True, top_k=2),
-    "dense-hard": dict(auto_topk=False, soft_topk=False, top_k=2),
-    "sparse-auto": dict(auto_topk=True, sparse_mode=True, top_k=1),
-    "sparse-hard": dict(auto_topk=False, sparse_mode=True, top_k=3),
-}
 REPRESENTATIONS = {
     "token": dict(rep_mode="token", n_gram=1),
     "window2": dict(rep_mode="token", n_gram=2, ngram_mode="window"),
