@@ -31,6 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .fused import modulation, projection, routing
+from .layer import triton_interpreting
 
 TRITON_TYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "u8": "*u8", "i8": "*i8"}
 FLOAT_ARGS = {"scaling", "temperature", "gamma_routing", "theta", "tau"}
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     parser.add_argument("--kernels", nargs="+", default=None, help="only kernels whose name contains one of these")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreting():
         parser.error("unset TRITON_INTERPRET: the check compiles for real GPU targets")
     jobs = [(index, variant, arch) for index, spec in enumerate(kernel_specs())
             if args.kernels is None or any(k in spec.name for k in args.kernels)

@@ -20,9 +20,15 @@ from .reference import RoutingStats
 
 MaskProvider = Callable[[], Optional[ContextMask]]
 
-# The fused kernels unroll rank-r and rank-E multiply-adds per output tile.
+# What the fused kernels are built and compile-checked for: the projections pad the rank to a
+# tl.dot width of at most 128; the routing keeps [tokens, E] tiles of at most 64 lanes in registers.
 MAX_FUSED_RANK = 128
 MAX_FUSED_EXPERTS = 64
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,7 +216,7 @@ class LiMELinear(nn.Module):
             return "triton" if x.is_cuda and unsupported is None else "reference"
         if unsupported is not None:
             raise ValueError(f"backend='triton' cannot run this layer: {unsupported}")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if not x.is_cuda and not triton_interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got an input on {x.device}); on CPU it runs only "
                 "under Triton's interpreter (TRITON_INTERPRET=1). Use backend='reference' or 'auto'."

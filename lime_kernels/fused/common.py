@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def dot_width(size: int) -> int:
