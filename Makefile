@@ -42,7 +42,6 @@ test: venv
 
 test-slow: venv
 	$(RUN) -m pytest -q -m slow $(PYTEST_ARGS) --ignore=tests/test_fused.py tests
-	TRITON_INTERPRET=1 $(RUN) -m pytest -q -m slow $(PYTEST_ARGS) tests/test_fused.py
 
 test-all: test test-slow
 
