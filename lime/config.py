@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+from lime_kernels.layer import LINEAR_VARIANTS
 from lime_kernels.options import ADAPTER_FIELDS, ROUTING_FIELDS, AdapterOptions, RoutingOptions
 
 _DTYPE_FIELDS = ("peft_dtype", "moe_dtype")
@@ -62,6 +63,8 @@ class LiMEConfig:
     router: str = "cosine"
     ngram_mode: str = "window"
     backend: str = "auto"
+    peft: str = "lora"
+    dora_detach_norm: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -70,7 +73,9 @@ class LiMEConfig:
             self.targets = list(self.targets)
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
                 raise ValueError(f"targets must be None or a non-empty list of module-name suffixes; got targets={self.targets!r}")
-        for name in ("preserve_tying", "use_compile"):
+        if self.peft not in LINEAR_VARIANTS:
+            raise ValueError(f"peft must be one of {', '.join(map(repr, LINEAR_VARIANTS))}; got peft={self.peft!r}")
+        for name in ("preserve_tying", "use_compile", "dora_detach_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {name}={getattr(self, name)!r}")
         if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)):
@@ -85,7 +90,7 @@ class LiMEConfig:
         return AdapterOptions(**{name: getattr(self, name) for name in ADAPTER_FIELDS})
 
     def layer_kwargs(self) -> Dict[str, Any]:
-        """The keyword arguments of `lime_kernels.LiMELinear`."""
+        """The keyword arguments every LiME layer takes (`LiMELinear` and its variants, `LiMEEmbedding`)."""
         return {name: getattr(self, name) for name in ROUTING_FIELDS + ADAPTER_FIELDS}
 
     def to_dict(self) -> Dict[str, Any]:

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
-from lime_kernels import LiMELinear
+from lime_kernels import LINEAR_VARIANTS, LiMEEmbedding, LiMEModule
+from lime_kernels.embedding import EMBEDDING_VARIANTS
 from lime_kernels.inputs import ContextMask
 
 from .config import LiMEConfig
@@ -18,10 +19,10 @@ from .config import LiMEConfig
 Targets = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
 
-def lime_layers(model: nn.Module) -> Iterator[Tuple[str, LiMELinear]]:
-    """`(qualified name, layer)` for every LiME layer of `model`."""
+def lime_layers(model: nn.Module) -> Iterator[Tuple[str, LiMEModule]]:
+    """`(qualified name, layer)` for every LiME layer of `model` (linear, embedding, prompt encoder)."""
     for name, module in model.named_modules():
-        if isinstance(module, LiMELinear):
+        if isinstance(module, LiMEModule):
             yield name, module
 
 
@@ -91,29 +92,41 @@ class MaskScope:
         return None if mask is None else ContextMask(mask, self.in_sequence_model)
 
 
+TARGET_TYPES = (nn.Linear, nn.Embedding)
+
+
 def _target_matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
+    """None: every nn.Linear; names or a callable: the matching nn.Linear and nn.Embedding modules."""
     if targets is None:
         return lambda path, module: isinstance(module, nn.Linear)
     if callable(targets):
-        return lambda path, module: isinstance(module, nn.Linear) and bool(targets(path, module))
+        return lambda path, module: isinstance(module, TARGET_TYPES) and bool(targets(path, module))
     suffixes = [targets] if isinstance(targets, str) else list(targets)
 
     def matches(path: str, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) and any(path == s or path.endswith("." + s) for s in suffixes)
+        return isinstance(module, TARGET_TYPES) and any(path == s or path.endswith("." + s) for s in suffixes)
 
     return matches
 
 
-def _describe_linear_names(model: nn.Module, limit: int = 12) -> str:
+def _describe_target_names(model: nn.Module, limit: int = 12) -> str:
     names = []
     for path, module in model.named_modules():
         leaf = path.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and not isinstance(module, LiMELinear) and leaf not in names:
+        if isinstance(module, TARGET_TYPES) and not isinstance(module, LiMEModule) and leaf not in names:
             names.append(leaf)
     if not names:
-        return "the model has no nn.Linear layer"
+        return "the model has no nn.Linear or nn.Embedding layer"
     more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
-    return "linear layers that exist: " + ", ".join(names[:limit]) + more
+    return "layers that exist: " + ", ".join(names[:limit]) + more
+
+
+def _tied_with_a_linear(embedding: nn.Embedding, model: nn.Module) -> Optional[str]:
+    """The name of a linear layer that shares the embedding's weight (tied input/output embeddings)."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) and getattr(module, "weight", None) is embedding.weight:
+            return path
+    return None
 
 
 def _install_mask_scopes(model: nn.Module) -> None:
@@ -164,15 +177,26 @@ def apply_peft(
     router: str = "cosine",
     ngram_mode: str = "window",
     backend: str = "auto",
+    peft: str = "lora",
+    dora_detach_norm: bool = False,
 ) -> nn.Module:
-    """Wrap the target linear layers of `model` with LiME, in place, and return the model.
+    """Wrap the target layers of `model` with LiME, in place, and return the model.
 
     `targets`: module-name suffixes (`"q_proj"` matches `...self_attn.q_proj`), a callable
-    `(qualified_name, module) -> bool`, or None for every `nn.Linear`. Every parameter that is not
-    LiME's is frozen. The 2-D `attention_mask` that the model (or any Hugging Face model inside it)
-    receives reaches its LiME layers, so padding changes neither routing nor the statistics.
-    `tokenizer` supplies `pad_token_id` (kept in the config for embedding targets). `use_compile`
-    runs the layers' math through `torch.compile` (`LiMELinear.compile_reference`). The other keywords are `LiMELinear`'s.
+    `(qualified_name, module) -> bool`, or None for every `nn.Linear`. Names and callables also
+    match `nn.Embedding` layers, which get `LiMEEmbedding` (an embedding tied to a linear layer is left
+    alone with `preserve_tying=True`, the default). bitsandbytes' `Linear8bitLt` / `Linear4bit`
+    are linear layers too (QLoRA-style LiME).
+
+    `peft`: the shared adapter, 'lora' (default), 'dora' (`dora_detach_norm=True` for HF PEFT's
+    detached norm), 'lora_fa' (A frozen) or 'slicefine' (the first `rank` rows of each weight
+    train); `lime.prompt_tuning.apply_peft` is the prompt-tuning entry point.
+
+    Every parameter that is not LiME's is frozen. The 2-D `attention_mask` that the model (or any
+    Hugging Face model inside it) receives reaches its LiME layers, so padding changes neither routing
+    nor the statistics. `tokenizer` supplies `pad_token_id` (pad tokens are invalid in embedding
+    targets given no mask). `use_compile` runs the layers' math through `torch.compile`
+    (`LiMELinear.compile_reference`). The other keywords are `LiMELinear`'s.
     """
     if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
         pad_token_id = tokenizer.pad_token_id
@@ -184,39 +208,63 @@ def apply_peft(
         LiME_init_std=LiME_init_std, gamma_routing=gamma_routing, soft_topk=soft_topk,
         soft_topk_temperature=soft_topk_temperature, auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold,
         peft_dtype=peft_dtype, moe_dtype=moe_dtype, use_compile=use_compile, sparse_mode=sparse_mode,
-        router=router, ngram_mode=ngram_mode, backend=backend,
+        router=router, ngram_mode=ngram_mode, backend=backend, peft=peft, dora_detach_norm=dora_detach_norm,
     )
     wants = _target_matcher(targets)
 
-    wrapped: Dict[int, LiMELinear] = {}
     replacements = []
     inside_lime = set()
+    tied_skipped = []
     for path, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, LiMELinear):
-            inside_lime.add(path + ".linear")
+        if isinstance(module, LiMEModule):
+            inside_lime.update(f"{path}.{child}" for child, _ in module.named_children())
             continue
         if path in inside_lime or not path or not wants(path, module):
             continue
+        if isinstance(module, nn.Embedding) and preserve_tying:
+            tied = _tied_with_a_linear(module, model)
+            if tied is not None:
+                tied_skipped.append(f"{path} (tied to {tied})")
+                continue
         replacements.append((path, module))
     if not replacements:
-        raise ValueError(f"targets={targets!r} match no nn.Linear of {type(model).__name__}; {_describe_linear_names(model)}")
+        raise ValueError(
+            f"targets={targets!r} match no wrappable layer of {type(model).__name__}; {_describe_target_names(model)}"
+        )
     for path, module in replacements:
-        if module.out_features < num_experts:
+        width = module.out_features if isinstance(module, nn.Linear) else module.embedding_dim
+        if width < num_experts:
             raise ValueError(
-                f"num_experts must be <= out_features of every target: {path} has out_features="
-                f"{module.out_features}; got num_experts={num_experts}"
+                f"num_experts must be <= the output size of every target: {path} has {width}; "
+                f"got num_experts={num_experts}"
             )
+        if isinstance(module, nn.Embedding) and peft not in EMBEDDING_VARIANTS:
+            raise ValueError(
+                f"{path} is an nn.Embedding: embedding targets take peft='lora' or 'lora_fa'; got peft={peft!r}"
+            )
+    if tied_skipped:
+        warnings.warn(
+            f"preserve_tying=True leaves embeddings tied to a linear layer unwrapped: {', '.join(tied_skipped)}",
+            stacklevel=2,
+        )
 
     # Validated: from here on the model is changed.
     for parameter in model.parameters():
         parameter.requires_grad_(False)
 
+    layer_kwargs = config.layer_kwargs()
+    wrapped: Dict[int, LiMEModule] = {}
     bypassed = []
     for path, module in replacements:
         parent_path, _, child_name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         if id(module) not in wrapped:  # a module shared by several parents is wrapped once
-            wrapped[id(module)] = LiMELinear(module, **config.layer_kwargs())
+            if isinstance(module, nn.Embedding):
+                wrapped[id(module)] = LiMEEmbedding(module, pad_token_id=pad_token_id, peft=peft, **layer_kwargs)
+            elif peft == "dora":
+                wrapped[id(module)] = LINEAR_VARIANTS[peft](module, dora_detach_norm=dora_detach_norm, **layer_kwargs)
+            else:
+                wrapped[id(module)] = LINEAR_VARIANTS[peft](module, **layer_kwargs)
         setattr(parent, child_name, wrapped[id(module)])
         if isinstance(parent, nn.MultiheadAttention):
             bypassed.append(path)

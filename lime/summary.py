@@ -9,7 +9,9 @@ import torch.nn as nn
 
 from .injection import lime_layers
 
-PEFT_PARAMETERS = ("A", "B")
+# The adapter's trainable parameters in every variant (LoRA / LoRA-FA: A, B; DoRA: + m;
+# SliceFine: part_T; prompt tuning: prompt_delta) and the mixture's.
+PEFT_PARAMETERS = ("A", "B", "m", "part_T", "prompt_delta")
 MOE_PARAMETERS = ("LiMEs", "LiME_shared", "gamma")
 
 
@@ -26,16 +28,16 @@ def lime_summary(model: nn.Module) -> Dict:
     trainable_outside = 0
     lime_parameter_ids = set()
     for _, layer in layers:
-        for name in PEFT_PARAMETERS + MOE_PARAMETERS:
-            parameter = getattr(layer, name)
-            if parameter is None:
-                continue
+        for name, parameter in layer.named_parameters(recurse=False):
             lime_parameter_ids.add(id(parameter))
-            if parameter.requires_grad:
-                if name in PEFT_PARAMETERS:
-                    peft += parameter.numel()
-                else:
-                    moe += parameter.numel()
+            if not parameter.requires_grad:
+                continue
+            if name in PEFT_PARAMETERS:
+                peft += parameter.numel()
+            elif name in MOE_PARAMETERS:
+                moe += parameter.numel()
+            else:
+                raise ValueError(f"{type(layer).__name__} has an unclassified trainable parameter {name!r}")
     total = sum(p.numel() for p in model.parameters())
     for parameter in model.parameters():
         if parameter.requires_grad and id(parameter) not in lime_parameter_ids:
@@ -52,7 +54,9 @@ def lime_summary(model: nn.Module) -> Dict:
         "other_trainable_parameters": trainable_outside,
         "trainable_parameters": peft + moe + trainable_outside,
         "total_parameters": total,
-        "peft_dtypes": _sorted_text({layer.A.dtype for _, layer in layers}),
+        "peft": _sorted_text({layer.peft for _, layer in layers}),
+        "peft_dtypes": _sorted_text({p.dtype for _, layer in layers for n, p in layer.named_parameters(recurse=False)
+                                     if n in PEFT_PARAMETERS}),
         "moe_dtypes": _sorted_text({layer.LiMEs.dtype for _, layer in layers}),
         "num_experts": _sorted_text({r.num_experts for r in routing}),
         "rank": _sorted_text({a.rank for a in adapters}),
@@ -82,7 +86,8 @@ def print_lime_summary(model: nn.Module) -> Dict:
         ("Wrapped layers", f"{summary['wrapped_layers']} ("
          + ", ".join(f"{k} x{v}" for k, v in summary["layers_by_name"].items()) + ")"),
         ("Routing parameters", "0 (zero-parameter routing)"),
-        ("PEFT parameters (A, B)", f"{summary['peft_parameters']:,}"),
+        ("PEFT variant", summary["peft"]),
+        ("PEFT parameters", f"{summary['peft_parameters']:,}"),
         ("MoE parameters (LiMEs, shared, gamma)", f"{summary['moe_parameters']:,}"),
     ]
     if summary["other_trainable_parameters"]:

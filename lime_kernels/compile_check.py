@@ -113,8 +113,11 @@ def kernel_specs() -> List[KernelSpec]:
     def projection_blocks(constexprs):
         return projection.projection_blocks(max(constexprs.get("RANK_DOT", 16), constexprs.get("EXPERT_DOT", 16)))
 
-    def modulation_blocks(constexprs):
-        return modulation.BLOCKS
+    def modulation_forward_blocks(constexprs):
+        return modulation.FORWARD_BLOCKS
+
+    def modulation_backward_blocks(constexprs):
+        return modulation.BACKWARD_BLOCKS
 
     specs = [
         KernelSpec("down_projection", projection._down_projection_kernel, {"x_ptr": "act", "a_ptr": "param"}, {},
@@ -144,15 +147,17 @@ def kernel_specs() -> List[KernelSpec]:
                    routing_blocks),
         KernelSpec("modulation_forward", modulation._modulation_forward_kernel,
                    {"base_ptr": "act", "out_ptr": "act", "b_ptr": "param", "p_ptr": "param", "shared_ptr": "param",
-                    "gamma_ptr": "param", "valid_ptr": "u8"}, {},
-                   dict(act=ACTIVATIONS, param=PARAMETERS, HAS_MASK=[True, False], HAS_SHARED=[True, False]),
-                   modulation_blocks),
+                    "gamma_ptr": "param", "valid_ptr": "u8", "bias_ptr": "act"}, {},
+                   dict(act=ACTIVATIONS, param=PARAMETERS, HAS_MASK=[True, False], HAS_SHARED=[True, False],
+                        HAS_SCALE=[False, True], HAS_BIAS=[False, True]),
+                   modulation_forward_blocks),
         KernelSpec("modulation_backward", modulation._modulation_backward_kernel,
                    {"dout_ptr": "act", "b_ptr": "param", "p_ptr": "param", "shared_ptr": "param", "gamma_ptr": "param",
-                    "valid_ptr": "u8"}, {},
+                    "valid_ptr": "u8", "base_ptr": "act"}, {},
                    dict(act=ACTIVATIONS, param=PARAMETERS, HAS_MASK=[True, False], HAS_SHARED=[True, False],
-                        INPUT_GRADS=[True, False], PARAM_GRADS=[True, False], ATOMIC=[False, True]),
-                   modulation_blocks),
+                        HAS_SCALE=[False, True], INPUT_GRADS=[True, False], PARAM_GRADS=[True, False],
+                        ATOMIC=[False, True]),
+                   modulation_backward_blocks),
     ]
     return specs
 

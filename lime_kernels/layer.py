@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from . import reference
 from .inputs import ContextMask, as_sequences, context_valid_mask, explicit_valid_mask
 from .options import AdapterOptions, RoutingOptions
+from .quantized import frozen_weight
 from .reference import RoutingStats
 
 MaskProvider = Callable[[], Optional[ContextMask]]
@@ -36,89 +37,27 @@ def _compiled_reference():
     return torch.compile(reference.lime_linear)
 
 
-class LiMELinear(nn.Module):
-    """A frozen `nn.Linear` plus one shared LoRA adapter, E expert modulation vectors and
-    zero-parameter routing: `out = base + delta * (w @ LiMEs + gamma * LiME_shared)`.
+class LiMEModule(nn.Module):
+    """What every LiME layer shares: validated options, the expert vectors, the statistics of the
+    last forward, the padding mask, the runtime switches and the choice of backend.
 
-    Keyword names and parameter names (`A`, `B`, `LiMEs`, `LiME_shared`, `gamma`) are those of the
-    original LiME code; `router`, `ngram_mode` and `backend` are new. The exact function is
-    `shared/lime-semantics.md`; `lime_kernels.reference` is its readable implementation.
-
-    `forward(x, attention_mask=None)`: tokens whose mask is 0 return the frozen output exactly. With
-    no mask given, a `mask_provider` (installed by `lime.apply_peft`) may supply the padding mask of
-    the model call this layer runs in.
+    Subclasses provide the frozen path and the adapter (`LiMELinear` and its PEFT variants,
+    `LiMEEmbedding`) and call `_modulate`, which runs `shared/lime-semantics.md` on the reference or
+    the fused backend.
     """
 
-    def __init__(
-        self,
-        linear: nn.Linear,
-        num_experts: int = 4,
-        rank: int = 2,
-        alpha: float = 16.0,
-        top_k: int = 1,
-        dropout: float = 0.0,
-        temperature: float = 0.5,
-        use_shared_LiME: bool = True,
-        track_aux: bool = True,
-        rep_mode: str = "token",
-        jitter_noise: float = 0.1,
-        n_gram: int = 1,
-        LiME_init_std: float = 0.1,
-        gamma_routing: float = 0.7,
-        soft_topk: bool = True,
-        soft_topk_temperature: float = 0.5,
-        auto_topk: bool = True,
-        auto_topk_threshold: float = 0.5,
-        peft_dtype: Optional[torch.dtype] = None,
-        moe_dtype: Optional[torch.dtype] = None,
-        sparse_mode: bool = False,
-        router: str = "cosine",
-        ngram_mode: str = "window",
-        backend: str = "auto",
-    ):
-        super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"LiMELinear wraps an nn.Linear; got {type(linear).__name__}")
-        self.routing = RoutingOptions(
-            num_experts=num_experts, top_k=top_k, temperature=temperature, gamma_routing=gamma_routing,
-            router=router, rep_mode=rep_mode, n_gram=n_gram, ngram_mode=ngram_mode,
-            jitter_noise=jitter_noise, soft_topk=soft_topk, soft_topk_temperature=soft_topk_temperature,
-            auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold, sparse_mode=sparse_mode,
-        )
-        self.adapter = AdapterOptions(
-            rank=rank, alpha=alpha, dropout=dropout, use_shared_LiME=use_shared_LiME,
-            LiME_init_std=LiME_init_std, track_aux=track_aux, peft_dtype=peft_dtype,
-            moe_dtype=moe_dtype, backend=backend,
-        )
-        if num_experts > linear.out_features:
+    peft = "lora"
+
+    def _init_lime(self, out_features: int, routing: RoutingOptions, adapter: AdapterOptions) -> None:
+        """Options and state; `_init_experts` creates the expert vectors (after the adapter, as the
+        original code does, so that a seed gives the same initialization)."""
+        if routing.num_experts > out_features:
             raise ValueError(
-                f"num_experts must be <= out_features of the wrapped layer ({linear.out_features}): routing "
-                f"reads the first num_experts output channels; got num_experts={num_experts}"
+                f"num_experts must be <= the wrapped layer's output size ({out_features}): routing reads the first "
+                f"num_experts output channels; got num_experts={routing.num_experts}"
             )
-
-        self.linear = linear
-        for parameter in linear.parameters():
-            parameter.requires_grad_(False)
-
-        device = linear.weight.device
-        peft_dtype = peft_dtype or torch.float32
-        moe_dtype = moe_dtype or torch.float32
-        d_in, d_out = linear.in_features, linear.out_features
-        self.A = nn.Parameter(torch.empty(rank, d_in, device=device, dtype=peft_dtype))
-        self.B = nn.Parameter(torch.zeros(d_out, rank, device=device, dtype=peft_dtype))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.LiMEs = nn.Parameter(
-            torch.empty(num_experts, d_out, device=device, dtype=moe_dtype).uniform_(
-                1.0 - LiME_init_std, 1.0 + LiME_init_std
-            )
-        )
-        if use_shared_LiME:
-            self.LiME_shared = nn.Parameter(torch.randn(d_out, device=device, dtype=moe_dtype) * 0.1)
-            self.gamma = nn.Parameter(torch.zeros(1, device=device, dtype=moe_dtype))
-        else:
-            self.register_parameter("LiME_shared", None)
-            self.register_parameter("gamma", None)
-
+        self.routing = routing
+        self.adapter = adapter
         self.compiled = False
         # The fused backward reduces with per-tile partial sums; False allows atomics (faster, last bits vary).
         self.deterministic = True
@@ -126,30 +65,20 @@ class LiMELinear(nn.Module):
         self.last_stats: Optional[RoutingStats] = None
         self._warned_unmatched_mask = False
 
-    # The wrapped layer's attributes, so code that reads `.weight` directly keeps working.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
-    @weight.setter
-    def weight(self, value: torch.Tensor) -> None:
-        self.linear.weight = value
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.linear.bias
-
-    @bias.setter
-    def bias(self, value: Optional[torch.Tensor]) -> None:
-        self.linear.bias = value
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
+    def _init_experts(self, out_features: int, device) -> None:
+        moe_dtype = self.adapter.moe_dtype or torch.float32
+        std = self.adapter.LiME_init_std
+        self.LiMEs = nn.Parameter(
+            torch.empty(self.routing.num_experts, out_features, device=device, dtype=moe_dtype).uniform_(
+                1.0 - std, 1.0 + std
+            )
+        )
+        if self.adapter.use_shared_LiME:
+            self.LiME_shared = nn.Parameter(torch.randn(out_features, device=device, dtype=moe_dtype) * 0.1)
+            self.gamma = nn.Parameter(torch.zeros(1, device=device, dtype=moe_dtype))
+        else:
+            self.register_parameter("LiME_shared", None)
+            self.register_parameter("gamma", None)
 
     @property
     def num_experts(self) -> int:
@@ -193,9 +122,9 @@ class LiMELinear(nn.Module):
         if not matched and context.in_sequence_model and not self._warned_unmatched_mask:
             self._warned_unmatched_mask = True
             warnings.warn(
-                f"LiMELinear({self.in_features}->{self.out_features}): the model's attention_mask of shape "
-                f"{tuple(context.mask.shape)} does not describe this layer's input of shape {tuple(x.shape)} "
-                "(not the masked token sequence); this layer routes every token of it.",
+                f"{type(self).__name__}: the model's attention_mask of shape {tuple(context.mask.shape)} does not "
+                f"describe this layer's input of shape {tuple(x.shape)} (not the masked token sequence); "
+                "this layer routes every token of it.",
                 stacklevel=3,
             )
         return valid
@@ -206,8 +135,8 @@ class LiMELinear(nn.Module):
         return "full" if self.training else "usage"
 
     def resolve_backend(self, x: torch.Tensor) -> str:
-        """The backend this input runs on: 'auto' takes the fused path for CUDA inputs it supports
-        (a plain linear base, rank <= 128, at most 64 experts) and the reference elsewhere."""
+        """The backend this input runs on: 'auto' takes the fused path for CUDA inputs within its
+        limits (rank <= 128, at most 64 experts) and the reference elsewhere."""
         backend = self.adapter.backend
         if backend == "reference":
             return "reference"
@@ -224,51 +153,292 @@ class LiMELinear(nn.Module):
         return "triton"
 
     def _fused_unsupported(self) -> Optional[str]:
-        if type(self.linear).forward is not nn.Linear.forward:
-            return f"the base layer {type(self.linear).__name__} is not a plain nn.Linear"
         if self.adapter.rank > MAX_FUSED_RANK:
             return f"rank={self.adapter.rank} > {MAX_FUSED_RANK}"
         if self.routing.num_experts > MAX_FUSED_EXPERTS:
             return f"num_experts={self.routing.num_experts} > {MAX_FUSED_EXPERTS}"
         return None
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        sequences = as_sequences(x, self.in_features)
-        valid = self._valid_tokens(x, attention_mask)
-        routing = self.routing
-        # Random numbers in a fixed order for every backend: the jitter, then the dropout mask.
+    def _random_draws(self, sequences: torch.Tensor):
+        """The jitter noise, then the dropout mask: the same random numbers for every backend."""
         jitter = None
-        if self.training and routing.jitter_noise > 0:
+        if self.training and self.routing.jitter_noise > 0:
             jitter = reference.sample_jitter(
-                sequences.shape[0] * sequences.shape[1], routing.num_experts, routing.jitter_noise, x.device
+                sequences.shape[0] * sequences.shape[1], self.routing.num_experts, self.routing.jitter_noise,
+                sequences.device,
             )
         dropped = None
         if self.training and self.adapter.dropout > 0:
             dropped = F.dropout(sequences, p=self.adapter.dropout, training=True)
-        if self.resolve_backend(x) == "triton":
+        return jitter, dropped
+
+    def _modulate(
+        self, *, backend: str, x: Optional[torch.Tensor], adapter_input: Optional[torch.Tensor], A: torch.Tensor,
+        B: torch.Tensor, scaling: float, valid, jitter, frozen: Callable[[], torch.Tensor],
+        weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+        channel_scale: Optional[torch.Tensor] = None, sliced_rows: int = 0,
+    ) -> torch.Tensor:
+        """Run the layer on `(B, T, .)` sequences and record its statistics.
+
+        The adapter reads `adapter_input`, or `x` when it is None. `frozen()` gives the frozen
+        output as the reference takes it (the product without bias for DoRA, whose `channel_scale`
+        and `bias` are applied on top). The fused backend instead computes `F.linear(x, weight, bias)`
+        itself when `weight` is given (a plain nn.Linear; its first `sliced_rows` output channels then
+        keep only the bias), else it takes `frozen()`.
+        """
+        if backend == "triton":
             from .fused import fused_lime_linear
 
+            computes_base = weight is not None
             out, probs_sum, selection_counts, num_valid = fused_lime_linear(
-                sequences, dropped, self.linear.weight, self.linear.bias, self.A, self.B, self.LiMEs,
-                self.LiME_shared, self.gamma, routing, self.adapter.scaling, valid, jitter, self.deterministic,
+                x=x if computes_base or adapter_input is None else None, adapter_input=adapter_input,
+                weight=weight, bias=bias, base=None if computes_base else frozen(), A=A, B=B, LiMEs=self.LiMEs,
+                LiME_shared=self.LiME_shared, gamma=self.gamma, options=self.routing, scaling=scaling, valid=valid,
+                jitter=jitter, channel_scale=channel_scale, sliced_rows=sliced_rows if computes_base else 0,
+                deterministic=self.deterministic,
             )
             self.last_stats = reference.balance_statistics(probs_sum, selection_counts, num_valid, self._aux_mode())
-        else:
-            compute = _compiled_reference() if self.compiled else reference.lime_linear
-            out, self.last_stats = compute(
-                dropped if dropped is not None else sequences, self.linear(sequences), self.A, self.B, self.LiMEs,
-                self.LiME_shared, self.gamma, routing, self.adapter.scaling, valid=valid, jitter=jitter,
-                aux=self._aux_mode(),
-            )
+            return out
+        compute = _compiled_reference() if self.compiled else reference.lime_linear
+        out, self.last_stats = compute(
+            adapter_input if adapter_input is not None else x, frozen(), A, B, self.LiMEs, self.LiME_shared,
+            self.gamma, self.routing, scaling, valid=valid, jitter=jitter, aux=self._aux_mode(),
+            channel_scale=channel_scale, bias=bias if channel_scale is not None else None,
+        )
+        return out
+
+
+class LiMELinear(LiMEModule):
+    """A frozen linear layer plus one shared LoRA adapter, E expert modulation vectors and
+    zero-parameter routing: `out = base + delta * (w @ LiMEs + gamma * LiME_shared)`.
+
+    Keyword names and parameter names (`A`, `B`, `LiMEs`, `LiME_shared`, `gamma`) are those of the
+    original LiME code; `router`, `ngram_mode` and `backend` are new. The exact function is
+    `shared/lime-semantics.md`; `lime_kernels.reference` is its readable implementation. The
+    wrapped layer is any `nn.Linear`, bitsandbytes' `Linear8bitLt` / `Linear4bit` included (their
+    own kernels then compute the frozen output).
+
+    `forward(x, attention_mask=None)`: tokens whose mask is 0 return the frozen output exactly. With
+    no mask given, a `mask_provider` (installed by `lime.apply_peft`) may supply the padding mask of
+    the model call this layer runs in.
+
+    The PEFT variants are subclasses: `LiMELoRAFALinear`, `LiMEDoRALinear`, `LiMESliceFineLinear`.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        num_experts: int = 4,
+        rank: int = 2,
+        alpha: float = 16.0,
+        top_k: int = 1,
+        dropout: float = 0.0,
+        temperature: float = 0.5,
+        use_shared_LiME: bool = True,
+        track_aux: bool = True,
+        rep_mode: str = "token",
+        jitter_noise: float = 0.1,
+        n_gram: int = 1,
+        LiME_init_std: float = 0.1,
+        gamma_routing: float = 0.7,
+        soft_topk: bool = True,
+        soft_topk_temperature: float = 0.5,
+        auto_topk: bool = True,
+        auto_topk_threshold: float = 0.5,
+        peft_dtype: Optional[torch.dtype] = None,
+        moe_dtype: Optional[torch.dtype] = None,
+        sparse_mode: bool = False,
+        router: str = "cosine",
+        ngram_mode: str = "window",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{type(self).__name__} wraps an nn.Linear; got {type(linear).__name__}")
+        routing = RoutingOptions(
+            num_experts=num_experts, top_k=top_k, temperature=temperature, gamma_routing=gamma_routing,
+            router=router, rep_mode=rep_mode, n_gram=n_gram, ngram_mode=ngram_mode,
+            jitter_noise=jitter_noise, soft_topk=soft_topk, soft_topk_temperature=soft_topk_temperature,
+            auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold, sparse_mode=sparse_mode,
+        )
+        adapter = AdapterOptions(
+            rank=rank, alpha=alpha, dropout=dropout, use_shared_LiME=use_shared_LiME,
+            LiME_init_std=LiME_init_std, track_aux=track_aux, peft_dtype=peft_dtype,
+            moe_dtype=moe_dtype, backend=backend,
+        )
+        self._check_variant(linear, adapter)
+        self._init_lime(linear.out_features, routing, adapter)
+        self.linear = linear
+        for parameter in linear.parameters():
+            parameter.requires_grad_(False)
+        self._init_adapter(linear.weight.device, peft_dtype or torch.float32)
+        self._init_experts(linear.out_features, linear.weight.device)
+
+    # --- what the variants change -----------------------------------------------------------------
+
+    def _check_variant(self, linear: nn.Linear, adapter: AdapterOptions) -> None:
+        """Variant-specific validation, before anything is created."""
+
+    def _init_adapter(self, device, dtype) -> None:
+        self.A = nn.Parameter(torch.empty(self.adapter.rank, self.in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(self.out_features, self.adapter.rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def adapter_factors(self):
+        """`(A, B, scaling)` with `delta = scaling * x A^T B^T`."""
+        return self.A, self.B, self.adapter.scaling
+
+    def channel_scale(self) -> Optional[torch.Tensor]:
+        """A per-output-channel scale of the frozen product and of delta (DoRA's magnitude), or None."""
+        return None
+
+    def _frozen_output(self, sequences: torch.Tensor) -> torch.Tensor:
+        return self.linear(sequences)
+
+    # --- the wrapped layer's attributes, so code that reads `.weight` directly keeps working -------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        self.linear.weight = value
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.linear.bias
+
+    @bias.setter
+    def bias(self, value: Optional[torch.Tensor]) -> None:
+        self.linear.bias = value
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def _plain_linear(self) -> bool:
+        """A plain nn.Linear: the fused path computes its product itself (cuBLAS)."""
+        return type(self.linear).forward is nn.Linear.forward
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        sequences = as_sequences(x, self.in_features)
+        valid = self._valid_tokens(x, attention_mask)
+        jitter, dropped = self._random_draws(sequences)
+        A, B, scaling = self.adapter_factors()
+        backend = self.resolve_backend(x)
+        fused_computes_base = backend == "triton" and self._plain_linear()
+        out = self._modulate(
+            backend=backend, x=sequences, adapter_input=dropped, A=A, B=B, scaling=scaling, valid=valid,
+            jitter=jitter, frozen=lambda: self._frozen_output(sequences),
+            weight=self.linear.weight if fused_computes_base else None, bias=self.linear.bias,
+            channel_scale=self.channel_scale(), sliced_rows=self._sliced_rows(),
+        )
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _sliced_rows(self) -> int:
+        return 0
 
     def extra_repr(self) -> str:
         routing = self.routing
         text = (
-            f"in_features={self.in_features}, out_features={self.out_features}, experts={routing.num_experts}, "
-            f"rank={self.adapter.rank}, router={routing.router}, rep_mode={routing.rep_mode}, "
-            f"selection={routing.selection}"
+            f"in_features={self.in_features}, out_features={self.out_features}, peft={self.peft}, "
+            f"experts={routing.num_experts}, rank={self.adapter.rank}, router={routing.router}, "
+            f"rep_mode={routing.rep_mode}, selection={routing.selection}"
         )
         if routing.n_gram > 1:
             text += f", n_gram={routing.n_gram} ({routing.ngram_mode})"
         return text
+
+
+class LiMELoRAFALinear(LiMELinear):
+    """LoRA-FA: `A` stays frozen at its random initialization; only `B` (and the experts) train."""
+
+    peft = "lora_fa"
+
+    def _init_adapter(self, device, dtype) -> None:
+        super()._init_adapter(device, dtype)
+        self.A.requires_grad_(False)
+
+
+class LiMEDoRALinear(LiMELinear):
+    """DoRA: a trainable magnitude `m` (Dout,), initialized to the row norms of W, rescales the frozen
+    product and the adapter's output by `m / ||W + s B A||_row`; the bias is not rescaled (as in the
+    DoRA paper and HF PEFT). `dora_detach_norm=True` stops gradients through the norm (HF PEFT)."""
+
+    peft = "dora"
+
+    def __init__(self, linear: nn.Linear, *args, dora_detach_norm: bool = False, **kwargs):
+        if not isinstance(dora_detach_norm, bool):
+            raise ValueError(f"dora_detach_norm must be True or False; got dora_detach_norm={dora_detach_norm!r}")
+        super().__init__(linear, *args, **kwargs)
+        self.dora_detach_norm = dora_detach_norm
+
+    def _init_adapter(self, device, dtype) -> None:
+        super()._init_adapter(device, dtype)
+        with torch.no_grad():
+            row_norms = torch.linalg.vector_norm(frozen_weight(self.linear).float(), dim=1)
+        self.m = nn.Parameter(row_norms.to(dtype))
+
+    def channel_scale(self) -> torch.Tensor:
+        return reference.dora_magnitude(
+            frozen_weight(self.linear), self.A, self.B, self.m, self.adapter.scaling, self.dora_detach_norm
+        )
+
+    def _frozen_output(self, sequences: torch.Tensor) -> torch.Tensor:
+        """The frozen product `x W^T` without the bias (added after DoRA's scale)."""
+        if self._plain_linear():
+            return F.linear(sequences, self.linear.weight)
+        out = self.linear(sequences)
+        return out if self.linear.bias is None else out - self.linear.bias.to(out.dtype)
+
+
+class LiMESliceFineLinear(LiMELinear):
+    """SliceFine: the first `rank` rows of W become trainable (`part_T`, a copy; W itself is not
+    changed). `delta` = their output in the first `rank` channels (zeros elsewhere); the frozen
+    output keeps only the bias in those channels. `alpha` plays no part (the scaling is 1)."""
+
+    peft = "slicefine"
+
+    def _check_variant(self, linear: nn.Linear, adapter: AdapterOptions) -> None:
+        if adapter.rank > linear.out_features:
+            raise ValueError(
+                f"rank must be <= out_features ({linear.out_features}) for SliceFine (the trainable rows); "
+                f"got rank={adapter.rank}"
+            )
+        if frozen_weight(linear) is not linear.weight:
+            raise ValueError(
+                f"SliceFine needs the base layer's rows as plain weights; {type(linear).__name__} is quantized"
+            )
+
+    def _init_adapter(self, device, dtype) -> None:
+        rank = self.adapter.rank
+        self.part_T = nn.Parameter(self.linear.weight.detach()[:rank].clone().to(dtype))
+        selector = torch.zeros(self.out_features, rank, device=device, dtype=dtype)
+        selector[:rank] = torch.eye(rank, device=device, dtype=dtype)
+        self.register_buffer("selector", selector, persistent=False)
+
+    def adapter_factors(self):
+        return self.part_T, self.selector, 1.0
+
+    def _sliced_rows(self) -> int:
+        return self.adapter.rank
+
+    def _frozen_output(self, sequences: torch.Tensor) -> torch.Tensor:
+        out = self.linear(sequences)
+        kept = torch.zeros_like(out[..., : self.adapter.rank])
+        if self.linear.bias is not None:
+            kept = kept + self.linear.bias[: self.adapter.rank].to(out.dtype)
+        return torch.cat([kept, out[..., self.adapter.rank :]], dim=-1)
+
+
+LINEAR_VARIANTS = {
+    "lora": LiMELinear,
+    "lora_fa": LiMELoRAFALinear,
+    "dora": LiMEDoRALinear,
+    "slicefine": LiMESliceFineLinear,
+}

@@ -259,6 +259,22 @@ def route_and_modulate(
     return out, routing_stats(probs, selected, valid, aux)
 
 
+def dora_magnitude(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+    detach_norm: bool = False,
+) -> torch.Tensor:
+    """DoRA's per-channel scale `m / ||W + s B A||_row` (Dout,), in float32 (float64 for float64 inputs).
+
+    The row norm takes gradients (to A and B) unless `detach_norm` (Hugging Face PEFT's choice).
+    """
+    dtype = compute_dtype(weight, A, B, magnitude)
+    directions = weight.to(dtype) + scaling * (B.to(dtype) @ A.to(dtype))
+    norm = torch.linalg.vector_norm(directions, dim=1)
+    if detach_norm:
+        norm = norm.detach()
+    return magnitude.to(dtype) / norm
+
+
 def lime_linear(
     adapter_input: torch.Tensor,
     base: torch.Tensor,
@@ -272,15 +288,28 @@ def lime_linear(
     valid: Optional[torch.Tensor] = None,
     jitter: Optional[torch.Tensor] = None,
     aux: str = "none",
+    channel_scale: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[RoutingStats]]:
-    """The LiME-LoRA layer on `(B, T, Din)` sequences, given `base = base_layer(x)`.
+    """The LiME layer with a low-rank adapter on `(B, T, Din)` sequences, given the frozen output.
 
     `adapter_input` is `dropout(x)` in training with dropout, else `x` itself: the caller draws the
     dropout mask (after the jitter), so that every backend sees the same random numbers.
-    `delta = scaling * adapter_input @ A.T @ B.T` in float32 (float64 for float64 inputs); the rest
-    is `route_and_modulate`.
+    `delta = scaling * adapter_input @ A.T @ B.T` in float32 (float64 for float64 inputs).
+
+    LoRA, LoRA-FA, SliceFine (A = the trainable rows, B = their place among the outputs) and the
+    embedding variant pass `base = base_layer(x)`. DoRA passes the frozen product without bias as
+    `base`, its `channel_scale` (see `dora_magnitude`) and the `bias`:
+    `base' = channel_scale * base + bias` (in the activation dtype), `delta' = channel_scale * delta`.
+    The rest is `route_and_modulate(base', delta')`.
     """
     dtype = compute_dtype(adapter_input, A, B)
     down = adapter_input.to(dtype) @ A.to(dtype).t()
     delta = scaling * (down @ B.to(dtype).t())
+    if channel_scale is not None:
+        scaled = channel_scale.to(dtype) * base.to(dtype)
+        if bias is not None:
+            scaled = scaled + bias.to(dtype)
+        base = scaled.to(base.dtype)
+        delta = channel_scale.to(dtype) * delta
     return route_and_modulate(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, aux)

@@ -64,12 +64,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_triton_backend_refuses_what_it_cannot_fuse():
-    class ScaledLinear(torch.nn.Linear):
-        def forward(self, x):
-            return 2 * super().forward(x)
-
-    for layer, reason in [(LiMELinear(ScaledLinear(8, 16), backend="triton"), "not a plain nn.Linear"),
-                          (LiMELinear(torch.nn.Linear(8, 200), rank=129, backend="triton"), "rank=129"),
+    for layer, reason in [(LiMELinear(torch.nn.Linear(8, 200), rank=129, backend="triton"), "rank=129"),
                           (LiMELinear(torch.nn.Linear(8, 200), num_experts=65, backend="triton"), "num_experts=65")]:
         with pytest.raises(ValueError, match=reason):
             layer.resolve_backend(torch.randn(2, 8))

@@ -13,6 +13,15 @@ import pytest
 import torch
 from conftest import SELECTIONS, make_layer, padding_mask
 
+from lime_kernels import (
+    LiMEDoRALinear,
+    LiMEEmbedding,
+    LiMELinear,
+    LiMELoRAFALinear,
+    LiMEPromptEncoder,
+    LiMESliceFineLinear,
+)
+
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRETER
 pytestmark = pytest.mark.skipif(not (INTERPRETER or CUDA), reason="needs a CUDA device or TRITON_INTERPRET=1")
@@ -196,20 +205,31 @@ def test_fused_under_non_reentrant_checkpointing():
 
 def test_fused_op_registration_opcheck():
     """torch.library.opcheck: schema, fake implementation and autograd registration agree."""
-    from lime_kernels.fused.op import fused_linear
+    from lime_kernels.fused.op import fused_lime
 
     torch.manual_seed(0)
     tokens, d_in, d_out, rank, experts = 12, 16, 20, 2, 4
-    args = (
-        torch.randn(tokens, d_in, device=DEVICE, requires_grad=True), None, torch.randn(d_out, d_in, device=DEVICE),
-        torch.randn(d_out, device=DEVICE), torch.randn(rank, d_in, device=DEVICE, requires_grad=True),
-        torch.randn(d_out, rank, device=DEVICE, requires_grad=True),
-        torch.rand(experts, d_out, device=DEVICE, requires_grad=True),
-        torch.randn(d_out, device=DEVICE, requires_grad=True), torch.full((1,), 0.5, device=DEVICE, requires_grad=True),
-        torch.tensor([True] * 10 + [False] * 2, device=DEVICE), None,
-        6, 8.0, 1, 0.5, 0.7, "cosine", "token", 2, "window", 0, 0.5, 0.5, True,
-    )
-    torch.library.opcheck(fused_linear, args)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEVICE) * scale).requires_grad_(True)
+
+    valid = torch.tensor([True] * 10 + [False] * 2, device=DEVICE)
+    options = (6, 0, 8.0, 1, 0.5, 0.7, "cosine", "token", 2, "window", 0, 0.5, 0.5, True)
+    weight, bias = torch.randn(d_out, d_in, device=DEVICE), torch.randn(d_out, device=DEVICE)
+    experts_args = (torch.rand(experts, d_out, device=DEVICE, requires_grad=True), leaf(d_out),
+                    torch.full((1,), 0.5, device=DEVICE, requires_grad=True))
+    cases = {
+        "lora": (leaf(tokens, d_in), None, weight, bias, None, None, leaf(rank, d_in), leaf(d_out, rank),
+                 *experts_args, None, valid, None),
+        "dora": (leaf(tokens, d_in), None, weight, bias, None, None, leaf(rank, d_in), leaf(d_out, rank),
+                 *experts_args, (1 + 0.1 * torch.randn(d_out, device=DEVICE)).requires_grad_(True), valid, None),
+        "given base": (None, leaf(tokens, d_in), None, None, leaf(tokens, d_out), None, leaf(rank, d_in),
+                       leaf(d_out, rank), *experts_args, None, valid, None),
+        "given z": (None, None, None, None, leaf(tokens, d_out), torch.randn(tokens, rank, device=DEVICE), None,
+                    leaf(d_out, rank), *experts_args, None, None, None),
+    }
+    for name, args in cases.items():
+        torch.library.opcheck(fused_lime, args + options)
 
 
 def test_fused_compiles_without_graph_breaks():
@@ -222,8 +242,9 @@ def test_fused_compiles_without_graph_breaks():
     x = torch.randn(2, 9, 40, device=DEVICE)
 
     def function(x, A, B, LiMEs, shared, gamma):
-        out, probs_sum, _, _ = fused_lime_linear(x, None, fused.linear.weight, fused.linear.bias, A, B, LiMEs, shared,
-                                                 gamma, options, 8.0, None, None)
+        out, probs_sum, _, _ = fused_lime_linear(
+            x=x, adapter_input=None, weight=fused.linear.weight, bias=fused.linear.bias, base=None, A=A, B=B,
+            LiMEs=LiMEs, LiME_shared=shared, gamma=gamma, options=options, scaling=8.0, valid=None, jitter=None)
         return out.square().sum() + probs_sum.square().sum()
 
     params = [fused.A, fused.B, fused.LiMEs, fused.LiME_shared, fused.gamma]
@@ -264,3 +285,131 @@ def test_tiny_llava_onevision_trains_the_same_on_both_backends():
     assert losses_f[-1] < losses_f[0]
     for name in grads_r:
         _close(f"grad {name}", grads_f[name], grads_r[name], torch.float32)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """A linear layer with its own forward: the fused path takes its output as given (like bitsandbytes')."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+def _variant_pair(dtype, build, seed=0):
+    torch.manual_seed(seed)
+    reference = build("reference").to(DEVICE)
+    fused = build("triton").to(DEVICE)
+    fused.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        for layer in (reference, fused):
+            torch.manual_seed(seed + 1)
+            for name, parameter in layer.named_parameters():
+                if name in ("B", "m", "part_T", "gamma"):
+                    parameter.add_(0.3 * torch.randn_like(parameter))
+    return reference, fused
+
+
+VARIANTS = {
+    "lora_fa": lambda backend, dtype: LiMELoRAFALinear(torch.nn.Linear(40, 70, dtype=dtype), num_experts=4, n_gram=2,
+                                                       backend=backend),
+    "dora": lambda backend, dtype: LiMEDoRALinear(torch.nn.Linear(40, 70, dtype=dtype), num_experts=4, router="maxabs",
+                                                  backend=backend),
+    "dora_detached": lambda backend, dtype: LiMEDoRALinear(torch.nn.Linear(40, 70, dtype=dtype), num_experts=3,
+                                                           dora_detach_norm=True, dropout=0.2, backend=backend),
+    "slicefine_e2_r3": lambda backend, dtype: LiMESliceFineLinear(torch.nn.Linear(40, 70, dtype=dtype), num_experts=2,
+                                                                  rank=3, backend=backend),
+    "slicefine_e4_r2": lambda backend, dtype: LiMESliceFineLinear(torch.nn.Linear(40, 70, dtype=dtype), num_experts=4,
+                                                                  rank=2, rep_mode="mean", backend=backend),
+    "given_base": lambda backend, dtype: LiMELinear(_ScaledLinear(40, 70, dtype=dtype), num_experts=4, dropout=0.1,
+                                                    backend=backend),
+    "given_base_dora": lambda backend, dtype: LiMEDoRALinear(_ScaledLinear(40, 70, dtype=dtype), num_experts=4,
+                                                             backend=backend),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_variants_match_the_reference(variant):
+    for dtype in DTYPES:
+        reference, fused = _variant_pair(dtype, lambda backend: VARIANTS[variant](backend, dtype))
+        x = torch.randn(3, 29, 40, device=DEVICE, dtype=dtype)
+        run_both(reference, fused, x, padding_mask("left", 3, 29).to(DEVICE), dtype=dtype)
+
+
+def test_fused_embedding_matches_the_reference():
+    for dtype in DTYPES:
+        def build(backend):
+            return LiMEEmbedding(torch.nn.Embedding(50, 70, dtype=dtype), num_experts=4, n_gram=3, pad_token_id=0,
+                                 backend=backend)
+
+        reference, fused = _variant_pair(dtype, build)
+        ids = torch.randint(1, 50, (3, 21), device=DEVICE)
+        ids[1, :5] = 0
+        results = []
+        for layer in (reference, fused):
+            layer.train().zero_grad()
+            torch.manual_seed(5)
+            out = layer(ids)
+            (out.float().square().sum() + layer.last_stats.importance).backward()
+            results.append((out, layer.B.grad.clone(), layer.A.grad.clone(), layer.LiMEs.grad.clone()))
+        for name, fused_value, reference_value in zip(("output", "dB", "dA", "dLiMEs"), results[1], results[0]):
+            _close(name, fused_value, reference_value, dtype)
+        assert torch.equal(results[1][0][ids == 0], fused.embedding(ids)[ids == 0])
+
+
+def test_fused_prompt_encoder_matches_the_reference():
+    """Prompts: the frozen bank plus the inputs' mean is given to the op (and takes a gradient back
+    to the inputs), z is the one-hot of the virtual token and B the prompt deltas."""
+    for dtype in DTYPES:
+        def build(backend):
+            return LiMEPromptEncoder(6, 70, num_experts=4, n_gram=2, router="maxabs", backend=backend, device=DEVICE)
+
+        reference, fused = _variant_pair(dtype, build)
+        with torch.no_grad():
+            for layer in (reference, fused):
+                torch.manual_seed(2)
+                layer.prompt_delta.normal_()
+        embeds = torch.randn(3, 11, 70, device=DEVICE, dtype=dtype)
+        mask = padding_mask("right", 3, 11).to(DEVICE)
+        results = []
+        for layer in (reference, fused):
+            layer.train().zero_grad()
+            inputs = embeds.clone().requires_grad_(True)
+            torch.manual_seed(5)
+            prompts = layer(inputs, mask)
+            (prompts.float().square().sum() + layer.last_stats.kl_uniform).backward()
+            results.append((prompts, inputs.grad, layer.prompt_delta.grad.clone(), layer.LiMEs.grad.clone(),
+                            layer.gamma.grad.clone()))
+        for name, fused_value, reference_value in zip(("prompts", "d inputs", "d prompt_delta", "dLiMEs", "dgamma"),
+                                                      results[1], results[0]):
+            _close(name, fused_value, reference_value, dtype)
+
+
+@pytest.mark.parametrize("variant", ["dora", "slicefine", "embedding", "prompt"])
+def test_tiny_llava_onevision_variants_train_the_same_on_both_backends(variant):
+    import lime
+    import lime.prompt_tuning
+    from lime.tiny import build_tiny_llava_onevision
+    from llava_helpers import README_TARGETS, make_batch
+
+    runs = []
+    for backend in ("reference", "triton"):
+        model, processor = build_tiny_llava_onevision(seed=0)
+        if variant == "prompt":
+            lime.prompt_tuning.apply_peft(model, num_virtual_tokens=4, backend=backend)
+        elif variant == "embedding":
+            lime.apply_peft(model, targets=README_TARGETS + ["embed_tokens"], tokenizer=processor.tokenizer,
+                            backend=backend)
+        else:
+            lime.apply_peft(model, targets=README_TARGETS, peft=variant, backend=backend)
+        model.to(DEVICE).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        batch = make_batch(processor, ["What is shown?", "Which option is correct? A B C D"], ["a cat", "B"]).to(DEVICE)
+        torch.manual_seed(7)
+        losses = []
+        for step in range(3):
+            optimizer.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append(losses)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4), runs

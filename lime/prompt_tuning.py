@@ -1,0 +1,145 @@
+"""LiME prompt tuning: routed soft prompts prepended to a frozen model's input embeddings.
+
+`apply_peft(model, num_virtual_tokens=20, ...)` attaches a `lime_kernels.LiMEPromptEncoder` as
+`model.lime_prompt_encoder` and a forward pre-hook on the model. On each call that starts a sequence
+(no cache yet) the hook embeds `input_ids`, computes the prompts from them, and passes
+`inputs_embeds = [prompts, embeddings]`; on every call it prepends ones to the `attention_mask`
+(the prompts are always attended, also from a cache), -100 to the `labels` (no loss on the prompts)
+and shifts given `position_ids`. `generate()` works, with or without a cache.
+
+Multimodal models find their image and video placeholders in `inputs_embeds` (Hugging Face
+LLaVA-OneVision does), so the prompts go in front of the merged sequence.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from lime_kernels import LiMEPromptEncoder
+
+
+class PromptInjector:
+    """The forward pre-hook: prepends the prompts, extends the mask, the labels and the positions."""
+
+    def __init__(self, model: nn.Module, encoder: LiMEPromptEncoder):
+        self.encoder = encoder
+        self.embed = model.get_input_embeddings
+        self.signature = inspect.signature(model.forward)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        call = dict(self.signature.bind_partial(*args, **kwargs).arguments)
+        call.update(call.pop("kwargs", {}))
+        virtual = self.encoder.num_virtual_tokens
+        cache = call.get("past_key_values")
+        starting = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
+        mask = call.get("attention_mask")
+        if starting:
+            embeds = call.get("inputs_embeds")
+            if embeds is None:
+                if call.get("input_ids") is None:
+                    raise ValueError("LiME prompt tuning needs input_ids or inputs_embeds")
+                embeds = self.embed()(call["input_ids"])
+            prompts = self.encoder(embeds, mask)
+            call["inputs_embeds"] = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
+            call["input_ids"] = None
+            labels = call.get("labels")
+            if labels is not None:
+                ignored = labels.new_full((labels.shape[0], virtual), -100)
+                call["labels"] = torch.cat([ignored, labels], dim=1)
+        batch = call["inputs_embeds"].shape[0] if starting else self._batch(call)
+        if mask is not None:
+            call["attention_mask"] = torch.cat([mask.new_ones(batch, virtual), mask], dim=1)
+        positions = call.get("position_ids")
+        if positions is not None:
+            if call.get("attention_mask") is not None:
+                # As generate derives them: the count of attended positions so far, minus one.
+                full = (call["attention_mask"].long().cumsum(dim=1) - 1).clamp_min(0)
+                new_tokens = call["inputs_embeds"].shape[1] if starting else positions.shape[1]
+                call["position_ids"] = full[:, -new_tokens:]
+            else:
+                shifted = positions + virtual
+                call["position_ids"] = (
+                    torch.cat([torch.arange(virtual, device=positions.device).expand(batch, -1), shifted], dim=1)
+                    if starting else shifted
+                )
+        return (), call
+
+    @staticmethod
+    def _batch(call: dict) -> int:
+        for name in ("input_ids", "inputs_embeds", "attention_mask"):
+            if call.get(name) is not None:
+                return call[name].shape[0]
+        raise ValueError("LiME prompt tuning cannot tell the batch size of this call")
+
+
+def apply_peft(
+    model: nn.Module,
+    num_virtual_tokens: int = 20,
+    num_experts: int = 4,
+    top_k: int = 1,
+    temperature: float = 0.5,
+    use_shared_LiME: bool = True,
+    track_aux: bool = True,
+    rep_mode: str = "token",
+    jitter_noise: float = 0.1,
+    n_gram: int = 1,
+    LiME_init_std: float = 0.1,
+    gamma_routing: float = 0.7,
+    soft_topk: bool = True,
+    soft_topk_temperature: float = 0.5,
+    auto_topk: bool = True,
+    auto_topk_threshold: float = 0.5,
+    peft_dtype: Optional[torch.dtype] = None,
+    moe_dtype: Optional[torch.dtype] = None,
+    sparse_mode: bool = False,
+    router: str = "cosine",
+    ngram_mode: str = "window",
+    backend: str = "auto",
+    input_conditioned: bool = True,
+    init_token_ids: Optional[Sequence[int]] = None,
+    tokenizer=None,
+    init_text: Optional[str] = None,
+) -> nn.Module:
+    """Freeze `model` and give it LiME prompt tuning (see the module's docstring); returns the model.
+
+    The hidden size comes from `model.get_input_embeddings()`. The frozen prompt bank starts
+    random (normal, std 0.02), or copies the embeddings of `init_token_ids`, or of `init_text`
+    tokenized by `tokenizer` (cycled to `num_virtual_tokens`). The routing keywords are
+    `lime.apply_peft`'s.
+    """
+    if getattr(model, "lime_prompt_encoder", None) is not None:
+        raise ValueError(f"{type(model).__name__} already has LiME prompt tuning")
+    embeddings = model.get_input_embeddings()
+    if not isinstance(embeddings, nn.Embedding):
+        raise ValueError(f"prompt tuning needs an nn.Embedding input embedding; got {type(embeddings).__name__}")
+    if init_text is not None:
+        if tokenizer is None:
+            raise ValueError("init_text needs a tokenizer")
+        init_token_ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
+    init = None
+    if init_token_ids is not None:
+        ids = list(init_token_ids)
+        if not ids:
+            raise ValueError("init_token_ids / init_text gave no token")
+        bad = [i for i in ids if not 0 <= i < embeddings.num_embeddings]
+        if bad:
+            raise ValueError(f"init_token_ids out of the vocabulary (size {embeddings.num_embeddings}): {bad[:5]}")
+        index = torch.tensor([ids[i % len(ids)] for i in range(num_virtual_tokens)], device=embeddings.weight.device)
+        init = embeddings.weight.detach()[index]
+    encoder = LiMEPromptEncoder(
+        num_virtual_tokens, embeddings.embedding_dim, num_experts=num_experts, top_k=top_k, temperature=temperature,
+        use_shared_LiME=use_shared_LiME, track_aux=track_aux, rep_mode=rep_mode, jitter_noise=jitter_noise,
+        n_gram=n_gram, LiME_init_std=LiME_init_std, gamma_routing=gamma_routing, soft_topk=soft_topk,
+        soft_topk_temperature=soft_topk_temperature, auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold,
+        peft_dtype=peft_dtype, moe_dtype=moe_dtype, sparse_mode=sparse_mode, router=router, ngram_mode=ngram_mode,
+        backend=backend, input_conditioned=input_conditioned, init_embeddings=init, device=embeddings.weight.device,
+    )
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.lime_prompt_encoder = encoder
+    model.register_forward_pre_hook(PromptInjector(model, encoder), with_kwargs=True)
+    return model

@@ -1,0 +1,144 @@
+"""`LiMEPromptEncoder`: LiME prompt tuning, routed soft prompts for a sequence of input embeddings."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import reference
+from .layer import LiMEModule
+from .options import AdapterOptions, RoutingOptions
+
+
+class LiMEPromptEncoder(LiMEModule):
+    """V virtual tokens of size H: `prompts = base' + delta' * (w @ LiMEs + gamma * LiME_shared)`.
+
+    `prompt_base` (V, H) is a frozen bank (normal, std 0.02, or `init_embeddings`, e.g. chosen
+    vocabulary embeddings); `prompt_delta` (V, H) trains (zeros at init). Input-conditioned (default):
+    `base' = prompt_base + the mean of the sequence's input embeddings over its valid tokens`, so each
+    sequence gets its own prompts; else `base' = prompt_base`. Routing runs over the V virtual tokens
+    (all valid; n-gram along them) from `(base'[:E], delta'[:E])`, as in every other variant.
+    """
+
+    peft = "prompt"
+
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        hidden_size: int,
+        num_experts: int = 4,
+        top_k: int = 1,
+        temperature: float = 0.5,
+        use_shared_LiME: bool = True,
+        track_aux: bool = True,
+        rep_mode: str = "token",
+        jitter_noise: float = 0.1,
+        n_gram: int = 1,
+        LiME_init_std: float = 0.1,
+        gamma_routing: float = 0.7,
+        soft_topk: bool = True,
+        soft_topk_temperature: float = 0.5,
+        auto_topk: bool = True,
+        auto_topk_threshold: float = 0.5,
+        peft_dtype: Optional[torch.dtype] = None,
+        moe_dtype: Optional[torch.dtype] = None,
+        sparse_mode: bool = False,
+        router: str = "cosine",
+        ngram_mode: str = "window",
+        backend: str = "auto",
+        input_conditioned: bool = True,
+        init_embeddings: Optional[torch.Tensor] = None,
+        device=None,
+    ):
+        super().__init__()
+        for name, value in (("num_virtual_tokens", num_virtual_tokens), ("hidden_size", hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+        if not isinstance(input_conditioned, bool):
+            raise ValueError(f"input_conditioned must be True or False; got input_conditioned={input_conditioned!r}")
+        if init_embeddings is not None and tuple(init_embeddings.shape) != (num_virtual_tokens, hidden_size):
+            raise ValueError(
+                f"init_embeddings must have shape (num_virtual_tokens, hidden_size) = "
+                f"{(num_virtual_tokens, hidden_size)}; got {tuple(init_embeddings.shape)}"
+            )
+        routing = RoutingOptions(
+            num_experts=num_experts, top_k=top_k, temperature=temperature, gamma_routing=gamma_routing,
+            router=router, rep_mode=rep_mode, n_gram=n_gram, ngram_mode=ngram_mode,
+            jitter_noise=jitter_noise, soft_topk=soft_topk, soft_topk_temperature=soft_topk_temperature,
+            auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold, sparse_mode=sparse_mode,
+        )
+        # The prompt delta is the adapter: rank V, scaling 1 (alpha = V).
+        adapter = AdapterOptions(
+            rank=num_virtual_tokens, alpha=float(num_virtual_tokens), use_shared_LiME=use_shared_LiME,
+            LiME_init_std=LiME_init_std, track_aux=track_aux, peft_dtype=peft_dtype, moe_dtype=moe_dtype,
+            backend=backend,
+        )
+        self._init_lime(hidden_size, routing, adapter)
+        self.input_conditioned = input_conditioned
+        if init_embeddings is not None:
+            bank = init_embeddings.detach().to(device=device, dtype=torch.float32).clone()
+        else:
+            bank = torch.randn(num_virtual_tokens, hidden_size, device=device) * 0.02
+        self.register_buffer("prompt_base", bank)
+        self.prompt_delta = nn.Parameter(
+            torch.zeros(num_virtual_tokens, hidden_size, device=device, dtype=peft_dtype or torch.float32)
+        )
+        # z = one-hot of the virtual token: delta = z @ prompt_delta, the low-rank form of the op.
+        self.register_buffer("positions", torch.eye(num_virtual_tokens, device=device), persistent=False)
+        self._init_experts(hidden_size, device)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prompt_delta.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.prompt_delta.shape[1]
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """inputs_embeds (B, T, H), attention_mask (B, T) or None; returns the prompts (B, V, H)."""
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"LiMEPromptEncoder expects inputs_embeds of shape (batch, tokens, {self.hidden_size}); "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        batch = inputs_embeds.shape[0]
+        dtype = reference.compute_dtype(inputs_embeds)
+        bank = self.prompt_base.to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        if self.input_conditioned:
+            valid = self._valid_tokens(inputs_embeds, attention_mask)
+            embeds = inputs_embeds.to(dtype)
+            if valid is None:
+                context = embeds.mean(dim=1, keepdim=True)
+            else:
+                weights = valid.unsqueeze(-1).to(embeds.dtype)
+                context = (embeds * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+            bank = bank + context
+        base = bank.to(inputs_embeds.dtype)
+        positions = self.positions.unsqueeze(0).expand(batch, -1, -1)
+        jitter, _ = self._random_draws(base)
+        backend = self.resolve_backend(base)
+        if backend == "triton":
+            from .fused import fused_lime_linear
+
+            out, probs_sum, selection_counts, num_valid = fused_lime_linear(
+                x=None, adapter_input=None, weight=None, bias=None, base=base, A=None, z=positions,
+                B=self.prompt_delta.t(), LiMEs=self.LiMEs, LiME_shared=self.LiME_shared, gamma=self.gamma,
+                options=self.routing, scaling=1.0, valid=None, jitter=jitter, deterministic=self.deterministic,
+            )
+            self.last_stats = reference.balance_statistics(probs_sum, selection_counts, num_valid, self._aux_mode())
+            return out
+        delta = self.prompt_delta.to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        out, self.last_stats = reference.route_and_modulate(
+            base, delta, self.LiMEs, self.LiME_shared, self.gamma, self.routing, None, jitter, self._aux_mode()
+        )
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_virtual_tokens={self.num_virtual_tokens}, hidden_size={self.hidden_size}, "
+            f"experts={self.routing.num_experts}, input_conditioned={self.input_conditioned}, "
+            f"selection={self.routing.selection}"
+        )
