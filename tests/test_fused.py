@@ -383,7 +383,7 @@ def test_fused_prompt_encoder_matches_the_reference():
             _close(name, fused_value, reference_value, dtype)
 
 
-@pytest.mark.parametrize("variant", ["dora", "slicefine", "embedding", "prompt"])
+@pytest.mark.parametrize("variant", ["dora", "lora_fa", "slicefine", "embedding", "prompt"])
 def test_tiny_llava_onevision_variants_train_the_same_on_both_backends(variant):
     import lime
     import lime.prompt_tuning
@@ -413,3 +413,29 @@ def test_tiny_llava_onevision_variants_train_the_same_on_both_backends(variant):
             losses.append(loss.item())
         runs.append(losses)
     assert runs[1] == pytest.approx(runs[0], rel=1e-4), runs
+
+
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_fused_on_quantized_bases(kind):
+    """bitsandbytes computes the frozen output; the fused op takes it as given (CPU: the interpreter)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for dtype in (torch.float32,):
+        def build(backend):
+            torch.manual_seed(0)
+            if kind == "8bit":
+                base = bnb.nn.Linear8bitLt(40, 70, has_fp16_weights=False)
+            else:
+                base = bnb.nn.Linear4bit(40, 70, compute_dtype=dtype, quant_type="nf4")
+            base = base.to(DEVICE)
+            base(torch.zeros(1, 40, device=DEVICE, dtype=dtype))  # quantizes an 8-bit layer
+            return LiMEDoRALinear(base, num_experts=4, backend=backend) if kind == "4bit" else LiMELinear(
+                base, num_experts=4, n_gram=2, backend=backend)
+
+        # Both built from the same seed (a quantized state dict does not load into a fresh layer).
+        reference, fused = build("reference"), build("triton")
+        for layer in (reference, fused):
+            torch.manual_seed(1)
+            with torch.no_grad():
+                layer.B.normal_(0, 0.3)
+        x = torch.randn(3, 29, 40, device=DEVICE, dtype=dtype)
+        run_both(reference, fused, x, padding_mask("left", 3, 29).to(DEVICE), dtype=dtype)
