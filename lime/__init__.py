@@ -1,9 +1,10 @@
 """LiME: Lightweight Mixture of Experts for parameter-efficient multi-task fine-tuning.
 
-`apply_peft` wraps a model's linear layers with `lime_kernels.LiMELinear`; the helpers below
-read and steer every wrapped layer of a model at once.
+`apply_peft` wraps a model's layers with LiME (`lime_kernels`); the helpers read and steer every
+wrapped layer of a model at once; `LiMETrainer` trains it; `save_adapter` / `load_adapter` ship it.
 """
 
+from .adapter import load_adapter, save_adapter
 from .balance import clear_aux, compute_balance_loss, get_expert_usage_stats
 from .config import LiMEConfig
 from .injection import apply_peft, lime_layers
@@ -17,16 +18,21 @@ from .switches import (
     set_temperature,
     set_track_aux,
 )
+from .trainer import LiMEArguments, LiMETrainer
 
 __all__ = [
+    "LiMEArguments",
     "LiMEConfig",
+    "LiMETrainer",
     "apply_peft",
     "clear_aux",
     "compute_balance_loss",
     "get_expert_usage_stats",
     "lime_layers",
     "lime_summary",
+    "load_adapter",
     "print_lime_summary",
+    "save_adapter",
     "set_auto_topk",
     "set_gamma_routing",
     "set_jitter",

@@ -129,6 +129,14 @@ def _tied_with_a_linear(embedding: nn.Embedding, model: nn.Module) -> Optional[s
     return None
 
 
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter that is not a LiME layer's own (its frozen base included)."""
+    lime_parameters = {id(p) for _, layer in lime_layers(model) for p in layer.parameters(recurse=False)}
+    for parameter in model.parameters():
+        if id(parameter) not in lime_parameters:
+            parameter.requires_grad_(False)
+
+
 def _install_mask_scopes(model: nn.Module) -> None:
     """Give every LiME layer the scope of its nearest owner (the model or a PreTrainedModel)."""
     scopes: Dict[int, MaskScope] = getattr(model, "_lime_mask_scopes", None)
@@ -249,8 +257,7 @@ def apply_peft(
         )
 
     # Validated: from here on the model is changed.
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    freeze_base(model)
 
     layer_kwargs = config.layer_kwargs()
     wrapped: Dict[int, LiMEModule] = {}

@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from lime_kernels import LiMEPromptEncoder
 
+from .injection import freeze_base
+
 
 class PromptInjector:
     """The forward pre-hook: prepends the prompts, extends the mask, the labels and the positions."""
@@ -111,8 +113,6 @@ def apply_peft(
     tokenized by `tokenizer` (cycled to `num_virtual_tokens`). The routing keywords are
     `lime.apply_peft`'s.
     """
-    if getattr(model, "lime_prompt_encoder", None) is not None:
-        raise ValueError(f"{type(model).__name__} already has LiME prompt tuning")
     embeddings = model.get_input_embeddings()
     if not isinstance(embeddings, nn.Embedding):
         raise ValueError(f"prompt tuning needs an nn.Embedding input embedding; got {type(embeddings).__name__}")
@@ -138,8 +138,20 @@ def apply_peft(
         peft_dtype=peft_dtype, moe_dtype=moe_dtype, sparse_mode=sparse_mode, router=router, ngram_mode=ngram_mode,
         backend=backend, input_conditioned=input_conditioned, init_embeddings=init, device=embeddings.weight.device,
     )
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    return attach_prompt_encoder(model, encoder)
+
+
+def attach_prompt_encoder(model: nn.Module, encoder: LiMEPromptEncoder) -> nn.Module:
+    """Freeze `model`, make `encoder` its `lime_prompt_encoder` and hook it into the model's forward."""
+    if getattr(model, "lime_prompt_encoder", None) is not None:
+        raise ValueError(f"{type(model).__name__} already has LiME prompt tuning")
+    embeddings = model.get_input_embeddings()
+    if encoder.hidden_size != embeddings.embedding_dim:
+        raise ValueError(
+            f"the prompt encoder's hidden size {encoder.hidden_size} does not match the model's input embeddings "
+            f"({embeddings.embedding_dim})"
+        )
+    freeze_base(model)
     model.lime_prompt_encoder = encoder
     model.register_forward_pre_hook(PromptInjector(model, encoder), with_kwargs=True)
     return model

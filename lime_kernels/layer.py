@@ -27,6 +27,11 @@ MAX_FUSED_RANK = 128
 MAX_FUSED_EXPERTS = 64
 
 
+def full_precision(device: torch.device):
+    """LiME's own math runs in float32 (or float64) whatever autocast would make of it."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
 def triton_interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -200,11 +205,13 @@ class LiMEModule(nn.Module):
             self.last_stats = reference.balance_statistics(probs_sum, selection_counts, num_valid, self._aux_mode())
             return out
         compute = _compiled_reference() if self.compiled else reference.lime_linear
-        out, self.last_stats = compute(
-            adapter_input if adapter_input is not None else x, frozen(), A, B, self.LiMEs, self.LiME_shared,
-            self.gamma, self.routing, scaling, valid=valid, jitter=jitter, aux=self._aux_mode(),
-            channel_scale=channel_scale, bias=bias if channel_scale is not None else None,
-        )
+        frozen_output = frozen()  # under autocast, as the base layer would run
+        with full_precision(frozen_output.device):
+            out, self.last_stats = compute(
+                adapter_input if adapter_input is not None else x, frozen_output, A, B, self.LiMEs, self.LiME_shared,
+                self.gamma, self.routing, scaling, valid=valid, jitter=jitter, aux=self._aux_mode(),
+                channel_scale=channel_scale, bias=bias if channel_scale is not None else None,
+            )
         return out
 
 
@@ -331,12 +338,15 @@ class LiMELinear(LiMEModule):
         jitter, dropped = self._random_draws(sequences)
         A, B, scaling = self.adapter_factors()
         backend = self.resolve_backend(x)
-        fused_computes_base = backend == "triton" and self._plain_linear()
+        # Under autocast the frozen layer runs as autocast makes it (its output is then given).
+        fused_computes_base = backend == "triton" and self._plain_linear() and not torch.is_autocast_enabled(x.device.type)
+        with full_precision(x.device):
+            channel_scale = self.channel_scale()
         out = self._modulate(
             backend=backend, x=sequences, adapter_input=dropped, A=A, B=B, scaling=scaling, valid=valid,
             jitter=jitter, frozen=lambda: self._frozen_output(sequences),
             weight=self.linear.weight if fused_computes_base else None, bias=self.linear.bias,
-            channel_scale=self.channel_scale(), sliced_rows=self._sliced_rows(),
+            channel_scale=channel_scale, sliced_rows=self._sliced_rows(),
         )
         return out.reshape(*x.shape[:-1], self.out_features)
 

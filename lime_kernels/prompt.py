@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .layer import LiMEModule
+from .layer import LiMEModule, full_precision
 from .options import AdapterOptions, RoutingOptions
 
 
@@ -131,9 +131,10 @@ class LiMEPromptEncoder(LiMEModule):
             self.last_stats = reference.balance_statistics(probs_sum, selection_counts, num_valid, self._aux_mode())
             return out
         delta = self.prompt_delta.to(dtype).unsqueeze(0).expand(batch, -1, -1)
-        out, self.last_stats = reference.route_and_modulate(
-            base, delta, self.LiMEs, self.LiME_shared, self.gamma, self.routing, None, jitter, self._aux_mode()
-        )
+        with full_precision(base.device):
+            out, self.last_stats = reference.route_and_modulate(
+                base, delta, self.LiMEs, self.LiME_shared, self.gamma, self.routing, None, jitter, self._aux_mode()
+            )
         return out
 
     def extra_repr(self) -> str:

@@ -40,3 +40,41 @@ def make_batch(processor, questions, answers=None, padding_side="right"):
     if answers is not None:
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     return batch
+
+
+QUESTIONS = [
+    ("What is shown?", "a cat"), ("How many objects are there?", "3"), ("What color is the image?", "red"),
+    ("Which option is correct? A B C D", "B"), ("Describe the motion", "still"), ("Is it a dog?", "no"),
+    ("Count the cubes", "2"), ("What is in the sky?", "a bird"),
+]
+
+
+class TinyConversations(torch.utils.data.Dataset):
+    """Image questions with short answers (each sample has its own image)."""
+
+    def __init__(self, size=8):
+        self.samples = [(QUESTIONS[i % len(QUESTIONS)][0], QUESTIONS[i % len(QUESTIONS)][1], i) for i in range(size)]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        question, answer, seed = self.samples[index]
+        return {"question": question, "answer": answer, "seed": seed}
+
+
+class TinyCollator:
+    """Right-padded batches with labels on the whole conversation except padding."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, samples):
+        texts = [self.processor.apply_chat_template([
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s["question"]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": s["answer"]}]}]) for s in samples]
+        images = [image(s["seed"], 24 + 8 * (s["seed"] % 3), 40 - 6 * (s["seed"] % 2)) for s in samples]
+        self.processor.tokenizer.padding_side = "right"
+        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch

@@ -1,0 +1,256 @@
+"""Save and load LiME adapters: only LiME's tensors (safetensors) and a JSON config.
+
+    save_adapter(model, "adapter/")           # adapter_config.json + adapter_model.safetensors
+    model = load_adapter(fresh_base_model, "adapter/")
+
+The config records every LiME layer by its qualified name: its class (the PEFT variant), the shape
+of the layer it wraps and every hyperparameter, so `load_adapter` re-creates the same layers on a
+fresh base model and the outputs are bit-identical. A save is written to a temporary directory and
+renamed into place, so a save that fails half-way never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict
+from typing import Dict, Tuple
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from lime_kernels import (
+    LiMEDoRALinear,
+    LiMEEmbedding,
+    LiMELinear,
+    LiMELoRAFALinear,
+    LiMEModule,
+    LiMEPromptEncoder,
+    LiMESliceFineLinear,
+)
+from lime_kernels.options import AdapterOptions
+
+from .config import LiMEConfig, _dtype_from_name, _dtype_name
+from .injection import _install_mask_scopes, freeze_base, lime_layers
+from .prompt_tuning import attach_prompt_encoder
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Where LiMETrainer's checkpoints and `save_model` put the adapter, inside their output directory.
+TRAINER_ADAPTER_DIR = "lime_adapter"
+FORMAT = "lime-adapter"
+VERSION = 1
+
+LINEAR_CLASSES = {cls.__name__: cls for cls in (LiMELinear, LiMELoRAFALinear, LiMEDoRALinear, LiMESliceFineLinear)}
+
+
+def _adapter_options(options: AdapterOptions) -> dict:
+    record = asdict(options)
+    for name in ("peft_dtype", "moe_dtype"):
+        record[name] = _dtype_name(record[name])
+    return record
+
+
+def _layer_record(layer: LiMEModule) -> dict:
+    record = {"class": type(layer).__name__, "peft": layer.peft, "routing": asdict(layer.routing),
+              "adapter": _adapter_options(layer.adapter)}
+    if isinstance(layer, LiMELinear):
+        record["base"] = {"type": type(layer.linear).__name__, "in_features": layer.in_features,
+                          "out_features": layer.out_features}
+        if isinstance(layer, LiMEDoRALinear):
+            record["dora_detach_norm"] = layer.dora_detach_norm
+    elif isinstance(layer, LiMEEmbedding):
+        record["base"] = {"type": type(layer.embedding).__name__, "num_embeddings": layer.num_embeddings,
+                          "embedding_dim": layer.embedding_dim}
+        record["pad_token_id"] = layer.pad_token_id
+    else:
+        record["num_virtual_tokens"] = layer.num_virtual_tokens
+        record["hidden_size"] = layer.hidden_size
+        record["input_conditioned"] = layer.input_conditioned
+    return record
+
+
+def _own_tensors(layer: LiMEModule) -> Dict[str, torch.Tensor]:
+    """The layer's own parameters and persistent buffers (not the frozen layer it wraps)."""
+    tensors = dict(layer.named_parameters(recurse=False))
+    persistent = {name for name in layer._buffers if name not in layer._non_persistent_buffers_set}
+    tensors.update({name: buffer for name, buffer in layer.named_buffers(recurse=False) if name in persistent})
+    return tensors
+
+
+def save_adapter(model: nn.Module, directory: str) -> str:
+    """Write the LiME layers of `model` to `directory` (replaced atomically); returns the directory."""
+    layers = list(lime_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LiME layer to save")
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "lime_config": model.lime_config.to_dict() if isinstance(getattr(model, "lime_config", None), LiMEConfig) else None,
+        "layers": {name: _layer_record(layer) for name, layer in layers},
+    }
+    tensors = {f"{name}.{key}": value.detach().to("cpu", copy=True).contiguous()
+               for name, layer in layers for key, value in _own_tensors(layer).items()}
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.saving-", dir=parent)
+    try:
+        with open(os.path.join(staging, ADAPTER_CONFIG), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True)
+        safetensors.torch.save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata={"format": FORMAT})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.exists(directory):
+        retired = os.path.join(parent, f".{os.path.basename(directory)}.old-{uuid.uuid4().hex}")
+        os.rename(directory, retired)
+        os.rename(staging, directory)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staging, directory)
+    return directory
+
+
+def _adapter_directory(directory: str) -> str:
+    if os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)):
+        return directory
+    nested = os.path.join(directory, TRAINER_ADAPTER_DIR)
+    if os.path.isfile(os.path.join(nested, ADAPTER_CONFIG)):
+        return nested
+    raise FileNotFoundError(f"no LiME adapter in {directory}: neither {ADAPTER_CONFIG} nor {TRAINER_ADAPTER_DIR}/{ADAPTER_CONFIG}")
+
+
+def _options(record: dict) -> dict:
+    kwargs = dict(record["routing"])
+    adapter = dict(record["adapter"])
+    for name in ("peft_dtype", "moe_dtype"):
+        adapter[name] = _dtype_from_name(adapter[name])
+    kwargs.update(adapter)
+    return kwargs
+
+
+def _build_layer(name: str, record: dict, module: nn.Module) -> LiMEModule:
+    """A LiME layer like the saved one around `module` (its tensors are loaded afterwards)."""
+    kwargs = _options(record)
+    cls_name = record["class"]
+    base = record["base"]
+    if cls_name in LINEAR_CLASSES:
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"adapter layer {name} wraps a Linear; the model's {name} is {type(module).__name__}")
+        shape, saved = (module.in_features, module.out_features), (base["in_features"], base["out_features"])
+        if shape != saved:
+            raise ValueError(f"adapter layer {name}: (in_features, out_features) is {saved} in the adapter and {shape} in the model")
+        if cls_name == "LiMEDoRALinear":
+            kwargs["dora_detach_norm"] = record["dora_detach_norm"]
+        return LINEAR_CLASSES[cls_name](module, **kwargs)
+    if cls_name == "LiMEEmbedding":
+        if not isinstance(module, nn.Embedding):
+            raise ValueError(f"adapter layer {name} wraps an Embedding; the model's {name} is {type(module).__name__}")
+        shape, saved = (module.num_embeddings, module.embedding_dim), (base["num_embeddings"], base["embedding_dim"])
+        if shape != saved:
+            raise ValueError(f"adapter layer {name}: (num_embeddings, embedding_dim) is {saved} in the adapter and {shape} in the model")
+        return LiMEEmbedding(module, pad_token_id=record["pad_token_id"], peft=record["peft"], **kwargs)
+    raise ValueError(f"adapter layer {name}: unknown class {cls_name!r}")
+
+
+def _check_tensors(name: str, layer: LiMEModule, tensors: Dict[str, torch.Tensor]) -> None:
+    own = _own_tensors(layer)
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"adapter layer {name}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(
+                f"adapter tensor {name}.{key} has shape {tuple(value.shape)} in the adapter and "
+                f"{tuple(own[key].shape)} in the model"
+            )
+
+
+def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+    """Re-create the saved LiME layers on `model` (a fresh base model, or one already holding the
+    same layers) and load their tensors; returns the model. `directory` is a `save_adapter`
+    directory or a LiMETrainer output / checkpoint directory.
+
+    Every mismatch is a ValueError before the model is changed: a saved layer with no module at its
+    path, a module of another type or shape, a model already wrapped with another variant.
+    """
+    directory = _adapter_directory(directory)
+    with open(os.path.join(directory, ADAPTER_CONFIG), encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("format") != FORMAT or config.get("version") != VERSION:
+        raise ValueError(f"{directory} holds no LiME adapter of format {FORMAT} version {VERSION}: {config.get('format')!r} "
+                         f"version {config.get('version')!r}")
+    saved = safetensors.torch.load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+    by_layer: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in config["layers"]}
+    for key, value in saved.items():
+        owner, _, tensor_name = key.rpartition(".")
+        if owner not in by_layer:
+            raise ValueError(f"adapter tensor {key} belongs to no layer of the adapter's config")
+        by_layer[owner][tensor_name] = value
+
+    # Build everything on the side first, so that a mismatch leaves the model untouched (building a
+    # layer freezes the module it wraps: the flags are restored if anything does not fit).
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        plan = _plan(model, config, by_layer)
+    except Exception:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        raise
+
+    for name, (layer, new) in plan.items():
+        with torch.no_grad():
+            for key, value in _own_tensors(layer).items():
+                value.copy_(by_layer[name][key])
+        if not new:
+            continue
+        if isinstance(layer, LiMEPromptEncoder):
+            attach_prompt_encoder(model, layer)
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+    freeze_base(model)
+    _install_mask_scopes(model)
+    if config.get("lime_config") is not None:
+        model.lime_config = LiMEConfig.from_dict(config["lime_config"])
+    return model
+
+
+def _plan(model: nn.Module, config: dict, by_layer: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Tuple[LiMEModule, bool]]:
+    """For each saved layer: (the LiME layer to load, whether it is new), every check done."""
+    plan: Dict[str, Tuple[LiMEModule, bool]] = {}
+    for name, record in config["layers"].items():
+        if record["class"] == "LiMEPromptEncoder":
+            existing = getattr(model, "lime_prompt_encoder", None)
+            if existing is not None:
+                layer, new = existing, False
+            else:
+                device = model.get_input_embeddings().weight.device
+                layer = LiMEPromptEncoder(record["num_virtual_tokens"], record["hidden_size"],
+                                          input_conditioned=record["input_conditioned"], device=device,
+                                          **{k: v for k, v in _options(record).items()
+                                             if k not in ("rank", "alpha", "dropout")})
+                new = True
+        else:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"adapter layer {name}: {type(model).__name__} has no module at that path") from None
+            if isinstance(module, LiMEModule):
+                if type(module).__name__ != record["class"] or module.peft != record["peft"]:
+                    raise ValueError(
+                        f"adapter layer {name} is a {record['class']} (peft={record['peft']!r}); the model's is a "
+                        f"{type(module).__name__} (peft={module.peft!r})"
+                    )
+                layer, new = module, False
+            else:
+                layer, new = _build_layer(name, record, module), True
+        _check_tensors(name, layer, by_layer[name])
+        plan[name] = (layer, new)
+    return plan

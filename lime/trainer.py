@@ -1,0 +1,202 @@
+"""`LiMETrainer` / `LiMEArguments`: Hugging Face's Trainer, trained the way the LiME paper trains.
+
+- Two learning rates: the expert vectors, the shared vector and its scale (`moe_lr`, no weight
+  decay) and the adapter's weights (`peft_lr`, `weight_decay`), with any optimizer the Trainer
+  offers (`optim="adamw_bnb_8bit"` included).
+- The balance loss `importance_coef * importance + kl_coef * kl_uniform` (means over the LiME layers)
+  is added on every `balance_every_n_steps`-th optimizer step (every micro-batch of that step); on
+  the other steps the layers skip their statistics, so those cost nothing.
+- The Trainer's logs (hence `report_to`) get the task loss, the balance terms, the entropy of the
+  expert usage, its imbalance ratio and AutoTop-K's mean number of active experts.
+- Checkpoints and `save_model` hold the LiME adapter (`lime_adapter/` inside the output directory,
+  see `lime.save_adapter`), and `resume_from_checkpoint` reloads it: resuming continues exactly.
+- Multi-device: run under `torchrun` / `accelerate launch` (DDP). Each rank adds the balance loss of
+  its own batch; DDP averages the gradients, so the effective balance term is the mean over ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from transformers import Trainer, TrainingArguments
+
+from .adapter import TRAINER_ADAPTER_DIR, load_adapter, save_adapter
+from .balance import compute_balance_loss
+from .injection import lime_layers
+from .summary import MOE_PARAMETERS, PEFT_PARAMETERS
+from .switches import set_track_aux
+
+
+@dataclass
+class LiMEArguments(TrainingArguments):
+    """TrainingArguments plus LiME's (defaults: the LiME README's)."""
+
+    moe_lr: float = field(default=1e-3, metadata={"help": "learning rate of LiMEs, LiME_shared and gamma (no weight decay)"})
+    peft_lr: float = field(default=4e-4, metadata={"help": "learning rate of the adapter's weights (A, B, m, part_T, prompt_delta)"})
+    importance_coef: float = field(default=0.1, metadata={"help": "weight of the importance (squared coefficient of variation) loss"})
+    kl_coef: float = field(default=0.01, metadata={"help": "weight of the KL divergence of expert usage to uniform"})
+    balance_every_n_steps: int = field(default=50, metadata={"help": "add the balance loss on every n-th optimizer step"})
+
+    def __post_init__(self):
+        for name in ("moe_lr", "peft_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number; got {name}={value!r}")
+        for name in ("importance_coef", "kl_coef"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0; got {name}={value!r}")
+        steps = self.balance_every_n_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"balance_every_n_steps must be an integer >= 1; got balance_every_n_steps={steps!r}")
+        super().__post_init__()
+
+
+# The logged LiME metrics, averaged over the balance micro-batches since the last log.
+METRICS = ("task_loss", "balance_loss", "lime/importance", "lime/kl_uniform", "lime/load", "lime/usage_entropy",
+           "lime/imbalance_ratio", "lime/active_experts")
+
+
+class LiMETrainer(Trainer):
+    """Trainer for a model wrapped by `lime.apply_peft` (or `lime.prompt_tuning.apply_peft`).
+
+    Takes `LiMEArguments`; everything else is the Trainer's (`processing_class`, data collator, ...);
+    `tokenizer=` (the original LiME README's call) is taken as `processing_class`.
+    """
+
+    def __init__(self, model: nn.Module = None, args: LiMEArguments = None, **kwargs):
+        # The original LiME README passes `tokenizer=`; transformers 5 calls it `processing_class`.
+        if "tokenizer" in kwargs:
+            if kwargs.get("processing_class") is not None:
+                raise ValueError("give either tokenizer or processing_class, not both")
+            kwargs["processing_class"] = kwargs.pop("tokenizer")
+        if args is not None and not isinstance(args, LiMEArguments):
+            raise ValueError(f"LiMETrainer takes LiMEArguments; got {type(args).__name__}")
+        if model is not None and not any(True for _ in lime_layers(model)):
+            raise ValueError(f"{type(model).__name__} has no LiME layer; call lime.apply_peft first")
+        super().__init__(model=model, args=args, **kwargs)
+        self._metric_sums = torch.zeros(len(METRICS), dtype=torch.float64)
+        self._metric_count = 0
+
+    # --- optimizer --------------------------------------------------------------------------------
+
+    def lime_parameter_groups(self) -> List[Dict]:
+        """[MoE group (moe_lr, no decay), PEFT group (peft_lr, weight_decay)] plus, if the model has
+        other trainable parameters, the Trainer's own learning rate and decay rules for them."""
+        moe, peft, other = [], [], []
+        for name, parameter in self.model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            (moe if leaf in MOE_PARAMETERS else peft if leaf in PEFT_PARAMETERS else other).append((name, parameter))
+        groups = [
+            {"params": [p for _, p in moe], "lr": self.args.moe_lr, "weight_decay": 0.0},
+            {"params": [p for _, p in peft], "lr": self.args.peft_lr, "weight_decay": self.args.weight_decay},
+        ]
+        if other:
+            decay = set(self.get_decay_parameter_names(self.model))
+            groups += [
+                {"params": [p for n, p in other if n in decay], "lr": self.args.learning_rate,
+                 "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in other if n not in decay], "lr": self.args.learning_rate, "weight_decay": 0.0},
+            ]
+        return [group for group in groups if group["params"]]
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)  # each group has its own
+            self.optimizer = optimizer_cls(self.lime_parameter_groups(), **optimizer_kwargs)
+        return self.optimizer
+
+    # --- loss -------------------------------------------------------------------------------------
+
+    def is_balance_step(self) -> bool:
+        return self.state.global_step % self.args.balance_every_n_steps == 0
+
+    def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether the Trainer will leave the loss undivided by the accumulation steps (as it decides)."""
+        decided = getattr(self, "loss_is_scaled_for_ga", None)
+        if decided is not None:
+            return decided
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        unwrapped = self.accelerator.unwrap_model(model)
+        balance_step = model.training and self.is_balance_step()
+        set_track_aux(unwrapped, balance_step)
+        task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss = task_loss
+        if balance_step:
+            metrics = self._balance_metrics(unwrapped)
+            balance = compute_balance_loss(unwrapped, self.args.importance_coef, self.args.kl_coef)
+            # Like the task loss: per micro-batch, divided by the accumulation steps where the Trainer won't.
+            if self._loss_is_scaled_for_accumulation(num_items_in_batch):
+                balance = balance / self.current_gradient_accumulation_steps
+            loss = task_loss + balance
+            self._record(task_loss, balance, metrics)
+        return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _balance_metrics(model: nn.Module) -> Dict[str, torch.Tensor]:
+        """Per-layer means of the statistics of this forward, detached, for the logs."""
+        stats = [layer.last_stats for _, layer in lime_layers(model) if layer.last_stats is not None]
+        if not stats or stats[0].importance is None:
+            raise RuntimeError("no LiME layer recorded balance statistics in this training forward")
+        device = stats[0].importance.device
+
+        def mean(values):
+            return torch.stack([v.detach().float().to(device) for v in values]).mean(dim=0)
+
+        usage = mean(s.usage for s in stats)
+        return {
+            "importance": mean(s.importance for s in stats),
+            "kl_uniform": mean(s.kl_uniform for s in stats),
+            "load": mean(s.load for s in stats),
+            "usage_entropy": -(usage * usage.clamp_min(1e-12).log()).sum(),
+            "imbalance_ratio": usage.max() / usage.min().clamp_min(1e-12),
+            "active_experts": mean(s.active_experts for s in stats),
+        }
+
+    def _record(self, task_loss: torch.Tensor, balance: torch.Tensor, metrics: Dict[str, torch.Tensor]) -> None:
+        values = torch.stack([
+            task_loss.detach().float(), balance.detach().float(), metrics["importance"], metrics["kl_uniform"],
+            metrics["load"], metrics["usage_entropy"], metrics["imbalance_ratio"], metrics["active_experts"],
+        ]).cpu().double()
+        self._metric_sums += values
+        self._metric_count += 1
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs and self._metric_count:
+            local = torch.cat([self._metric_sums, torch.tensor([float(self._metric_count)], dtype=torch.float64)])
+            gathered = self.accelerator.gather(local.to(self.args.device)).reshape(-1, local.numel()).cpu()
+            count = gathered[:, -1].sum()
+            if count > 0:
+                means = gathered[:, :-1].sum(dim=0) / count
+                logs.update({name: round(float(value), 6) for name, value in zip(METRICS, means)})
+            self._metric_sums.zero_()
+            self._metric_count = 0
+        super().log(logs, start_time)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_adapter(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, TRAINER_ADAPTER_DIR))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_adapter(self.model, self.state.best_model_checkpoint)
