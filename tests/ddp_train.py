@@ -1,5 +1,8 @@
-"""Run by tests/test_trainer.py under `torch.distributed.run` with 2 CPU processes (gloo): train the
-tiny LLaVA-OneVision with LiMETrainer and write each rank's LiME parameters."""
+"""Run by the tests under `torch.distributed.run` with 2 CPU processes (gloo): train the tiny
+LLaVA-OneVision with LiMETrainer and write each rank's LiME parameters.
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_train.py OUTPUT_DIR [BACKEND]
+"""
 
 import os
 import sys
@@ -17,11 +20,11 @@ def lime_tensors(model):
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in names}
 
 
-def main(output: str) -> None:
+def main(output: str, backend: str) -> None:
     rank = int(os.environ["RANK"])
     model, processor = build_tiny_llava_onevision(seed=0)
     torch.manual_seed(0)  # the same LiME initialization on every rank (DDP also broadcasts rank 0's)
-    lime.apply_peft(model, targets=README_TARGETS, tokenizer=processor.tokenizer)
+    lime.apply_peft(model, targets=README_TARGETS, tokenizer=processor.tokenizer, backend=backend)
     if rank == 0:
         safetensors.torch.save_file(lime_tensors(model), os.path.join(output, "initial.safetensors"))
     args = lime.LiMEArguments(
@@ -36,4 +39,4 @@ def main(output: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "auto")

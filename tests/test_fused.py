@@ -439,3 +439,11 @@ def test_fused_on_quantized_bases(kind):
                 layer.B.normal_(0, 0.3)
         x = torch.randn(3, 29, 40, device=DEVICE, dtype=dtype)
         run_both(reference, fused, x, padding_mask("left", 3, 29).to(DEVICE), dtype=dtype)
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU processes of this DDP run use the interpreter")
+def test_fused_kernels_under_ddp(tmp_path):
+    """DDP on two CPU processes (gloo) with backend='triton': the ranks end with identical parameters."""
+    from test_trainer import assert_ranks_agree_and_trained, run_ddp_training
+
+    assert_ranks_agree_and_trained(*run_ddp_training(tmp_path, backend="triton", port=29527, interpret=True))

@@ -225,19 +225,29 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
         assert torch.equal(straight[name], resumed[name]), name
 
 
-def test_ddp_on_two_cpu_processes_ends_with_identical_parameters(tmp_path):
+def run_ddp_training(output, backend="auto", port=29517, interpret=False):
+    """Two CPU processes (gloo) train the tiny model; returns (initial, [rank 0, rank 1]) LiME tensors."""
     script = os.path.join(HERE, "ddp_train.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", script,
-               str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", script,
+               str(output), backend]
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]), OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    if interpret:
+        environment["TRITON_INTERPRET"] = "1"
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [safetensors.torch.load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
-    initial = safetensors.torch.load_file(tmp_path / "initial.safetensors")
+    ranks = [safetensors.torch.load_file(os.path.join(output, f"rank{rank}.safetensors")) for rank in (0, 1)]
+    return safetensors.torch.load_file(os.path.join(output, "initial.safetensors")), ranks
+
+
+def assert_ranks_agree_and_trained(initial, ranks):
     assert ranks[0].keys() == ranks[1].keys() == initial.keys() and ranks[0]
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert any(not torch.equal(ranks[0][n], initial[n]) for n in initial), "the parameters trained"
+
+
+def test_ddp_on_two_cpu_processes_ends_with_identical_parameters(tmp_path):
+    assert_ranks_agree_and_trained(*run_ddp_training(tmp_path))
 
 
 def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
