@@ -46,7 +46,7 @@ test-slow: venv
 test-all: test test-slow
 
 demo: venv
-	$(RUN) -m lime.demo
+	$(RUN) -m lime demo --out demo-output
 
 clean-venv:
 	rm -rf $(VENV)

@@ -27,7 +27,9 @@ setup(
         "bitsandbytes>=0.45",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "scipy>=1.10",
     ],
+    entry_points={"console_scripts": ["lime = lime.cli:main"]},
     extras_require={
         "video": ["torchvision>=0.21"],
         "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "peft>=0.15", "hypothesis>=6.100"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
 import torch
 import torch.nn as nn
@@ -73,3 +73,50 @@ def clear_aux(model: nn.Module) -> None:
     """Drop every layer's stored statistics."""
     for _, layer in lime_layers(model):
         layer.last_stats = None
+
+
+@torch.no_grad()
+def routing_report(model: nn.Module, batches: Iterable[Dict]) -> Dict:
+    """Expert usage per LiME layer and AutoTop-K's histogram of active experts over `batches`
+    (model inputs), from the training-mode routing (statistics on) without jitter or gradients.
+
+    Returns {"layers": names, "usage": (layers, E) means over the batches each layer ran on, "runs":
+    how many that was per layer, "active_histogram": (E + 1,) token counts by number of selected
+    experts, summed over layers and batches}.
+    """
+    layers = list(lime_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LiME layer")
+    sizes = sorted({layer.num_experts for _, layer in layers})
+    if len(sizes) > 1:
+        raise ValueError(f"LiME layers with different num_experts ({sizes}) cannot share one report")
+    saved = [(layer, layer.routing, layer.adapter) for _, layer in layers]
+    was_training = model.training
+    usage = torch.zeros(len(layers), sizes[0], dtype=torch.float64)
+    runs = torch.zeros(len(layers), 1, dtype=torch.float64)
+    histogram = torch.zeros(sizes[0] + 1, dtype=torch.float64)
+    try:
+        for _, layer in layers:
+            layer.update_routing(jitter_noise=0.0)
+            layer.set_track_aux(True)
+        model.train()
+        for batch in batches:
+            for _, layer in layers:
+                layer.last_stats = None
+            model(**batch)
+            for index, (_, layer) in enumerate(layers):
+                stats = layer.last_stats
+                if stats is None:  # the layer did not run on this batch (no image for the vision tower, say)
+                    continue
+                usage[index] += stats.usage.double().cpu()
+                runs[index] += 1
+                histogram += stats.active_histogram.double().cpu()
+    finally:
+        for layer, routing, adapter in saved:
+            layer.routing, layer.adapter = routing, adapter
+            layer.last_stats = None
+        model.train(was_training)
+    if not runs.any():
+        raise ValueError("routing_report: no LiME layer ran on the batches given")
+    return {"layers": [name for name, _ in layers], "usage": (usage / runs.clamp_min(1)).tolist(),
+            "runs": runs.squeeze(1).tolist(), "active_histogram": histogram.tolist()}

@@ -18,6 +18,9 @@ from .config import LiMEConfig
 
 Targets = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
+# The LiME README's targets: the attention projections of the language model and of SigLIP.
+README_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
+
 
 def lime_layers(model: nn.Module) -> Iterator[Tuple[str, LiMEModule]]:
     """`(qualified name, layer)` for every LiME layer of `model` (linear, embedding, prompt encoder)."""

@@ -52,11 +52,16 @@ _CORPUS = [
     "0 1 2 3 4 5 6 7 8 9 10 100 0.5 1.5 2.5 3.75 similarity score sentence premise hypothesis",
 ]
 
+# Short answers begin a line (after the assistant header): their words at line starts get tokens.
+_ANSWER_WORDS = ("yes no true false positive negative neutral entailment contradiction duplicate not_duplicate "
+                 "acceptable unacceptable equivalent not_equivalent red green blue yellow left right still cat dog "
+                 "car bird A B C D E").split()
+
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a small fixed corpus (deterministic, offline)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -67,7 +72,7 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer.train_from_iterator(_CORPUS * 4 + list(_ANSWER_WORDS) * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",

@@ -164,6 +164,11 @@ class LiMEModule(nn.Module):
             return f"num_experts={self.routing.num_experts} > {MAX_FUSED_EXPERTS}"
         return None
 
+    def _fused_stats(self, probs_sum, selection_counts, num_valid, selected, valid) -> Optional[RoutingStats]:
+        aux = self._aux_mode()
+        histogram = reference.active_histogram(selected, valid) if aux == "full" else None
+        return reference.balance_statistics(probs_sum, selection_counts, num_valid, aux, histogram)
+
     def _random_draws(self, sequences: torch.Tensor):
         """The jitter noise, then the dropout mask: the same random numbers for every backend."""
         jitter = None
@@ -195,14 +200,14 @@ class LiMEModule(nn.Module):
             from .fused import fused_lime_linear
 
             computes_base = weight is not None
-            out, probs_sum, selection_counts, num_valid = fused_lime_linear(
+            out, probs_sum, selection_counts, num_valid, selected = fused_lime_linear(
                 x=x if computes_base or adapter_input is None else None, adapter_input=adapter_input,
                 weight=weight, bias=bias, base=None if computes_base else frozen(), A=A, B=B, LiMEs=self.LiMEs,
                 LiME_shared=self.LiME_shared, gamma=self.gamma, options=self.routing, scaling=scaling, valid=valid,
                 jitter=jitter, channel_scale=channel_scale, sliced_rows=sliced_rows if computes_base else 0,
                 deterministic=self.deterministic,
             )
-            self.last_stats = reference.balance_statistics(probs_sum, selection_counts, num_valid, self._aux_mode())
+            self.last_stats = self._fused_stats(probs_sum, selection_counts, num_valid, selected, valid)
             return out
         compute = _compiled_reference() if self.compiled else reference.lime_linear
         frozen_output = frozen()  # under autocast, as the base layer would run

@@ -123,12 +123,12 @@ class LiMEPromptEncoder(LiMEModule):
         if backend == "triton":
             from .fused import fused_lime_linear
 
-            out, probs_sum, selection_counts, num_valid = fused_lime_linear(
+            out, probs_sum, selection_counts, num_valid, selected = fused_lime_linear(
                 x=None, adapter_input=None, weight=None, bias=None, base=base, A=None, z=positions,
                 B=self.prompt_delta.t(), LiMEs=self.LiMEs, LiME_shared=self.LiME_shared, gamma=self.gamma,
                 options=self.routing, scaling=1.0, valid=None, jitter=jitter, deterministic=self.deterministic,
             )
-            self.last_stats = reference.balance_statistics(probs_sum, selection_counts, num_valid, self._aux_mode())
+            self.last_stats = self._fused_stats(probs_sum, selection_counts, num_valid, selected, None)
             return out
         delta = self.prompt_delta.to(dtype).unsqueeze(0).expand(batch, -1, -1)
         with full_precision(base.device):

@@ -30,8 +30,9 @@ class RoutingStats(NamedTuple):
     """Auxiliary load-balancing statistics of one layer call.
 
     `importance` and `kl_uniform` carry gradients (training with `track_aux`); `load`, `usage`
-    (the mean routing probability per expert over valid tokens) and `active_experts` (the mean
-    number of selected experts per valid token) are detached. In eval mode only `usage` is set.
+    (the mean routing probability per expert over valid tokens), `active_experts` (the mean
+    number of selected experts per valid token) and `active_histogram` are detached. In eval mode
+    only `usage` is set.
     """
 
     importance: Optional[torch.Tensor]
@@ -39,6 +40,7 @@ class RoutingStats(NamedTuple):
     load: Optional[torch.Tensor]
     usage: torch.Tensor
     active_experts: Optional[torch.Tensor]
+    active_histogram: Optional[torch.Tensor] = None  # (E + 1,): valid tokens by number of selected experts
 
 
 def sample_jitter(
@@ -180,13 +182,23 @@ def mixing_weights(probs: torch.Tensor, options: RoutingOptions) -> Tuple[torch.
 # --- auxiliary statistics ---------------------------------------------------------------------------
 
 
+def active_histogram(selected: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """(E + 1,) counts of valid tokens by their number of selected experts; `selected` (..., E)."""
+    per_token = selected.reshape(-1, selected.shape[-1]).sum(dim=-1).long()
+    if valid is not None:
+        per_token = per_token[valid.reshape(-1)]
+    return torch.bincount(per_token, minlength=selected.shape[-1] + 1)
+
+
 def balance_statistics(
-    probs_sum: torch.Tensor, selection_counts: torch.Tensor, num_valid: torch.Tensor, aux: str
+    probs_sum: torch.Tensor, selection_counts: torch.Tensor, num_valid: torch.Tensor, aux: str,
+    histogram: Optional[torch.Tensor] = None,
 ) -> Optional[RoutingStats]:
     """The statistics from per-expert sums over the valid tokens (shared by every backend).
 
     `probs_sum` (E): sum of the routing probabilities (differentiable); `selection_counts` (E):
-    how many valid tokens selected each expert; `num_valid`: how many valid tokens there are.
+    how many valid tokens selected each expert; `num_valid`: how many valid tokens there are;
+    `histogram`: see `active_histogram` (kept in training only, like the other statistics).
     """
     if aux == "none":
         return None
@@ -202,7 +214,8 @@ def balance_statistics(
     load_share = counts / counts.sum().clamp_min(1.0)
     load = num_experts * load_share.square().sum() - 1.0
     active = counts.sum() / num_valid
-    return RoutingStats(importance, kl_uniform, load.detach(), usage, active.detach())
+    return RoutingStats(importance, kl_uniform, load.detach(), usage, active.detach(),
+                        None if histogram is None else histogram.detach())
 
 
 def routing_stats(probs: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor, aux: str) -> Optional[RoutingStats]:
@@ -212,7 +225,8 @@ def routing_stats(probs: torch.Tensor, selected: torch.Tensor, valid: torch.Tens
     valid3 = valid.unsqueeze(-1)
     probs_sum = torch.where(valid3, probs, torch.zeros_like(probs)).sum(dim=(0, 1))
     selection_counts = (selected & valid3).sum(dim=(0, 1))
-    return balance_statistics(probs_sum, selection_counts, valid.sum(), aux)
+    histogram = active_histogram(selected, valid) if aux == "full" else None
+    return balance_statistics(probs_sum, selection_counts, valid.sum(), aux, histogram)
 
 
 # --- steps 2-11: route and modulate ------------------------------------------------------------------

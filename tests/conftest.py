@@ -100,6 +100,7 @@ def compare_with_loop(layer, x, mask, training, seed=1234):
     if training:
         for key in ("importance", "kl_uniform", "load", "active_experts"):
             tolerance_check(key, getattr(stats, key), torch.as_tensor(expected_stats[key], dtype=torch.float64))
+        assert stats.active_histogram.tolist() == expected_stats["active_histogram"]
     tolerance_check("usage", stats.usage.double(), expected_stats["usage"].detach())
 
     torch.manual_seed(seed + 1)

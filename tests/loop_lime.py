@@ -144,5 +144,7 @@ def loop_lime(x, weight, bias, A, B, LiMEs, LiME_shared, gamma, *, options, scal
     total_selections = max(sum(selections), 1)
     load = num_experts * sum((s / total_selections) ** 2 for s in selections) - 1
     active = sum(len(chosen_of[key]) for key in valid_keys) / count
-    stats = dict(importance=importance, kl_uniform=kl_uniform, load=load, usage=torch.stack(usage), active_experts=active)
+    histogram = [sum(1 for key in valid_keys if len(chosen_of[key]) == n) for n in range(num_experts + 1)]
+    stats = dict(importance=importance, kl_uniform=kl_uniform, load=load, usage=torch.stack(usage), active_experts=active,
+                 active_histogram=histogram)
     return out, stats

@@ -1,10 +1,23 @@
-"""The demo's training loop runs end to end and reports the loss going down."""
+"""The demo end to end (few steps): it trains, evaluates and writes every promised file."""
+
+import csv
+import json
+import os
 
 from lime import demo
 
 
-def test_demo_lowers_the_loss(capsys):
-    assert demo.main(["--steps", "4"]) == 0
+def test_demo_writes_the_adapter_the_results_and_the_plot(tmp_path, capsys):
+    out = str(tmp_path / "demo-output")
+    summary = demo.run(out, steps=4)
     printed = capsys.readouterr().out
-    assert "LiME summary" in printed and "Routing parameters" in printed
-    assert "(down)" in printed
+    assert "LiME summary" in printed and "overall" in printed
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_config.json"))
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    with open(os.path.join(out, "eval", "results.csv"), newline="") as handle:
+        levels = [row["level"] for row in csv.DictReader(handle)]
+    assert levels.count("split") == 5 and levels.count("group") == 4 and levels.count("overall") == 1
+    assert json.load(open(os.path.join(out, "eval", "results.json")))["overall"]["samples"] == 30
+    with open(os.path.join(out, "routing.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert set(summary["groups"]) == {"glue", "image", "text", "video"}

@@ -92,7 +92,7 @@ def run_both(reference, fused, x, mask=None, training=True, seed=1234, dtype=tor
         results.append((out, stats, inputs.grad, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
     (out_r, stats_r, dx_r, grads_r), (out_f, stats_f, dx_f, grads_f) = results
     _close("output", out_f, out_r, dtype)
-    names = ("importance", "kl_uniform", "load", "usage", "active_experts") if training else ("usage",)
+    names = ("importance", "kl_uniform", "load", "usage", "active_experts", "active_histogram") if training else ("usage",)
     for name in names:
         _close(name, getattr(stats_f, name).reshape(-1), getattr(stats_r, name).reshape(-1), dtype, floor=1.0)
     _close("grad x", dx_f, dx_r, dtype)
@@ -242,7 +242,7 @@ def test_fused_compiles_without_graph_breaks():
     x = torch.randn(2, 9, 40, device=DEVICE)
 
     def function(x, A, B, LiMEs, shared, gamma):
-        out, probs_sum, _, _ = fused_lime_linear(
+        out, probs_sum, _, _, _ = fused_lime_linear(
             x=x, adapter_input=None, weight=fused.linear.weight, bias=fused.linear.bias, base=None, A=A, B=B,
             LiMEs=LiMEs, LiME_shared=shared, gamma=gamma, options=options, scaling=8.0, valid=None, jitter=None)
         return out.square().sum() + probs_sum.square().sum()

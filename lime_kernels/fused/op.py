@@ -284,9 +284,10 @@ def fused_lime_linear(
     channel_scale: Optional[Tensor] = None,
     sliced_rows: int = 0,
     deterministic: bool = True,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The fused layer on `(B, T, .)` sequences; returns (out (B, T, Dout), probs_sum (E),
-    selection_counts (E), num_valid ()) for `lime_kernels.reference.balance_statistics`.
+    selection_counts (E), num_valid (), selected (B*T, E) int8) for
+    `lime_kernels.reference.balance_statistics`.
 
     The frozen output is `F.linear(x, weight, bias)` when `weight` is given (a plain, frozen linear
     layer: weight and bias get no gradient), else `base` (`(B, T, Dout)`, which may take one). The
@@ -306,7 +307,7 @@ def fused_lime_linear(
     def flat(tensor):
         return None if tensor is None else tensor.reshape(batch * tokens, tensor.shape[-1])
 
-    out, probs_sum, selection_counts, num_valid, *_ = fused_lime(
+    out, probs_sum, selection_counts, num_valid, _, _, selected, *_ = fused_lime(
         flat(x), flat(adapter_input), weight, bias, flat(base), flat(z), A, B, LiMEs, LiME_shared, gamma,
         channel_scale, None if valid is None else valid.reshape(-1), None if jitter is None else jitter.float(),
         tokens, int(sliced_rows), float(scaling), options.top_k, float(options.temperature),
@@ -314,7 +315,7 @@ def fused_lime_linear(
         selection_code(options.auto_topk, options.soft_topk, options.sparse_mode),
         float(options.soft_topk_temperature), float(options.auto_topk_threshold), bool(deterministic),
     )
-    return out.reshape(batch, tokens, -1), probs_sum, selection_counts, num_valid
+    return out.reshape(batch, tokens, -1), probs_sum, selection_counts, num_valid, selected
 
 
 __all__: Sequence[str] = ["fused_lime", "fused_lime_backward", "fused_lime_linear"]

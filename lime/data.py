@@ -1,0 +1,283 @@
+"""MMT-47: loading a local copy, validating it, and turning rows into LLaVA-OneVision batches.
+
+A row has `source_type` (text | image | video), `media_path` (relative to `data_root`; empty for
+text), `question` and `answer`. Splits: `train`, and test splits named `<group>_test_<task>` with
+group image, text, glue or video. Every problem is an error that names the split, the row and the
+path, unless `skip_bad_rows` is asked for: then the bad rows are dropped, counted and listed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import av
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+REQUIRED_COLUMNS = ("source_type", "media_path", "question", "answer")
+SOURCE_TYPES = ("text", "image", "video")
+TEST_SPLIT = re.compile(r"^(image|text|glue|video)_test_(.+)$")
+
+
+DATA_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def _split_files(path: str) -> Tuple[str, Dict[str, List[str]]]:
+    """Data files under `path` by split: the split is the file name without its shard suffix
+    (`data/glue_test_stsb-00000-of-00001.parquet`, `train.jsonl`, ...)."""
+    found: Dict[str, List[str]] = {}
+    formats = set()
+    for directory, _, files in os.walk(path):
+        for name in sorted(files):
+            stem, extension = os.path.splitext(name)
+            if extension in DATA_FORMATS:
+                formats.add(DATA_FORMATS[extension])
+                found.setdefault(SHARD_SUFFIX.sub("", stem), []).append(os.path.join(directory, name))
+    if not found:
+        raise FileNotFoundError(f"no MMT-47 copy at {path}: no dataset_dict.json (save_to_disk) and no "
+                                f"{'/'.join(sorted(DATA_FORMATS))} data files")
+    if len(formats) > 1:
+        raise ValueError(f"{path} mixes data file formats {sorted(formats)}; keep one")
+    return formats.pop(), found
+
+
+def load_mmt47(path: str) -> datasets.DatasetDict:
+    """A local MMT-47 copy: a `save_to_disk` directory, or a directory of data files (parquet, json,
+    jsonl or csv) named by split, such as a download of the dataset repository."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no MMT-47 copy at {path} (not a directory)")
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        return datasets.load_from_disk(path)
+    data_format, files = _split_files(path)
+    return datasets.load_dataset(data_format, data_files=files)
+
+
+def split_group(split: str) -> Optional[Tuple[str, str]]:
+    """(group, task) of a test split name such as 'glue_test_stsb', else None."""
+    match = TEST_SPLIT.match(split)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def test_splits(data: datasets.DatasetDict) -> List[str]:
+    return [name for name in data if split_group(name) is not None]
+
+
+@dataclass(frozen=True)
+class BadRow:
+    split: str
+    row: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"split {self.split!r} row {self.row}: {self.reason}"
+
+
+def _media_problem(source_type: str, media_path, data_root: str) -> Optional[str]:
+    if source_type == "text":
+        return None
+    if not isinstance(media_path, str) or not media_path:
+        return f"{source_type} row without a media_path"
+    path = os.path.join(data_root, media_path)
+    if not os.path.isfile(path):
+        return f"media file not found: {path}"
+    try:
+        if source_type == "image":
+            with Image.open(path) as image:
+                image.verify()
+        else:
+            with av.open(path) as container:
+                if not container.streams.video:
+                    return f"no video stream in {path}"
+    except (OSError, ValueError, av.error.FFmpegError) as error:  # unreadable: reported, never ignored
+        return f"unreadable {source_type} file {path}: {error}"
+    return None
+
+
+def validate_split(dataset: datasets.Dataset, split: str, data_root: str,
+                   skip_bad_rows: bool = False) -> Tuple[datasets.Dataset, List[BadRow]]:
+    """Check columns, source types and media files. Returns (the dataset, the rows skipped).
+
+    Missing columns are always an error; bad rows are one, listing them, unless `skip_bad_rows`.
+    """
+    missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"split {split!r}: missing column(s) {missing}; it has {dataset.column_names}")
+    bad: List[BadRow] = []
+    columns = zip(dataset["source_type"], dataset["media_path"], dataset["question"], dataset["answer"])
+    for row, (source_type, media_path, question, answer) in enumerate(columns):
+        if source_type not in SOURCE_TYPES:
+            bad.append(BadRow(split, row, f"unknown source_type {source_type!r} (expected one of {SOURCE_TYPES})"))
+            continue
+        if not isinstance(question, str) or not question.strip():
+            bad.append(BadRow(split, row, "empty question"))
+            continue
+        if answer is None or not str(answer).strip():
+            bad.append(BadRow(split, row, "empty answer"))
+            continue
+        problem = _media_problem(source_type, media_path, data_root)
+        if problem is not None:
+            bad.append(BadRow(split, row, problem))
+    if bad and not skip_bad_rows:
+        listed = "; ".join(str(b) for b in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(f"{len(bad)} bad row(s): {listed}{more}. Fix them, or skip them with --skip-bad-rows")
+    if bad:
+        dropped = {b.row for b in bad}
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in dropped])
+    return dataset, bad
+
+
+def load_video_frames(path: str, num_frames: int) -> np.ndarray:
+    """`num_frames` RGB frames `(num_frames, H, W, 3)` sampled uniformly over the video; a video
+    with fewer frames is padded by repeating its last frame."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1; got num_frames={num_frames}")
+    with av.open(path) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"no frame decoded from {path}")
+    indices = np.linspace(0, len(frames) - 1, min(num_frames, len(frames))).round().astype(int)
+    chosen = [frames[i] for i in indices] + [frames[-1]] * (num_frames - len(indices))
+    return np.stack(chosen)
+
+
+def conversation(source_type: str, question: str, answer: Optional[str] = None) -> List[Dict]:
+    """The chat-template conversation of a row: media placeholder first, then the question."""
+    user = ([{"type": source_type}] if source_type != "text" else []) + [{"type": "text", "text": question}]
+    turns = [{"role": "user", "content": user}]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": str(answer)}]})
+    return turns
+
+
+class MultiModalDataset(torch.utils.data.Dataset):
+    """MMT-47 rows as processed LLaVA-OneVision samples with answer-only labels.
+
+    The sequence is the chat template's generation prompt (the user turn, then the assistant
+    header) followed by the answer and the end-of-turn token: training sees exactly the prompt
+    generation will see (LLaVA-OneVision's template renders a finished assistant turn differently
+    from its generation prompt). Each item: `input_ids`, `labels` (-100 everywhere but the answer and
+    the end-of-turn token), `pixel_values` / `image_sizes` (images) or `pixel_values_videos` (videos).
+    With `with_answer=False` the item is the prompt alone (for generation) plus its `answer`.
+    """
+
+    def __init__(self, dataset, processor, data_root: str = "", num_video_frames: int = 8, max_length: int = 2048,
+                 with_answer: bool = True, split: str = "train"):
+        for name, value in (("num_video_frames", num_video_frames), ("max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+        self.dataset = dataset
+        self.processor = processor
+        self.data_root = data_root
+        self.num_video_frames = num_video_frames
+        self.max_length = max_length
+        self.with_answer = with_answer
+        self.split = split
+        if processor.tokenizer.eos_token is None:
+            raise ValueError("the processor's tokenizer has no eos_token to end the answers with")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _media(self, row: Dict):
+        path = os.path.join(self.data_root, row["media_path"] or "")
+        if row["source_type"] == "image":
+            with Image.open(path) as image:
+                return {"images": [image.convert("RGB")]}
+        if row["source_type"] == "video":
+            return {"videos": [load_video_frames(path, self.num_video_frames)]}
+        return {}
+
+    def __getitem__(self, index: int) -> Dict:
+        row = self.dataset[index]
+        source_type = row["source_type"]
+        if source_type not in SOURCE_TYPES:
+            raise ValueError(f"split {self.split!r} row {index}: unknown source_type {source_type!r}")
+        answer = str(row["answer"])
+        text = self.processor.apply_chat_template(conversation(source_type, row["question"]), add_generation_prompt=True)
+        if self.with_answer:
+            text += answer + self.processor.tokenizer.eos_token
+        processed = self.processor(text=[text], return_tensors="pt", **self._media(row))
+        input_ids = processed["input_ids"][0]
+        if input_ids.shape[0] > self.max_length:
+            raise ValueError(
+                f"split {self.split!r} row {index}: {input_ids.shape[0]} tokens exceed max_length={self.max_length}"
+            )
+        item = {"input_ids": input_ids, "source_type": source_type, "answer": answer, "row": index}
+        for key in ("pixel_values", "image_sizes", "pixel_values_videos"):
+            if key in processed:
+                item[key] = processed[key][0]
+        if self.with_answer:
+            item["labels"] = self._answer_labels(answer, input_ids, index)
+        return item
+
+    def _answer_labels(self, answer: str, input_ids: torch.Tensor, index: int) -> torch.Tensor:
+        """Labels on the trailing answer and end-of-turn tokens, -100 elsewhere. They are the answer's
+        own tokenization (it starts a new word after the assistant header), checked in place."""
+        suffix = self.processor.tokenizer(answer + self.processor.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        if input_ids[-len(suffix):].tolist() != suffix:
+            raise ValueError(f"split {self.split!r} row {index}: cannot locate the answer's tokens in the sequence")
+        labels = torch.full_like(input_ids, -100)
+        labels[-len(suffix):] = input_ids[-len(suffix):]
+        return labels
+
+
+@dataclass
+class MultiModalCollator:
+    """Pads a list of `MultiModalDataset` items into a batch: right padding for training, left for
+    generation (`padding_side="left"`). Images' patch stacks are padded to the batch's largest
+    (the model reads each image's own count from `image_sizes`)."""
+
+    processor: object
+    max_length: int = 2048
+    padding_side: str = "right"
+
+    def __post_init__(self):
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left'; got padding_side={self.padding_side!r}")
+        tokenizer = self.processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def __call__(self, items: Sequence[Dict]) -> Dict:
+        length = max(item["input_ids"].shape[0] for item in items)
+        if length > self.max_length:
+            raise ValueError(f"a sequence of {length} tokens exceeds max_length={self.max_length}")
+        batch = {"input_ids": [], "attention_mask": []}
+        with_labels = "labels" in items[0]
+        if with_labels:
+            batch["labels"] = []
+        for item in items:
+            ids = item["input_ids"]
+            pad = length - ids.shape[0]
+            fill = ids.new_full((pad,), self.pad_id)
+            mask = torch.cat([torch.ones_like(ids), torch.zeros_like(fill)])
+            if self.padding_side == "left":
+                batch["input_ids"].append(torch.cat([fill, ids]))
+                batch["attention_mask"].append(mask.flip(0))
+            else:
+                batch["input_ids"].append(torch.cat([ids, fill]))
+                batch["attention_mask"].append(mask)
+            if with_labels:
+                ignored = ids.new_full((pad,), -100)
+                labels = item["labels"]
+                batch["labels"].append(torch.cat([ignored, labels] if self.padding_side == "left" else [labels, ignored]))
+        out = {key: torch.stack(values) for key, values in batch.items()}
+        images = [item for item in items if "pixel_values" in item]
+        if images:
+            patches = max(item["pixel_values"].shape[0] for item in images)
+            out["pixel_values"] = torch.stack([
+                torch.cat([item["pixel_values"], item["pixel_values"].new_zeros(
+                    patches - item["pixel_values"].shape[0], *item["pixel_values"].shape[1:])])
+                for item in images])
+            out["image_sizes"] = torch.stack([item["image_sizes"] for item in images])
+            out["batch_num_images"] = torch.tensor([int("pixel_values" in item) for item in items])
+        videos = [item["pixel_values_videos"] for item in items if "pixel_values_videos" in item]
+        if videos:
+            out["pixel_values_videos"] = torch.stack(videos)
+        return out
