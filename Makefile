@@ -11,7 +11,7 @@ VENV_PY := $(VENV)/bin/python
 RUN := PYTHONPATH=$(CURDIR) $(VENV_PY)
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow test-all demo clean-venv
+.PHONY: venv test test-slow test-all demo bench clean-venv
 
 # The venv is built under a lock and marked complete last, so parallel runs (CI beside a
 # developer) never see a half-installed one; the project itself is uninstalled again so that
@@ -47,6 +47,11 @@ test-all: test test-slow
 
 demo: venv
 	$(RUN) -m lime demo --out demo-output
+
+# The benchmarks: on a CPU-only machine the quick sweep; BENCH_ARGS overrides (e.g. "--device cuda").
+BENCH_ARGS ?= --quick --device cpu
+bench: venv
+	$(RUN) benchmarks/run.py $(BENCH_ARGS) --out benchmark-results
 
 clean-venv:
 	rm -rf $(VENV)

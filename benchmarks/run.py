@@ -1,0 +1,297 @@
+"""LiME's benchmarks: layers and training steps against the frozen linear, PEFT LoRA and MoE-LoRA.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--dtype bfloat16] [--out DIR]
+
+Every measurement runs in this one process on one device. Writes `DIR/results.csv` (one row per
+measurement), one PNG per sweep, and `DIR/summary.md` (printed last): each provider's time as a
+ratio to `frozen-linear` and to `peft-lora`, and its trainable parameters.
+
+Sweeps (layers: forward, backward and forward+backward; time, peak CUDA memory, saved activations):
+- `projections`: the q, k, v, o, gate, up, down projections of LLaVA-OneVision 0.5B and 7B (Qwen2)
+  and SigLIP's q, k, v, out_proj, fc1, fc2, at several token counts (r = 8, E = 4, n-gram 1);
+- `grid`: the 7B q_proj over r in {2, 8, 16}, E in {4, 8}, n-gram in {1, 3};
+- `train-step`: samples/s and peak memory of a LLaVA-OneVision-shaped model (random weights) trained
+  with each provider on the README's targets (text-only batches: the language model dominates).
+`--quick` runs small shapes and few repeats (on the CPU: every provider but `lime-fused`, in minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+from measure import peak_memory_mib, saved_mib, time_ms  # noqa: E402
+from providers import LAYER_PROVIDERS, MODEL_PROVIDERS, available, build_layer, trainable_parameters, wrap_model  # noqa: E402
+
+# (name, in_features, out_features) of LLaVA-OneVision's projections.
+QWEN2_05B = [("0.5b-q_proj", 896, 896), ("0.5b-k_proj", 896, 128), ("0.5b-v_proj", 896, 128),
+             ("0.5b-o_proj", 896, 896), ("0.5b-gate_proj", 896, 4864), ("0.5b-up_proj", 896, 4864),
+             ("0.5b-down_proj", 4864, 896)]
+QWEN2_7B = [("7b-q_proj", 3584, 3584), ("7b-k_proj", 3584, 512), ("7b-v_proj", 3584, 512), ("7b-o_proj", 3584, 3584),
+            ("7b-gate_proj", 3584, 18944), ("7b-up_proj", 3584, 18944), ("7b-down_proj", 18944, 3584)]
+SIGLIP = [("siglip-q_proj", 1152, 1152), ("siglip-k_proj", 1152, 1152), ("siglip-v_proj", 1152, 1152),
+          ("siglip-out_proj", 1152, 1152), ("siglip-fc1", 1152, 4304), ("siglip-fc2", 4304, 1152)]
+README_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
+FIELDS = ("benchmark", "provider", "mode", "metric", "unit", "shape", "tokens", "rank", "experts", "n_gram", "p50",
+          "p20", "p80", "dtype", "device", "torch", "triton", "commit")
+
+
+def plan(quick: bool, device: torch.device) -> Dict:
+    if quick:
+        return {"projections": dict(shapes=[QWEN2_05B[0], QWEN2_05B[6]], tokens=[128], ranks=[8], experts=[4],
+                                    n_grams=[1]),
+                "grid": dict(shapes=[QWEN2_05B[0]], tokens=[128], ranks=[2, 16], experts=[4, 8], n_grams=[1, 3]),
+                "repeats": 5 if device.type == "cpu" else 50, "warmup": 2 if device.type == "cpu" else 10,
+                "model": "tiny", "batch": 2, "seq": 64, "steps": 5}
+    return {"projections": dict(shapes=QWEN2_05B + QWEN2_7B + SIGLIP, tokens=[2048, 8192], ranks=[8], experts=[4],
+                                n_grams=[1]),
+            "grid": dict(shapes=[QWEN2_7B[0]], tokens=[8192], ranks=[2, 8, 16], experts=[4, 8], n_grams=[1, 3]),
+            "repeats": 100, "warmup": 10, "model": "0.5b", "batch": 4, "seq": 1024, "steps": 20}
+
+
+def _versions(device: torch.device) -> Dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit or "unknown"}
+
+
+def _measure_layer(layer, x, grad, device, repeats: int, warmup: int) -> List[Dict]:
+    """Time forward, backward and forward+backward; peak memory, saved activations, trainable parameters."""
+    output = layer(x)
+
+    def forward():
+        layer(x)
+
+    def backward():
+        output.backward(grad, retain_graph=True)
+
+    def full():
+        layer(x).backward(grad)
+
+    rows = [dict(mode=mode, metric="time", unit="ms", **time_ms(step, device, repeats, warmup))
+            for mode, step in (("forward", forward), ("backward", backward), ("full", full))]
+    memory = peak_memory_mib(full, device)
+    saved = saved_mib(lambda: layer(x))
+    return rows + [dict(mode="full", metric="peak_memory", unit="MiB", p50=memory, p20=memory, p80=memory),
+                   dict(mode="forward", metric="saved_activations", unit="MiB", p50=saved, p20=saved, p80=saved),
+                   dict(mode="-", metric="trainable_parameters", unit="count", p50=trainable_parameters(layer),
+                        p20="", p80="")]
+
+
+def layer_sweep(name: str, sweep: Dict, providers: List[str], device, dtype, repeats: int, warmup: int,
+                versions: Dict) -> List[Dict]:
+    rows = []
+    for shape, d_in, d_out in sweep["shapes"]:
+        for tokens in sweep["tokens"]:
+            for rank in sweep["ranks"]:
+                for experts in sweep["experts"]:
+                    for n_gram in sweep["n_grams"]:
+                        torch.manual_seed(0)
+                        x = torch.randn(4, tokens // 4, d_in, device=device, dtype=dtype, requires_grad=True)
+                        grad = torch.randn(4, tokens // 4, d_out, device=device, dtype=dtype)
+                        for provider in providers:
+                            linear = torch.nn.Linear(d_in, d_out, device=device, dtype=dtype)
+                            layer = build_layer(provider, linear, rank, experts, n_gram)
+                            common = dict(benchmark=name, provider=provider, shape=f"{shape} {d_in}x{d_out}",
+                                          tokens=tokens, rank=rank, experts=experts, n_gram=n_gram,
+                                          dtype=str(dtype).removeprefix("torch."), **versions)
+                            rows += [dict(common, **row) for row in _measure_layer(layer, x, grad, device,
+                                                                                   repeats, warmup)]
+        print(f"  {name}: {shape} done", flush=True)
+    return rows
+
+
+def _model(size: str, device, dtype):
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    from lime.tiny import build_tiny_llava_onevision
+
+    if size == "tiny":
+        return build_tiny_llava_onevision(seed=0, dtype=dtype)[0].to(device)
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                                image_size=384, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(vision_config=vision, text_config=text)).to(dtype)
+
+
+def _measure_train_step(model, inputs: Dict, batch: int, steps: int, device) -> List[Dict]:
+    """Samples per second and peak memory of an AdamW step; saved activations; trainable parameters."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        optimizer.step()
+
+    timing = time_ms(step, device, steps, 2)
+    memory = peak_memory_mib(step, device)
+    saved = saved_mib(lambda: model(**inputs).loss)
+    return [dict(metric="samples_per_second", unit="samples/s", p50=1e3 * batch / timing["p50"],
+                 p20=1e3 * batch / timing["p80"], p80=1e3 * batch / timing["p20"]),
+            dict(metric="peak_memory", unit="MiB", p50=memory, p20=memory, p80=memory),
+            dict(mode="forward", metric="saved_activations", unit="MiB", p50=saved, p20=saved, p80=saved),
+            dict(mode="-", metric="trainable_parameters", unit="count", p50=trainable_parameters(model), p20="",
+                 p80="")]
+
+
+def train_step_sweep(settings: Dict, providers: List[str], device, dtype, versions: Dict) -> List[Dict]:
+    rows = []
+    batch, seq = settings["batch"], settings["seq"]
+    for provider in providers:
+        model = wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8, experts=4)
+        model.train()
+        vocab = model.config.text_config.vocab_size if hasattr(model.config, "text_config") else model.config.vocab_size
+        torch.manual_seed(0)
+        input_ids = torch.randint(10, vocab, (batch, seq), device=device)
+        inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
+        common = dict(benchmark="train-step", provider=provider, mode="full", shape=f"llava-onevision-{settings['model']}",
+                      tokens=batch * seq, rank=8, experts=4, n_gram=1, dtype=str(dtype).removeprefix("torch."), **versions)
+        rows += [dict(common, **row) for row in _measure_train_step(model, inputs, batch, settings["steps"], device)]
+        del model  # before the next provider builds its own
+        print(f"  train-step: {provider} done", flush=True)
+    return rows
+
+
+def _geometric_mean(values: List[float]) -> float:
+    values = [v for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def summarize(rows: List[Dict], providers: List[str], skipped: List[str]) -> str:
+    """Markdown: per provider, the geometric mean over the layer measurements of its forward+backward
+    time as a ratio to frozen-linear and to peft-lora, and the training-step results."""
+    def measured(provider, metric, mode):
+        return {(r["benchmark"], r["shape"], r["tokens"], r["rank"], r["experts"], r["n_gram"]): r["p50"]
+                for r in rows if r["provider"] == provider and r["metric"] == metric and r["mode"] == mode}
+
+    def ratio(provider, baseline, metric="time", mode="full"):
+        mine, theirs = measured(provider, metric, mode), measured(baseline, metric, mode)
+        return _geometric_mean([mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0])
+
+    reference_layer = next(r for r in rows if r["metric"] == "trainable_parameters" and r["benchmark"] != "train-step")
+    lines = ["## Layers (forward + backward, geometric mean over every measured shape and setting)", "",
+             f"| provider | time / frozen-linear | time / peft-lora | peak memory / peft-lora | "
+             f"saved activations / peft-lora | "
+             f"trainable parameters ({reference_layer['shape']}, r = {reference_layer['rank']}, "
+             f"E = {reference_layer['experts']}) |", "|:--|--:|--:|--:|--:|--:|"]
+    for provider in providers:
+        params = next((f"{r['p50']:,}" for r in rows if r["metric"] == "trainable_parameters"
+                       and r["provider"] == provider and r["shape"] == reference_layer["shape"]
+                       and r["rank"] == reference_layer["rank"] and r["experts"] == reference_layer["experts"]), "-")
+        lines.append(f"| {provider} | {ratio(provider, 'frozen-linear'):.3f} | {ratio(provider, 'peft-lora'):.3f} | "
+                     f"{ratio(provider, 'peft-lora', 'peak_memory'):.3f} | "
+                     f"{ratio(provider, 'peft-lora', 'saved_activations', 'forward'):.3f} | {params} |")
+    steps = [r for r in rows if r["benchmark"] == "train-step"]
+    if steps:
+        lines += ["", f"## Training step ({steps[0]['shape']}, {steps[0]['tokens']} tokens per step)", "",
+                  "| provider | samples/s | / peft-lora | peak memory (MiB) | saved activations (MiB) | "
+                  "trainable parameters |", "|:--|--:|--:|--:|--:|--:|"]
+
+        def by_provider(metric):
+            return {r["provider"]: r["p50"] for r in steps if r["metric"] == metric}
+
+        speed, memory = by_provider("samples_per_second"), by_provider("peak_memory")
+        saved, params = by_provider("saved_activations"), by_provider("trainable_parameters")
+        for provider in speed:
+            relative = speed[provider] / speed["peft-lora"] if "peft-lora" in speed else float("nan")
+            lines.append(f"| {provider} | {speed[provider]:.2f} | {relative:.3f} | {memory[provider]:.1f} | "
+                         f"{saved[provider]:.1f} | {int(params[provider]):,} |")
+    device = rows[0]["device"] if rows else "-"
+    lines += ["", f"Device: {device}; torch {rows[0]['torch'] if rows else '-'}, triton {rows[0]['triton'] if rows else '-'}, "
+              f"commit {rows[0]['commit'] if rows else '-'}. Peak CUDA memory is NaN on the CPU."]
+    lines += [f"Not run here: {reason}." for reason in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Dict], path: str, benchmark: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    selected = [r for r in rows if r["benchmark"] == benchmark and r["metric"] == "time" and r["mode"] == "full"]
+    if not selected:
+        return
+    keys = sorted({(r["shape"], r["tokens"], r["rank"], r["experts"], r["n_gram"]) for r in selected},
+                  key=lambda k: (k[0], k[1], k[2], k[3], k[4]))
+    providers = sorted({r["provider"] for r in selected}, key=LAYER_PROVIDERS.index)
+    figure, axes = plt.subplots(figsize=(max(8, 0.5 * len(keys) + 3), 5))
+    width = 0.8 / len(providers)
+    for index, provider in enumerate(providers):
+        values = {(r["shape"], r["tokens"], r["rank"], r["experts"], r["n_gram"]): r["p50"] for r in selected
+                  if r["provider"] == provider}
+        axes.bar([i + index * width for i in range(len(keys))], [values.get(k, float("nan")) for k in keys], width,
+                 label=provider)
+    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+    axes.set_xticklabels([f"{k[0].split()[0]} T={k[1]} r={k[2]} E={k[3]} n={k[4]}" for k in keys], rotation=70,
+                         fontsize=7, ha="right")
+    axes.set_ylabel("forward + backward, ms (median)")
+    axes.set_yscale("log")
+    axes.set_title(f"{benchmark} ({selected[0]['device']}, {selected[0]['dtype']})")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="activation dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--out", default="benchmark-results", help="output directory")
+    parser.add_argument("--skip-train-step", action="store_true", help="layers only")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    settings = plan(args.quick, device)
+    versions = _versions(device)
+    layer_providers, skipped = available(LAYER_PROVIDERS, device)
+    for reason in skipped:
+        print(f"not run here: {reason}", file=sys.stderr, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name in ("projections", "grid"):
+        print(f"{name} ...", flush=True)
+        rows += layer_sweep(name, settings[name], layer_providers, device, dtype, settings["repeats"],
+                            settings["warmup"], versions)
+        plot(rows, os.path.join(args.out, f"{name}.png"), name)
+    if not args.skip_train_step:
+        print("train-step ...", flush=True)
+        rows += train_step_sweep(settings, available(MODEL_PROVIDERS, device)[0], device, dtype, versions)
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarize(rows, layer_providers, skipped)
+    with open(os.path.join(args.out, "summary.md"), "w") as handle:
+        handle.write(summary)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The benchmarks run on the CPU from a fresh clone: CSV, plots, summary, and the pytest-benchmark file."""
+
+import csv
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_cpu_benchmark_writes_the_csv_the_plots_and_the_summary(tmp_path):
+    out = tmp_path / "results"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--device", "cpu",
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for column in ("benchmark", "provider", "mode", "metric", "unit", "shape", "tokens", "rank", "experts", "p50",
+                   "p20", "p80", "device", "torch", "triton", "commit"):
+        assert column in rows[0]
+    providers = {r["provider"] for r in rows}
+    assert providers == {"frozen-linear", "lime-reference", "peft-lora", "moe-lora"}, "no lime-fused on the CPU"
+    times = [r for r in rows if r["metric"] == "time"]
+    assert {r["mode"] for r in times} == {"forward", "backward", "full"}
+    assert all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in times)
+    assert {r["benchmark"] for r in rows} == {"projections", "grid", "train-step"}
+    assert (out / "projections.png").read_bytes()[:4] == b"\x89PNG" and (out / "grid.png").exists()
+    summary = (out / "summary.md").read_text()
+    assert "time / frozen-linear" in summary and "| lime-reference |" in summary and "samples/s" in summary
+    assert summary in result.stdout, "the summary is printed last"
+    assert "Not run here: lime-fused: needs a CUDA device." in summary
+
+
+def test_pytest_benchmark_file_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                             os.path.join(ROOT, "benchmarks", "test_layers.py")], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "8 passed" in result.stdout
