@@ -37,3 +37,28 @@ def test_pytest_benchmark_file_runs(tmp_path):
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "8 passed" in result.stdout
+
+
+def test_moe_lora_baseline_equals_a_per_token_loop():
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from moe_lora import MoELoRALinear
+
+    torch.manual_seed(0)
+    layer = MoELoRALinear(torch.nn.Linear(12, 10), num_experts=4, rank=3, alpha=6.0, top_k=2)
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(2, 5, 12)
+    expected = torch.empty(2, 5, 10)
+    for b in range(2):
+        for t in range(5):
+            token = x[b, t]
+            logits = layer.router(token)
+            chosen = sorted(range(4), key=lambda e: -logits[e].item())[:2]
+            gates = torch.softmax(logits[chosen], dim=0)
+            delta = sum(g * (layer.B[e] @ (layer.A[e] @ token)) for g, e in zip(gates, chosen))
+            expected[b, t] = layer.linear(token) + 2.0 * delta
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer(x).sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0 and layer.linear.weight.grad is None
