@@ -1,9 +1,11 @@
 """The fused Triton path against the reference path: outputs, statistics and every gradient.
 
 Runs on a CUDA device natively in float32, bfloat16 and float16, or on the CPU under Triton's
-interpreter (`TRITON_INTERPRET=1`, float32 only: the interpreter's low-precision `tl.dot` is wrong),
-which is how `make test` runs it. Without either it is skipped (the main run leaves it to the
-interpreter run).
+interpreter (`TRITON_INTERPRET=1`), which is how `make test` runs it. The interpreter's low-precision
+`tl.dot` is wrong, but every kernel converts its operands to float32 before a `tl.dot`, so bf16 and
+fp16 activations (their loads, stores and roundings) are checked under the interpreter too, on a
+slice of the options; the full option sweep runs them on a GPU only, to keep the CPU run short.
+Without a GPU or the interpreter it is skipped (the main run leaves it to the interpreter run).
 """
 
 import itertools
@@ -27,7 +29,8 @@ CUDA = torch.cuda.is_available() and not INTERPRETER
 pytestmark = pytest.mark.skipif(not (INTERPRETER or CUDA), reason="needs a CUDA device or TRITON_INTERPRET=1")
 
 DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = ALL_DTYPES if CUDA else [torch.float32]  # for the long sweeps
 # Relative error bounds: float32 is compared entry by entry (max |diff| / max |reference|); bf16 and
 # fp16 by norms, since a near-tie can flip one token's hard choice after a rounding difference.
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -113,6 +116,24 @@ def test_fused_matches_reference(router, selection, representation, padding):
         run_both(reference, fused, x, padding_mask(padding, 3, 29).to(DEVICE), dtype=dtype)
 
 
+# bf16 and fp16 on CPU: every router and representation once, each selection twice.
+LOW_PRECISION_COMBINATIONS = [
+    (router, list(SELECTIONS)[index % len(SELECTIONS)], representation)
+    for index, (router, representation) in enumerate(itertools.product(["cosine", "maxabs"], REPRESENTATIONS))
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("router,selection,representation", LOW_PRECISION_COMBINATIONS)
+def test_fused_matches_reference_in_low_precision(router, selection, representation, dtype):
+    index = LOW_PRECISION_COMBINATIONS.index((router, selection, representation))
+    reference, fused = _pair(dtype, seed=index, num_experts=4, rank=3, router=router, use_shared_LiME=index % 2 == 1,
+                             **SELECTIONS[selection], **REPRESENTATIONS[representation])
+    torch.manual_seed(index)
+    x = torch.randn(3, 29, 40, device=DEVICE, dtype=dtype)
+    run_both(reference, fused, x, padding_mask(("left", "right")[index % 2], 3, 29).to(DEVICE), dtype=dtype)
+
+
 SIZES = [(rank, experts) for rank in (1, 2, 4, 8, 16) for experts in (2, 4, 8)]
 
 
@@ -130,7 +151,7 @@ def test_fused_awkward_sizes(rank, experts):
 @pytest.mark.parametrize("shape,mask", [((4, 1, 40), None), ((9, 40), torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 1])),
                                         ((2, 3, 5, 40), None)])
 def test_fused_single_tokens_2d_and_folded_inputs(shape, mask):
-    for dtype in DTYPES:
+    for dtype in ALL_DTYPES:
         reference, fused = _pair(dtype, num_experts=4, n_gram=3)
         x = torch.randn(shape, device=DEVICE, dtype=dtype)
         out = run_both(reference, fused, x, None if mask is None else mask.to(DEVICE), dtype=dtype)
@@ -138,7 +159,7 @@ def test_fused_single_tokens_2d_and_folded_inputs(shape, mask):
 
 
 def test_fused_eval_mode_and_dropout():
-    for dtype in DTYPES:
+    for dtype in ALL_DTYPES:
         reference, fused = _pair(dtype, num_experts=4, n_gram=2)
         x = torch.randn(2, 11, 40, device=DEVICE, dtype=dtype)
         run_both(reference, fused, x, padding_mask("left", 2, 11).to(DEVICE), training=False, dtype=dtype)
@@ -147,7 +168,7 @@ def test_fused_eval_mode_and_dropout():
 
 
 def test_fused_masked_tokens_return_the_frozen_output_exactly():
-    for dtype in DTYPES:
+    for dtype in ALL_DTYPES:
         _, fused = _pair(dtype, num_experts=4, n_gram=2)
         mask = padding_mask("left", 3, 13).to(DEVICE)
         x = torch.randn(3, 13, 40, device=DEVICE, dtype=dtype)
@@ -326,16 +347,35 @@ VARIANTS = {
 }
 
 
+# The interpreter casts float32 to bfloat16 by truncation (a GPU rounds to nearest even, as torch
+# does), so bit-exact bf16 roundings are checked on a GPU only.
+EXACT_DTYPES = ALL_DTYPES if CUDA else [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_variants_keep_masked_tokens_exactly_as_the_reference(variant):
+    """Masked tokens get the variant's frozen output base' (DoRA's `scale * base + bias`, SliceFine's
+    bias in its sliced channels) rounded once to the activation dtype, exactly as the reference does."""
+    for dtype in EXACT_DTYPES:
+        reference, fused = _variant_pair(dtype, lambda backend: VARIANTS[variant](backend, dtype))
+        mask = padding_mask("left", 3, 13).to(DEVICE)
+        x = torch.randn(3, 13, 40, device=DEVICE, dtype=dtype)
+        out_r, out_f = (layer.train()(x, attention_mask=mask) for layer in (reference, fused))
+        masked = mask == 0
+        assert torch.equal(out_f[masked], out_r[masked]), (
+            f"{dtype}: masked tokens differ by up to {(out_f[masked] - out_r[masked]).abs().max().item():.3e}")
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_variants_match_the_reference(variant):
-    for dtype in DTYPES:
+    for dtype in ALL_DTYPES:
         reference, fused = _variant_pair(dtype, lambda backend: VARIANTS[variant](backend, dtype))
         x = torch.randn(3, 29, 40, device=DEVICE, dtype=dtype)
         run_both(reference, fused, x, padding_mask("left", 3, 29).to(DEVICE), dtype=dtype)
 
 
 def test_fused_embedding_matches_the_reference():
-    for dtype in DTYPES:
+    for dtype in ALL_DTYPES:
         def build(backend):
             return LiMEEmbedding(torch.nn.Embedding(50, 70, dtype=dtype), num_experts=4, n_gram=3, pad_token_id=0,
                                  backend=backend)
@@ -358,7 +398,7 @@ def test_fused_embedding_matches_the_reference():
 def test_fused_prompt_encoder_matches_the_reference():
     """Prompts: the frozen bank plus the inputs' mean is given to the op (and takes a gradient back
     to the inputs), z is the one-hot of the virtual token and B the prompt deltas."""
-    for dtype in DTYPES:
+    for dtype in ALL_DTYPES:
         def build(backend):
             return LiMEPromptEncoder(6, 70, num_experts=4, n_gram=2, router="maxabs", backend=backend, device=DEVICE)
 
