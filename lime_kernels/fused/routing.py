@@ -181,23 +181,26 @@ def _sequence_summary_kernel(
     """
     seq = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, E_PAD)
-    u_total = tl.zeros((E_PAD,), tl.float32)
-    v_total = tl.zeros((E_PAD,), tl.float32)
-    count = 0.0
-    last = -1
+    # Per-row partial sums, reduced once after the loop.
+    u_total = tl.zeros((BLOCK_T, E_PAD), tl.float32)
+    v_total = tl.zeros((BLOCK_T, E_PAD), tl.float32)
+    count = tl.zeros((BLOCK_T,), tl.float32)
+    last = tl.full((BLOCK_T,), -1, tl.int32)
     for start in range(0, seq_len, BLOCK_T):
         pos = start + tl.arange(0, BLOCK_T)
         rows = seq * seq_len + pos
         valid = _valid_rows(valid_ptr, rows, pos < seq_len, HAS_MASK)
         if REP == 1:
-            u_total += tl.sum(_load_rows(u_raw_ptr, rows, lanes, valid, num_experts), axis=0)
-            v_total += tl.sum(_load_rows(v_raw_ptr, rows, lanes, valid, num_experts), axis=0)
-        count += tl.sum(valid.to(tl.float32), axis=0)
-        last = tl.maximum(last, tl.max(tl.where(valid, pos, -1), axis=0))
+            u_total += _load_rows(u_raw_ptr, rows, lanes, valid, num_experts)
+            v_total += _load_rows(v_raw_ptr, rows, lanes, valid, num_experts)
+        count += valid.to(tl.float32)
+        last = tl.maximum(last, tl.where(valid, pos, -1))
+    count = tl.sum(count, axis=0)
+    last = tl.max(last, axis=0)
     lane_ok = lanes < num_experts
     if REP == 1:
-        u_summary = u_total / tl.maximum(count, 1.0)
-        v_summary = v_total / tl.maximum(count, 1.0)
+        u_summary = tl.sum(u_total, axis=0) / tl.maximum(count, 1.0)
+        v_summary = tl.sum(v_total, axis=0) / tl.maximum(count, 1.0)
     else:
         source = seq * seq_len + tl.maximum(last, 0)
         u_summary = tl.load(u_raw_ptr + source * num_experts + lanes, mask=lane_ok, other=0.0)
