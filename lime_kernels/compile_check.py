@@ -127,7 +127,7 @@ def kernel_specs() -> List[KernelSpec]:
         KernelSpec("low_rank_input_grad", projection._low_rank_input_grad_kernel,
                    {"dx_ptr": "act", "w_ptr": "act", "a_ptr": "param"}, {},
                    dict(act=ACTIVATIONS, param=PARAMETERS, EXPERT_DOT=DOT_WIDTHS[:3], RANK_DOT=DOT_WIDTHS,
-                        HAS_ROUTED=[True, False], HAS_ADAPTER=[True, False], ACCUMULATE=[True, False]),
+                        HAS_ROUTED=[True, False], HAS_ADAPTER=[True, False]),
                    projection_blocks),
         KernelSpec("sequence_summary", routing._sequence_summary_kernel, routing_ptrs, {},
                    dict(REP=[1, 2], HAS_MASK=[True, False], E_PAD=LANES), routing_blocks),

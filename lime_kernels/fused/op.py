@@ -9,8 +9,9 @@ frozen output in one pass (Triton). Saved for backward: the inputs, `z (tokens, 
 which the magnitude's gradient needs).
 
 Backward: one Triton pass over `dout` for `dz`, `dw`, `dB`, `dLiMEs`, `dLiME_shared`, `dgamma` (and
-DoRA's d(scale)); the routing backward (Triton); then the input gradient — `dout W` (cuBLAS) plus its
-low-rank part (`du W[:E] + dz A`, Triton) — or the frozen output's gradient, and `dA = dz^T x` (Triton).
+DoRA's d(scale)); the routing backward (Triton); then the input gradient — its low-rank part
+(`du W[:E] + dz A`, Triton), to which cuBLAS adds `dout W` — or the frozen output's gradient, and
+`dA = dz^T x` (Triton).
 
 Variants: LoRA / LoRA-FA (`A`, `B`); DoRA (`channel_scale` = m / ||W + s B A||, the bias added after
 it); SliceFine (`A` = its trainable rows, `B` = their place, `sliced_rows`: the frozen output keeps
@@ -198,18 +199,20 @@ def fused_lime_backward(
     if need_x and computes_base:
         # dx = d(frozen) W with d(frozen) = scale * dout (+ du on the first E channels), minus the
         # sliced channels (their output is the bias alone), plus dz A when the adapter reads x.
-        dx = dout @ (weight if scale is None else (scale[:, None] * weight.float()).to(weight.dtype))
         routed = du
         if sliced_rows:
             width = max(num_experts, sliced_rows)
             routed = torch.zeros(dout.shape[0], width, device=dout.device, dtype=torch.float32)
             routed[:, :num_experts] = du
             routed[:, :sliced_rows] = -dout[:, :sliced_rows].float()
-        low_rank_input_grad(dx, routed, weight, dz if x_adapter is None else None, A, accumulate=True)
+        dx = low_rank_input_grad(torch.empty_like(x), routed, weight, dz if x_adapter is None else None, A)
+        # The low-rank terms first, so that the frozen product adds them in its GEMM's epilogue (a read
+        # hidden behind the product) instead of a pass over dx after it.
+        dx.addmm_(dout, weight if scale is None else (scale[:, None] * weight.float()).to(weight.dtype))
     elif need_x:  # the frozen output is given: x reaches the op only as the adapter's input
-        dx = low_rank_input_grad(torch.empty_like(x), None, A, dz, A, accumulate=False)
+        dx = low_rank_input_grad(torch.empty_like(x), None, A, dz, A)
     if need_adapter:
-        dx_adapter = low_rank_input_grad(torch.empty_like(x_adapter), None, A, dz, A, accumulate=False)
+        dx_adapter = low_rank_input_grad(torch.empty_like(x_adapter), None, A, dz, A)
     if need_base:
         dbase = dout.to(torch.float32, copy=True) if scale is None else dout.float() * scale  # never dout itself
         dbase[:, :num_experts] += du

@@ -71,9 +71,9 @@ def _low_rank_input_grad_kernel(
     dx_ptr, du_ptr, w_ptr, dz_ptr, a_ptr,
     num_tokens, in_features, num_experts, rank,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EXPERT_DOT: tl.constexpr, RANK_DOT: tl.constexpr,
-    HAS_ROUTED: tl.constexpr, HAS_ADAPTER: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_ROUTED: tl.constexpr, HAS_ADAPTER: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dx = [dx +] du @ W[:E] + dz @ A: the routed channels' and the adapter's paths to the input."""
+    """dx = du @ W[:E] + dz @ A: the routed channels' and the adapter's paths to the input."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < num_tokens
@@ -93,8 +93,6 @@ def _low_rank_input_grad_kernel(
         acc = tl.dot(dz, a.to(tl.float32), acc, input_precision=PRECISION)
     offsets = rows[:, None] * in_features + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(dx_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + offsets, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -144,9 +142,8 @@ def low_rank_input_grad(
     weight: torch.Tensor,
     dz: Optional[torch.Tensor],
     A: Optional[torch.Tensor],
-    accumulate: bool,
 ) -> torch.Tensor:
-    """`dx (+)= du @ weight[:E] + dz @ A`, written into `dx` (its dtype); du or dz may be absent."""
+    """`dx = du @ weight[:E] + dz @ A`, written into `dx` (its dtype); du or dz may be absent."""
     num_tokens, in_features = dx.shape
     num_experts = du.shape[1] if du is not None else 1
     rank = dz.shape[1] if dz is not None else 1
@@ -156,6 +153,6 @@ def low_rank_input_grad(
         dx, du if du is not None else dx, weight, dz if dz is not None else dx, A if A is not None else dx,
         num_tokens, in_features, num_experts, rank,
         EXPERT_DOT=dot_width(num_experts), RANK_DOT=dot_width(rank), HAS_ROUTED=du is not None,
-        HAS_ADAPTER=dz is not None, ACCUMULATE=accumulate, PRECISION=dot_precision(dx.dtype), **blocks,
+        HAS_ADAPTER=dz is not None, PRECISION=dot_precision(dx.dtype), **blocks,
     )
     return dx
