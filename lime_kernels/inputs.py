@@ -25,6 +25,16 @@ def as_sequences(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
+def autocast_cast(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`tensor` as autocast would hand it to a linear layer: cast to autocast's dtype when autocast is
+    on for its device and it is a floating tensor other than float64; otherwise unchanged."""
+    if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+        return tensor
+    if not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(torch.get_autocast_dtype(tensor.device.type))
+
+
 def _check_mask_dtype(mask: torch.Tensor) -> None:
     # Floating masks are refused: an additive mask (0 = attend, -inf = masked) would read backwards.
     if mask.dtype != torch.bool and (mask.dtype.is_floating_point or mask.dtype.is_complex):

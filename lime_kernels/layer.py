@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference
-from .inputs import ContextMask, as_sequences, context_valid_mask, explicit_valid_mask
+from .inputs import ContextMask, as_sequences, autocast_cast, context_valid_mask, explicit_valid_mask
 from .options import AdapterOptions, RoutingOptions
 from .quantized import frozen_weight
 from .reference import RoutingStats
@@ -64,8 +64,6 @@ class LiMEModule(nn.Module):
         self.routing = routing
         self.adapter = adapter
         self.compiled = False
-        # The fused backward reduces with per-tile partial sums; False allows atomics (faster, last bits vary).
-        self.deterministic = True
         self.mask_provider: Optional[MaskProvider] = None
         self.last_stats: Optional[RoutingStats] = None
         self._warned_unmatched_mask = False
@@ -164,11 +162,6 @@ class LiMEModule(nn.Module):
             return f"num_experts={self.routing.num_experts} > {MAX_FUSED_EXPERTS}"
         return None
 
-    def _fused_stats(self, probs_sum, selection_counts, num_valid, selected, valid) -> Optional[RoutingStats]:
-        aux = self._aux_mode()
-        histogram = reference.active_histogram(selected, valid) if aux == "full" else None
-        return reference.balance_statistics(probs_sum, selection_counts, num_valid, aux, histogram)
-
     def _random_draws(self, sequences: torch.Tensor):
         """The jitter noise, then the dropout mask: the same random numbers for every backend."""
         jitter = None
@@ -197,18 +190,17 @@ class LiMEModule(nn.Module):
         keep only the bias), else it takes `frozen()`.
         """
         if backend == "triton":
-            from .fused import fused_lime_linear
+            from .fused import fused_lime_linear, fused_statistics
 
             computes_base = weight is not None
-            out, probs_sum, selection_counts, num_valid, selected = fused_lime_linear(
+            result = fused_lime_linear(
                 x=x if computes_base or adapter_input is None else None, adapter_input=adapter_input,
                 weight=weight, bias=bias, base=None if computes_base else frozen(), A=A, B=B, LiMEs=self.LiMEs,
                 LiME_shared=self.LiME_shared, gamma=self.gamma, options=self.routing, scaling=scaling, valid=valid,
                 jitter=jitter, channel_scale=channel_scale, sliced_rows=sliced_rows if computes_base else 0,
-                deterministic=self.deterministic,
             )
-            self.last_stats = self._fused_stats(probs_sum, selection_counts, num_valid, selected, valid)
-            return out
+            self.last_stats = fused_statistics(result, self._aux_mode())
+            return result.out
         compute = _compiled_reference() if self.compiled else reference.lime_linear
         frozen_output = frozen()  # under autocast, as the base layer would run
         with full_precision(frozen_output.device):
@@ -338,13 +330,14 @@ class LiMELinear(LiMEModule):
         return type(self.linear).forward is nn.Linear.forward
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        sequences = as_sequences(x, self.in_features)
+        # Under autocast the layer reads its input as the frozen linear layer would (in autocast's
+        # dtype), on both backends; LiME's own math then runs in float32.
+        sequences = autocast_cast(as_sequences(x, self.in_features))
         valid = self._valid_tokens(x, attention_mask)
         jitter, dropped = self._random_draws(sequences)
         A, B, scaling = self.adapter_factors()
         backend = self.resolve_backend(x)
-        # Under autocast the frozen layer runs as autocast makes it (its output is then given).
-        fused_computes_base = backend == "triton" and self._plain_linear() and not torch.is_autocast_enabled(x.device.type)
+        fused_computes_base = backend == "triton" and self._plain_linear()
         with full_precision(x.device):
             channel_scale = self.channel_scale()
         out = self._modulate(

@@ -121,15 +121,15 @@ class LiMEPromptEncoder(LiMEModule):
         jitter, _ = self._random_draws(base)
         backend = self.resolve_backend(base)
         if backend == "triton":
-            from .fused import fused_lime_linear
+            from .fused import fused_lime_linear, fused_statistics
 
-            out, probs_sum, selection_counts, num_valid, selected = fused_lime_linear(
+            result = fused_lime_linear(
                 x=None, adapter_input=None, weight=None, bias=None, base=base, A=None, z=positions,
                 B=self.prompt_delta.t(), LiMEs=self.LiMEs, LiME_shared=self.LiME_shared, gamma=self.gamma,
-                options=self.routing, scaling=1.0, valid=None, jitter=jitter, deterministic=self.deterministic,
+                options=self.routing, scaling=1.0, valid=None, jitter=jitter,
             )
-            self.last_stats = self._fused_stats(probs_sum, selection_counts, num_valid, selected, None)
-            return out
+            self.last_stats = fused_statistics(result, self._aux_mode())
+            return result.out
         delta = self.prompt_delta.to(dtype).unsqueeze(0).expand(batch, -1, -1)
         with full_precision(base.device):
             out, self.last_stats = reference.route_and_modulate(

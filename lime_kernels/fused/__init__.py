@@ -1,5 +1,5 @@
 """The fused Triton path of the LiME layer (imported on first use: it needs Triton)."""
 
-from .op import fused_lime_linear
+from .op import FusedResult, fused_lime_linear, fused_statistics
 
-__all__ = ["fused_lime_linear"]
+__all__ = ["FusedResult", "fused_lime_linear", "fused_statistics"]

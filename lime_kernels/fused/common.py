@@ -1,6 +1,17 @@
-"""Small helpers shared by the fused kernels' launchers."""
+"""What the fused kernels' launchers share: tile widths, the `tl.dot` precision, the device guard,
+and `launch`, the one place every Triton kernel starts from.
+
+`launch` lets the launches be counted and their memory traffic accounted for
+(`benchmarks/cost_model.py`, the host-overhead benchmark): each launcher states the bytes its kernel
+reads and writes and the FLOPs it does, computed from the tensors it passes. Inside
+`record_launches(execute=False)` the kernels are not run at all (only recorded).
+"""
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, List, Sequence, Union
 
 import torch
 import triton
@@ -11,12 +22,98 @@ def dot_width(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
-def lane_width(size: int) -> int:
-    """A register-tile width for `size` values (experts): a power of two, at least 2."""
-    return max(2, triton.next_power_of_2(size))
-
-
 def dot_precision(activation_dtype: torch.dtype) -> str:
     """float32 activations get exact float32 products; bf16/fp16 ones (which TF32 holds exactly)
     use TF32 tensor cores, whose rounding of the float32 operands is below the activations' own."""
     return "ieee" if activation_dtype == torch.float32 else "tf32"
+
+
+def on_device_of(tensor: torch.Tensor):
+    """Triton launches on the *current* CUDA device and its current stream: make that the tensor's
+    device (a layer on cuda:1 under device_map), keeping the caller's stream on it."""
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+# --- launches ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the bytes it moves to and from global memory and its FLOPs."""
+
+    name: str
+    grid: tuple
+    bytes_read: int
+    bytes_written: int
+    flops: int
+
+
+Traffic = Union[torch.Tensor, int, None]
+
+
+def traffic_bytes(items: Iterable[Traffic]) -> int:
+    """Bytes of the given tensors (their elements, once each) plus explicit byte counts."""
+    total = 0
+    for item in items:
+        if item is None:
+            continue
+        total += int(item) if isinstance(item, int) else item.numel() * item.element_size()
+    return total
+
+
+def strided_rows_bytes(num_rows: int, row_bytes: int) -> int:
+    """Bytes moved when reading `row_bytes` from each of `num_rows` rows far apart: whole 32-byte sectors."""
+    return num_rows * triton.cdiv(row_bytes, 32) * 32
+
+
+class _Recorder:
+    def __init__(self, execute: bool):
+        self.execute = execute
+        self.launches: List[Launch] = []
+
+
+_recorders: List[_Recorder] = []
+
+
+@contextlib.contextmanager
+def record_launches(execute: bool = True):
+    """Collect every kernel launch made inside the block (a list of `Launch`); with `execute=False`
+    the kernels are not started (for accounting on any device, and host-time measurements)."""
+    recorder = _Recorder(execute)
+    _recorders.append(recorder)
+    try:
+        yield recorder.launches
+    finally:
+        _recorders.remove(recorder)
+
+
+def launch(kernel, grid: Sequence[int], *args, reads: Sequence[Traffic] = (), writes: Sequence[Traffic] = (),
+           flops: int = 0, **options) -> None:
+    """Start `kernel` over `grid` (an empty grid starts nothing) and report it to the recorders."""
+    grid = tuple(int(size) for size in grid)
+    if min(grid) == 0:
+        return
+    execute = True
+    if _recorders:
+        record = Launch(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, grid,
+                        traffic_bytes(reads), traffic_bytes(writes), int(flops))
+        for recorder in _recorders:
+            recorder.launches.append(record)
+            execute = execute and recorder.execute
+    if execute:
+        kernel[grid](*args, **options)
+
+
+__all__ = [
+    "Launch",
+    "dot_precision",
+    "dot_width",
+    "launch",
+    "on_device_of",
+    "record_launches",
+    "strided_rows_bytes",
+    "traffic_bytes",
+]
+

@@ -1,252 +1,467 @@
-"""The modulated up projection: one pass over the `[tokens, Dout]` output, forward and backward.
+"""The modulated up projection over the `[tokens, Dout]` output: the forward epilogue and the two
+backward passes over `dout`, plus the kernel that finishes the parameter gradients.
 
-Forward (in place over the frozen output, or into a new tensor): `out = base + (s * z B^T) *
-(w P + g p_shared)` on valid rows, `out = base` on the others; DoRA's per-channel scale and the
-bias, or SliceFine's sliced channels, enter the frozen output `base` in the same pass. The `[tokens, Dout]` delta and modulation are rebuilt per tile
-from `z (tokens, r)` and `w (tokens, E)` with rank-r and rank-E multiply-adds, never stored.
-(`tl.dot` would need r and E padded to 16; at r = 2 and E = 4 the multiply-adds do 6 steps, not 32.)
-
-Backward: one pass over `dout`, rebuilding the same tiles, gives per-tile partial sums of
-`dz`, `dw` (reduced over Dout) and of `dB`, `dP`, `sum_n d(mod)` (reduced over tokens); a sum
-over the tiles finishes them (deterministic), or atomics accumulate them directly.
+Per tile, `delta = s z B^T` and `mod = w P + g p_shared` are rebuilt with two `tl.dot`s of width r and
+E (never stored), and:
+- forward (`modulation_forward`): `out = base' + delta * mod` on valid rows, `base'` on the others,
+  written over the frozen GEMM's output (or into a new tensor), with DoRA's scale and bias or
+  SliceFine's bias applied to base' in the same pass. Its first program also finishes the routing
+  statistics (`routing.finish_statistics`).
+- backward, pass over token blocks (`modulation_backward`): with `D = dout` on valid rows (times DoRA's
+  scale), `dz = s (D mod) B` and `dw = s (D delta) P^T` reduced over all of Dout inside one program (no
+  partial sums), then the routing backward of those rows (`routing.route_rows_backward`), and per
+  block the sum of `s (D delta) p_shared` (for d gamma).
+- backward, pass over column blocks (`parameter_partials`): `s (D mod)^T z` (dB), `s (D delta)^T w`
+  (dP), the column sums of `s D delta` (d p_shared), and DoRA's `sum dout base + s D delta mod / scale`,
+  per split of the tokens: a bounded number of partial sums, summed in a fixed order by
+  `_finish_kernel` together with dA's and the routing's partials.
+So every reduction runs in an order fixed by the shape: gradients are bit-for-bit repeatable.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .common import dot_precision, dot_width, launch
+from .projection import token_splits
+from .routing import (
+    RoutingConfig,
+    RoutingState,
+    finish_statistics,
+    histogram_lanes,
+    route_rows_backward,
+    valid_rows,
+)
 
 
 @triton.jit
-def _delta_and_modulation(z_ptr, b_ptr, w_ptr, p_ptr, shared_ptr, gamma_ptr, rows, cols, row_ok, col_ok,
-                          out_features, rank, num_experts, scaling, HAS_SHARED: tl.constexpr):
-    # Runtime loops over the rank and the experts: unrolling them (static_range) compiles for
-    # minutes at rank 128 and buys little, each step being a full-tile multiply-add anyway.
-    delta = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
-    for k in range(0, rank):
-        z_k = tl.load(z_ptr + rows * rank + k, mask=row_ok, other=0.0)
-        b_k = tl.load(b_ptr + cols * rank + k, mask=col_ok, other=0.0).to(tl.float32)
-        delta += z_k[:, None] * b_k[None, :]
-    modulation = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
-    for e in range(0, num_experts):
-        w_e = tl.load(w_ptr + rows * num_experts + e, mask=row_ok, other=0.0)
-        p_e = tl.load(p_ptr + e * out_features + cols, mask=col_ok, other=0.0).to(tl.float32)
-        modulation += w_e[:, None] * p_e[None, :]
+def _delta_and_modulation(z, w, b_ptr, p_ptr, shared_ptr, gamma_ptr, cols, col_ok, ranks, lanes, out_features, rank,
+                          num_experts, PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr):
+    """A tile's `z B^T` (without the scaling) and `w P + g p_shared`, from z (rows, r) and w (rows, E)."""
+    b = tl.load(b_ptr + cols[:, None] * rank + ranks[None, :], mask=col_ok[:, None] & (ranks[None, :] < rank),
+                other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + lanes[:, None] * out_features + cols[None, :],
+                mask=(lanes[:, None] < num_experts) & col_ok[None, :], other=0.0).to(tl.float32)
+    delta = tl.dot(z, tl.trans(b), input_precision=PRECISION)
+    modulation = tl.dot(w, p, input_precision=PRECISION)
+    shared = tl.zeros(cols.shape, tl.float32)
     if HAS_SHARED:
         shared = tl.load(shared_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         modulation += tl.load(gamma_ptr).to(tl.float32) * shared[None, :]
-    return scaling * delta, modulation
+    return delta, modulation, b, p, shared
 
 
 @triton.jit
-def _frozen_tile(base_ptr, scale_ptr, bias_ptr, offsets, mask, cols, col_ok, sliced_rows,
-                 OUT_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The frozen output base' of a tile, in float32 but rounded to the output dtype as the
-    reference holds it: DoRA's `scale * base + bias`, or SliceFine's bias on its first channels."""
-    frozen = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        frozen = frozen * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            frozen += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        frozen = frozen.to(OUT_DTYPE).to(tl.float32)
-    else:
-        kept = tl.zeros((cols.shape[0],), tl.float32)
-        if HAS_BIAS:
-            kept = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        frozen = tl.where((cols < sliced_rows)[None, :], kept[None, :], frozen)
-    return frozen
+def _row_inputs(z_ptr, weights_ptr, rows, row_ok, ranks, lanes, rank, num_experts):
+    z = tl.load(z_ptr + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & (ranks[None, :] < rank),
+                other=0.0).to(tl.float32)
+    w = tl.load(weights_ptr + rows[:, None] * num_experts + lanes[None, :],
+                mask=row_ok[:, None] & (lanes[None, :] < num_experts), other=0.0)
+    return z, w
 
 
 @triton.jit
 def _modulation_forward_kernel(
-    base_ptr, out_ptr, z_ptr, b_ptr, w_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, bias_ptr,
-    num_tokens, out_features, rank, num_experts, sliced_rows, scaling,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SHARED: tl.constexpr,
+    frozen_ptr, out_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, bias_ptr, weights_ptr,
+    stat_partials_ptr, stats_ptr, histogram_ptr,
+    num_tokens, out_features, rank, num_experts, sliced_rows, num_stat_blocks, stride_frozen, stride_out, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_DOT: tl.constexpr, LANES: tl.constexpr,
+    HIST_LANES: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SHARED: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < num_tokens
-    col_ok = cols < out_features
-    delta, modulation = _delta_and_modulation(z_ptr, b_ptr, w_ptr, p_ptr, shared_ptr, gamma_ptr, rows, cols,
-                                              row_ok, col_ok, out_features, rank, num_experts, scaling, HAS_SHARED)
-    if HAS_SCALE:
-        delta = delta * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    offsets = rows[:, None] * out_features + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    frozen = _frozen_tile(base_ptr, scale_ptr, bias_ptr, offsets, mask, cols, col_ok, sliced_rows,
-                          out_ptr.dtype.element_ty, HAS_SCALE, HAS_BIAS)
-    out = frozen + delta * modulation
-    if HAS_MASK:
-        valid = tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0
-        out = tl.where(valid[:, None], out, frozen)  # exactly the frozen output: it round-trips
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _modulation_backward_kernel(
-    dout_ptr, z_ptr, b_ptr, w_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, base_ptr,
-    dz_ptr, dw_ptr, db_ptr, dp_ptr, dcol_ptr, dscale_ptr,
-    num_tokens, out_features, rank, num_experts, scaling,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SHARED: tl.constexpr,
-    HAS_SCALE: tl.constexpr, INPUT_GRADS: tl.constexpr, PARAM_GRADS: tl.constexpr, ATOMIC: tl.constexpr,
-):
-    """Partial sums of one (token block, channel block) tile.
-
-    INPUT_GRADS: dz (tokens, r) and dw (tokens, E), reduced over this tile's channels, at
-    [channel block] (deterministic) or accumulated atomically. PARAM_GRADS: dB (Dout, r), dP (E, Dout),
-    dcol (Dout,) = sum over tokens of d(mod), and with DoRA's scale dscale (Dout,), reduced over this
-    tile's tokens, at [token block].
-    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, RANK_DOT)
+    lanes = tl.arange(0, LANES)
     row_ok = rows < num_tokens
     col_ok = cols < out_features
-    delta, modulation = _delta_and_modulation(z_ptr, b_ptr, w_ptr, p_ptr, shared_ptr, gamma_ptr, rows, cols,
-                                              row_ok, col_ok, out_features, rank, num_experts, scaling, HAS_SHARED)
-    offsets = rows[:, None] * out_features + cols[None, :]
-    active = row_ok
-    if HAS_MASK:
-        active = active & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
-    dout = tl.load(dout_ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    dout_valid = tl.where(active[:, None], dout, 0.0)
+    z, w = _row_inputs(z_ptr, weights_ptr, rows, row_ok, ranks, lanes, rank, num_experts)
+    delta, modulation, _, _, _ = _delta_and_modulation(z, w, b_ptr, p_ptr, shared_ptr, gamma_ptr, cols, col_ok, ranks,
+                                                       lanes, out_features, rank, num_experts, PRECISION, HAS_SHARED)
+    delta = scaling * delta
+    mask = row_ok[:, None] & col_ok[None, :]
+    frozen = tl.load(frozen_ptr + rows[:, None] * stride_frozen + cols[None, :], mask=mask, other=0.0)
+    base = frozen.to(tl.float32)
+    bias = tl.zeros(cols.shape, tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        # out = scale * (base + delta * mod) + bias on valid rows, scale * base + bias elsewhere.
+        # base' = scale * base + bias, rounded as the reference holds it (launched without FMA contraction).
         scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-        ddelta = dout_valid * modulation * scale[None, :]
-        dmodulation = dout_valid * delta * scale[None, :]
+        base = base * scale[None, :]
+        base = base + bias[None, :]
+        base = base.to(frozen.dtype).to(tl.float32)
+        delta = delta * scale[None, :]
     else:
-        ddelta = dout_valid * modulation
-        dmodulation = dout_valid * delta
-
-    if INPUT_GRADS:
-        if ATOMIC:
-            dz_base = dz_ptr
-            dw_base = dw_ptr
-        else:
-            dz_base = dz_ptr + pid_n.to(tl.int64) * num_tokens * rank
-            dw_base = dw_ptr + pid_n.to(tl.int64) * num_tokens * num_experts
-        for k in range(0, rank):
-            b_k = tl.load(b_ptr + cols * rank + k, mask=col_ok, other=0.0).to(tl.float32)
-            dz_k = scaling * tl.sum(ddelta * b_k[None, :], axis=1)
-            if ATOMIC:
-                tl.atomic_add(dz_base + rows * rank + k, dz_k, mask=row_ok)
-            else:
-                tl.store(dz_base + rows * rank + k, dz_k, mask=row_ok)
-        for e in range(0, num_experts):
-            p_e = tl.load(p_ptr + e * out_features + cols, mask=col_ok, other=0.0).to(tl.float32)
-            dw_e = tl.sum(dmodulation * p_e[None, :], axis=1)
-            if ATOMIC:
-                tl.atomic_add(dw_base + rows * num_experts + e, dw_e, mask=row_ok)
-            else:
-                tl.store(dw_base + rows * num_experts + e, dw_e, mask=row_ok)
-    if PARAM_GRADS:
-        if ATOMIC:
-            db_base = db_ptr
-            dp_base = dp_ptr
-            dcol_base = dcol_ptr
-            dscale_base = dscale_ptr
-        else:
-            db_base = db_ptr + pid_m.to(tl.int64) * out_features * rank
-            dp_base = dp_ptr + pid_m.to(tl.int64) * num_experts * out_features
-            dcol_base = dcol_ptr + pid_m.to(tl.int64) * out_features
-            dscale_base = dscale_ptr + pid_m.to(tl.int64) * out_features
-        for k in range(0, rank):
-            z_k = tl.load(z_ptr + rows * rank + k, mask=row_ok, other=0.0)
-            db_k = scaling * tl.sum(ddelta * z_k[:, None], axis=0)
-            if ATOMIC:
-                tl.atomic_add(db_base + cols * rank + k, db_k, mask=col_ok)
-            else:
-                tl.store(db_base + cols * rank + k, db_k, mask=col_ok)
-        for e in range(0, num_experts):
-            w_e = tl.load(w_ptr + rows * num_experts + e, mask=row_ok, other=0.0)
-            dp_e = tl.sum(dmodulation * w_e[:, None], axis=0)
-            if ATOMIC:
-                tl.atomic_add(dp_base + e * out_features + cols, dp_e, mask=col_ok)
-            else:
-                tl.store(dp_base + e * out_features + cols, dp_e, mask=col_ok)
-        dcol = tl.sum(dmodulation, axis=0)
-        if ATOMIC:
-            tl.atomic_add(dcol_base + cols, dcol, mask=col_ok)
-        else:
-            tl.store(dcol_base + cols, dcol, mask=col_ok)
-        if HAS_SCALE:
-            base = tl.load(base_ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            dscale = tl.sum(dout * base + dout_valid * delta * modulation, axis=0)
-            if ATOMIC:
-                tl.atomic_add(dscale_base + cols, dscale, mask=col_ok)
-            else:
-                tl.store(dscale_base + cols, dscale, mask=col_ok)
+        base = tl.where((cols < sliced_rows)[None, :], bias[None, :], base)
+    out = base + delta * modulation
+    if HAS_MASK:
+        valid = tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0
+        out = tl.where(valid[:, None], out, base)  # exactly the frozen output: it round-trips
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    if (pid_m == 0) & (pid_n == 0):
+        finish_statistics(stat_partials_ptr, num_stat_blocks, stats_ptr, histogram_ptr, num_experts, LANES,
+                          HIST_LANES)
 
 
-# Tiles and warps chosen so that no build spills registers on sm_80 / sm_90 (compile_check).
-FORWARD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
-BACKWARD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8)
-
-
-def modulation_forward(base, out, z, B, weights, LiMEs, LiME_shared, gamma, valid, scaling: float,
-                       channel_scale=None, bias=None, sliced_rows: int = 0) -> torch.Tensor:
-    """Writes `out` (which may be `base` itself) from the frozen output `base`; returns `out`.
-
-    With `channel_scale` (DoRA), `base` is the product without bias and the frozen output is
-    `scale * base + bias`; otherwise its first `sliced_rows` channels become the bias (SliceFine).
-    """
-    num_tokens, out_features = base.shape
-    rank, num_experts = z.shape[1], weights.shape[1]
-    grid = (triton.cdiv(num_tokens, FORWARD_BLOCKS["BLOCK_M"]), triton.cdiv(out_features, FORWARD_BLOCKS["BLOCK_N"]))
-    has_shared = LiME_shared is not None
-    _modulation_forward_kernel[grid](
-        base, out, z, B, weights, LiMEs, LiME_shared if has_shared else LiMEs, gamma if has_shared else LiMEs,
-        valid if valid is not None else base, channel_scale if channel_scale is not None else LiMEs,
-        bias if bias is not None else LiMEs,
-        num_tokens, out_features, rank, num_experts, int(sliced_rows), float(scaling),
-        HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=channel_scale is not None,
-        HAS_BIAS=bias is not None, **FORWARD_BLOCKS,
-    )
-    return out
-
-
-def modulation_backward(
-    dout, z, B, weights, LiMEs, LiME_shared, gamma, valid, scaling: float,
-    input_grads: bool, param_grads: bool, deterministic: bool, channel_scale=None, base=None,
+@triton.jit
+def _modulation_backward_kernel(
+    dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, features_ptr, selected_ptr,
+    jitter_ptr, stats_ptr, dstats_ptr, scales_ptr,
+    dz_ptr, dpooled_ptr, dgamma_partials_ptr, max_partials_ptr,
+    num_tokens, out_features, rank, num_experts, top_k, scaling, temperature, gamma_routing, theta, tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_DOT: tl.constexpr, LANES: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_SCALE: tl.constexpr,
+    ROUTING: tl.constexpr, HAS_JITTER: tl.constexpr, HAS_DSTATS: tl.constexpr, MAXABS: tl.constexpr,
+    SELECTION: tl.constexpr,
 ):
-    """Returns (dz, dweights, dB, dLiMEs, dcol, dscale) in float32; dz and dB include the scaling,
-    dcol is the sum over valid tokens of d(mod) (dLiME_shared = gamma * dcol, dgamma = dcol . p_shared),
-    dscale (with DoRA's `channel_scale`; `base` is then the saved product without bias) covers the
-    modulated output. Entries not asked for are None."""
-    num_tokens, out_features = dout.shape
-    rank, num_experts = z.shape[1], weights.shape[1]
-    row_blocks = triton.cdiv(num_tokens, BACKWARD_BLOCKS["BLOCK_M"])
-    col_blocks = triton.cdiv(out_features, BACKWARD_BLOCKS["BLOCK_N"])
-    device = dout.device
-    has_scale = channel_scale is not None
+    """One block of tokens over all of Dout: dz, and with ROUTING the gradients w.r.t. the pooled
+    routing features (the raw ones when routing is per token)."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, RANK_DOT)
+    lanes = tl.arange(0, LANES)
+    row_ok = rows < num_tokens
+    plane = num_tokens * num_experts
+    z, w = _row_inputs(z_ptr, features_ptr + 3 * plane, rows, row_ok, ranks, lanes, rank, num_experts)
+    active = valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
+    dz = tl.zeros((BLOCK_M, RANK_DOT), tl.float32)
+    dw = tl.zeros((BLOCK_M, LANES), tl.float32)
+    dgamma = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, out_features, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < out_features
+        delta, modulation, b, p, shared = _delta_and_modulation(z, w, b_ptr, p_ptr, shared_ptr, gamma_ptr, cols,
+                                                                col_ok, ranks, lanes, out_features, rank,
+                                                                num_experts, PRECISION, HAS_SHARED)
+        d = tl.load(dout_ptr + rows[:, None] * out_features + cols[None, :],
+                    mask=active[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            d = d * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        dz = tl.dot(d * modulation, b, dz, input_precision=PRECISION)
+        d_delta = d * delta
+        dw = tl.dot(d_delta, tl.trans(p), dw, input_precision=PRECISION)
+        if HAS_SHARED:
+            dgamma += tl.sum(d_delta * shared[None, :], axis=1)
+    dz = scaling * dz
+    tl.store(dz_ptr + rows[:, None] * rank + ranks[None, :], dz, mask=row_ok[:, None] & (ranks[None, :] < rank))
+    if HAS_SHARED:
+        tl.store(dgamma_partials_ptr + pid, scaling * tl.sum(dgamma, axis=0))
+    if ROUTING:
+        dw = scaling * dw
+        lane_ok = lanes < num_experts
+        tile = row_ok[:, None] & lane_ok[None, :]
+        offsets = rows[:, None] * num_experts + lanes[None, :]
+        u = tl.load(features_ptr + offsets, mask=tile, other=0.0)
+        v = tl.load(features_ptr + plane + offsets, mask=tile, other=0.0)
+        probs = tl.load(features_ptr + 2 * plane + offsets, mask=tile, other=0.0)
+        selected = tl.load(selected_ptr + offsets, mask=tile, other=0).to(tl.int32)
+        u_scale = 1.0
+        v_scale = 1.0
+        if MAXABS:
+            u_scale = tl.load(scales_ptr)
+            v_scale = tl.load(scales_ptr + 1)
+        du, dv, u_along, v_along = route_rows_backward(
+            dw, stats_ptr, dstats_ptr, active, u, v, probs, w, selected, jitter_ptr, rows, lanes, row_ok, num_experts,
+            u_scale, v_scale, top_k, temperature, gamma_routing, theta, tau, HAS_JITTER, HAS_DSTATS, MAXABS, SELECTION)
+        tl.store(dpooled_ptr + offsets, du, mask=tile)
+        tl.store(dpooled_ptr + plane + offsets, dv, mask=tile)
+        if MAXABS:
+            tl.store(max_partials_ptr + pid * 2, u_along)
+            tl.store(max_partials_ptr + pid * 2 + 1, v_along)
 
-    def buffer(*shape, blocks):
-        if deterministic:
-            return torch.empty(blocks, *shape, device=device, dtype=torch.float32)
-        return torch.zeros(*shape, device=device, dtype=torch.float32)
 
-    dz = buffer(num_tokens, rank, blocks=col_blocks) if input_grads else None
-    dw = buffer(num_tokens, num_experts, blocks=col_blocks) if input_grads else None
-    dB = buffer(out_features, rank, blocks=row_blocks) if param_grads else None
-    dP = buffer(num_experts, out_features, blocks=row_blocks) if param_grads else None
-    dcol = buffer(out_features, blocks=row_blocks) if param_grads else None
-    dscale = buffer(out_features, blocks=row_blocks) if param_grads and has_scale else None
+@triton.jit
+def _parameter_partials_kernel(
+    dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, frozen_ptr, weights_ptr,
+    partials_ptr,
+    num_tokens, out_features, rank, num_experts, tokens_per_split, stride_frozen,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_DOT: tl.constexpr, LANES: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_SCALE: tl.constexpr,
+):
+    """One block of Dout columns over one split of the tokens. Partials (splits, Dout, r + E + 3),
+    without the scaling: (D mod)^T z | (D delta)^T w | sum D delta | DoRA: sum dout base, sum D' delta mod
+    (D' without the scale)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < out_features
+    ranks = tl.arange(0, RANK_DOT)
+    lanes = tl.arange(0, LANES)
+    db = tl.zeros((BLOCK_N, RANK_DOT), tl.float32)
+    dp = tl.zeros((BLOCK_N, LANES), tl.float32)
+    dcol = tl.zeros((BLOCK_N,), tl.float32)
+    dscale_frozen = tl.zeros((BLOCK_N,), tl.float32)
+    dscale_modulated = tl.zeros((BLOCK_N,), tl.float32)
+    scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, num_tokens)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < end
+        z, w = _row_inputs(z_ptr, weights_ptr, rows, row_ok, ranks, lanes, rank, num_experts)
+        delta, modulation, _, _, _ = _delta_and_modulation(z, w, b_ptr, p_ptr, shared_ptr, gamma_ptr, cols, col_ok,
+                                                           ranks, lanes, out_features, rank, num_experts, PRECISION,
+                                                           HAS_SHARED)
+        active = valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
+        tile = row_ok[:, None] & col_ok[None, :]
+        dout = tl.load(dout_ptr + rows[:, None] * out_features + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+        d = tl.where(active[:, None], dout, 0.0)
+        if HAS_SCALE:
+            frozen = tl.load(frozen_ptr + rows[:, None] * stride_frozen + cols[None, :], mask=tile,
+                             other=0.0).to(tl.float32)
+            dscale_frozen += tl.sum(dout * frozen, axis=0)
+            dscale_modulated += tl.sum(d * delta * modulation, axis=0)
+            d = d * scale[None, :]
+        db = tl.dot(tl.trans(d * modulation), z, db, input_precision=PRECISION)
+        d_delta = d * delta
+        dp = tl.dot(tl.trans(d_delta), w, dp, input_precision=PRECISION)
+        dcol += tl.sum(d_delta, axis=0)
+    width = rank + num_experts + 3
+    base = partials_ptr + split.to(tl.int64) * out_features * width + cols.to(tl.int64) * width
+    tl.store(base[:, None] + ranks[None, :], db, mask=col_ok[:, None] & (ranks[None, :] < rank))
+    tl.store(base[:, None] + rank + lanes[None, :], dp, mask=col_ok[:, None] & (lanes[None, :] < num_experts))
+    tl.store(base + rank + num_experts, dcol, mask=col_ok)
+    if HAS_SCALE:
+        tl.store(base + rank + num_experts + 1, dscale_frozen, mask=col_ok)
+        tl.store(base + rank + num_experts + 2, dscale_modulated, mask=col_ok)
+
+
+@triton.jit
+def _finish_kernel(
+    partials_ptr, da_partials_ptr, routing_partials_ptr, dgamma_partials_ptr, gamma_ptr, scale_ptr,
+    db_ptr, dp_ptr, dshared_ptr, dgamma_ptr, dscale_ptr, da_ptr,
+    out_features, in_features, rank, num_experts, num_splits, num_da_splits, num_routing_splits,
+    num_dgamma_blocks, scaling,
+    BLOCK_N: tl.constexpr, RANK_DOT: tl.constexpr, LANES: tl.constexpr, BLOCK_K: tl.constexpr,
+    NEED_B: tl.constexpr, NEED_P: tl.constexpr, NEED_SHARED: tl.constexpr, NEED_GAMMA: tl.constexpr,
+    NEED_SCALE: tl.constexpr, NEED_A: tl.constexpr, ROUTING_PARTIALS: tl.constexpr, HAS_SCALE: tl.constexpr,
+):
+    """Programs [0, column blocks): dB, dLiMEs, dLiME_shared, dscale of a block of Dout columns; the
+    next ones: dA of a block of Din columns; program 0 also d gamma. Each sums its partials in split
+    order and writes the gradient in its parameter's dtype."""
+    pid = tl.program_id(0)
+    column_blocks = tl.cdiv(out_features, BLOCK_N)
+    ranks = tl.arange(0, RANK_DOT)
+    lanes = tl.arange(0, LANES)
+    rank_ok = ranks < rank
+    lane_ok = lanes < num_experts
+    if pid < column_blocks:
+        if NEED_B or NEED_P or NEED_SHARED or NEED_SCALE:
+            cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < out_features
+            width = rank + num_experts + 3
+            db = tl.zeros((BLOCK_N, RANK_DOT), tl.float32)
+            dp = tl.zeros((BLOCK_N, LANES), tl.float32)
+            dcol = tl.zeros((BLOCK_N,), tl.float32)
+            dscale_frozen = tl.zeros((BLOCK_N,), tl.float32)
+            dscale_modulated = tl.zeros((BLOCK_N,), tl.float32)
+            for split in range(0, num_splits):
+                base = partials_ptr + split * out_features * width + cols.to(tl.int64) * width
+                db += tl.load(base[:, None] + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+                dp += tl.load(base[:, None] + rank + lanes[None, :], mask=col_ok[:, None] & lane_ok[None, :],
+                              other=0.0)
+                dcol += tl.load(base + rank + num_experts, mask=col_ok, other=0.0)
+                if HAS_SCALE:
+                    dscale_frozen += tl.load(base + rank + num_experts + 1, mask=col_ok, other=0.0)
+                    dscale_modulated += tl.load(base + rank + num_experts + 2, mask=col_ok, other=0.0)
+            # The routing's contributions through u, v = base'[:, :E], delta'[:, :E].
+            routed = cols < num_experts
+            routing_db = tl.zeros((BLOCK_N, RANK_DOT), tl.float32)
+            routing_dscale = tl.zeros((BLOCK_N,), tl.float32)
+            if ROUTING_PARTIALS:
+                routing_width = num_experts * rank + num_experts
+                for split in range(0, num_routing_splits):
+                    base = routing_partials_ptr + split * routing_width
+                    routing_db += tl.load(base + cols[:, None] * rank + ranks[None, :],
+                                          mask=routed[:, None] & rank_ok[None, :], other=0.0)
+                    routing_dscale += tl.load(base + num_experts * rank + cols, mask=routed, other=0.0)
+            if NEED_B:
+                tl.store(db_ptr + cols[:, None] * rank + ranks[None, :],
+                         (scaling * (db + routing_db)).to(db_ptr.dtype.element_ty),
+                         mask=col_ok[:, None] & rank_ok[None, :])
+            if NEED_P:
+                tl.store(dp_ptr + lanes[None, :] * out_features + cols[:, None],
+                         (scaling * dp).to(dp_ptr.dtype.element_ty), mask=col_ok[:, None] & lane_ok[None, :])
+            if NEED_SHARED:
+                gamma = tl.load(gamma_ptr).to(tl.float32)
+                tl.store(dshared_ptr + cols, (gamma * scaling * dcol).to(dshared_ptr.dtype.element_ty), mask=col_ok)
+            if NEED_SCALE:
+                # d(scale): the frozen product everywhere, the modulation on valid rows (summed with
+                # D' = dout, without the scale), and the routed channels' share.
+                dscale = dscale_frozen + scaling * dscale_modulated + routing_dscale
+                tl.store(dscale_ptr + cols, dscale.to(dscale_ptr.dtype.element_ty), mask=col_ok)
+    else:
+        if NEED_A:
+            cols = (pid - column_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            col_ok = cols < in_features
+            da = tl.zeros((RANK_DOT, BLOCK_K), tl.float32)
+            for split in range(0, num_da_splits):
+                da += tl.load(da_partials_ptr + split * rank * in_features + ranks[:, None] * in_features
+                              + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            tl.store(da_ptr + ranks[:, None] * in_features + cols[None, :], da.to(da_ptr.dtype.element_ty),
+                     mask=rank_ok[:, None] & col_ok[None, :])
+    if NEED_GAMMA:
+        if pid == 0:
+            total = 0.0
+            for block in range(0, num_dgamma_blocks):
+                total += tl.load(dgamma_partials_ptr + block)
+            tl.store(dgamma_ptr, total.to(dgamma_ptr.dtype.element_ty))
+
+
+# --- launchers -------------------------------------------------------------------------------------
+
+# Tiles and warps chosen so that no build spills registers on sm_80 / sm_90 (compile_check). The
+# backward's reductions run over Dout in BLOCK_N steps and over tokens in BLOCK_M steps: fixed, so
+# that the order of every sum depends on the shape only.
+FORWARD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
+BACKWARD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
+PARTIALS_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
+FINISH_BLOCKS = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4)
+
+
+def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, valid, scaling: float,
+                       stat_partials, stats, histogram, channel_scale=None, bias=None, sliced_rows: int = 0) -> None:
+    """Writes `out` (which may be `frozen` itself) and finishes the statistics into `stats`, `histogram`.
+
+    With `channel_scale` (DoRA), `frozen` is the product without bias and base' = `scale * frozen +
+    bias`; otherwise its first `sliced_rows` channels become the bias (SliceFine).
+    """
+    num_tokens, out_features = frozen.shape
+    rank, num_experts = z.shape[1], LiMEs.shape[0]
+    blocks = FORWARD_BLOCKS
+    grid = (triton.cdiv(num_tokens, blocks["BLOCK_M"]), triton.cdiv(out_features, blocks["BLOCK_N"]))
     has_shared = LiME_shared is not None
-    placeholder = z
-    _modulation_backward_kernel[(row_blocks, col_blocks)](
-        dout, z, B, weights, LiMEs, LiME_shared if has_shared else LiMEs, gamma if has_shared else LiMEs,
-        valid if valid is not None else dout, channel_scale if has_scale else LiMEs,
-        base if has_scale else dout,
-        *(t if t is not None else placeholder for t in (dz, dw, dB, dP, dcol, dscale)),
-        num_tokens, out_features, rank, num_experts, float(scaling),
-        HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=has_scale, INPUT_GRADS=input_grads,
-        PARAM_GRADS=param_grads, ATOMIC=not deterministic, **BACKWARD_BLOCKS,
+    launch(
+        _modulation_forward_kernel, grid,
+        frozen, out, z, B, LiMEs, LiME_shared if has_shared else LiMEs, gamma if has_shared else LiMEs,
+        valid if valid is not None else frozen, channel_scale if channel_scale is not None else LiMEs,
+        bias if bias is not None else LiMEs, weights, stat_partials, stats, histogram,
+        num_tokens, out_features, rank, num_experts, int(sliced_rows), stat_partials.shape[0], frozen.stride(0),
+        out.stride(0), float(scaling),
+        RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), HIST_LANES=histogram_lanes(num_experts),
+        PRECISION=dot_precision(frozen.dtype), HAS_MASK=valid is not None, HAS_SHARED=has_shared,
+        HAS_SCALE=channel_scale is not None, HAS_BIAS=bias is not None, enable_fp_fusion=False, **blocks,
+        reads=[frozen, z, weights, B, LiMEs, LiME_shared, valid, channel_scale, stat_partials],
+        writes=[out, stats, histogram],
+        flops=2 * num_tokens * out_features * (rank + num_experts + 1),
     )
-    if deterministic:
-        return tuple(t.sum(dim=0) if t is not None else None for t in (dz, dw, dB, dP, dcol, dscale))
-    return dz, dw, dB, dP, dcol, dscale
+
+
+def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_scale, state: RoutingState, jitter,
+                        stats, dstats, scaling: float, config: RoutingConfig, routing: bool):
+    """Returns (dz (tokens, r), d(pooled features) (2, tokens, E) or None, d gamma partials per block
+    or None, maxabs partial sums per block or None), all float32; dz includes the scaling."""
+    num_tokens, out_features = dout.shape
+    rank, num_experts = z.shape[1], config.num_experts
+    device = dout.device
+    blocks = BACKWARD_BLOCKS
+    num_blocks = triton.cdiv(num_tokens, blocks["BLOCK_M"])
+    has_shared = LiME_shared is not None
+    dz = torch.empty(num_tokens, rank, device=device, dtype=torch.float32)
+    dpooled = torch.empty(2, num_tokens, num_experts, device=device, dtype=torch.float32) if routing else None
+    dgamma_partials = torch.empty(num_blocks, device=device, dtype=torch.float32) if has_shared else None
+    max_partials = torch.empty(num_blocks, 2, device=device, dtype=torch.float32) if routing and config.maxabs else None
+    any_tensor = dz
+    launch(
+        _modulation_backward_kernel, (num_blocks,),
+        dout, z, B, LiMEs, LiME_shared if has_shared else any_tensor, gamma if has_shared else any_tensor,
+        valid if valid is not None else any_tensor, channel_scale if channel_scale is not None else any_tensor,
+        state.features, state.selected, jitter if jitter is not None else any_tensor, stats,
+        dstats if dstats is not None else any_tensor, state.part("scales"),
+        dz, dpooled if dpooled is not None else any_tensor,
+        dgamma_partials if dgamma_partials is not None else any_tensor,
+        max_partials if max_partials is not None else any_tensor,
+        num_tokens, out_features, rank, num_experts, config.top_k, float(scaling), **config.kernel_options(),
+        RANK_DOT=dot_width(rank), LANES=config.lanes, PRECISION=dot_precision(dout.dtype),
+        HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=channel_scale is not None, ROUTING=routing,
+        HAS_JITTER=jitter is not None, HAS_DSTATS=dstats is not None, MAXABS=config.maxabs,
+        SELECTION=config.selection, **blocks,
+        reads=[dout, z, state.features if routing else state.weights, state.selected if routing else None, jitter,
+               valid],
+        writes=[dz, dpooled, dgamma_partials, max_partials],
+        flops=2 * num_tokens * out_features * 2 * (dot_width(rank) + config.lanes),
+    )
+    return dz, dpooled, dgamma_partials, max_partials
+
+
+def parameter_partials(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_scale, frozen, weights,
+                       budget_bytes: int) -> torch.Tensor:
+    """Partial sums (splits, Dout, r + E + 3) for dB, dLiMEs, dLiME_shared and DoRA's dscale."""
+    num_tokens, out_features = dout.shape
+    rank, num_experts = z.shape[1], LiMEs.shape[0]
+    blocks = PARTIALS_BLOCKS
+    column_blocks = triton.cdiv(out_features, blocks["BLOCK_N"])
+    width = rank + num_experts + 3
+    splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * out_features * width, budget_bytes)
+    tokens_per_split = triton.cdiv(triton.cdiv(num_tokens, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
+    splits = triton.cdiv(num_tokens, tokens_per_split)
+    partials = torch.empty(splits, out_features, width, device=dout.device, dtype=torch.float32)
+    has_shared = LiME_shared is not None
+    has_scale = channel_scale is not None
+    any_tensor = partials
+    launch(
+        _parameter_partials_kernel, (column_blocks, splits),
+        dout, z, B, LiMEs, LiME_shared if has_shared else any_tensor, gamma if has_shared else any_tensor,
+        valid if valid is not None else any_tensor, channel_scale if has_scale else any_tensor,
+        frozen if has_scale else any_tensor, weights, partials,
+        num_tokens, out_features, rank, num_experts, tokens_per_split, frozen.stride(0) if has_scale else 0,
+        RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), PRECISION=dot_precision(dout.dtype),
+        HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=has_scale, **blocks,
+        reads=[dout, frozen if has_scale else None, z, weights, valid], writes=[partials],
+        flops=2 * num_tokens * out_features * 2 * (dot_width(rank) + dot_width(num_experts)),
+    )
+    return partials
+
+
+def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Optional[torch.Tensor],
+                           routing_partials: Optional[torch.Tensor], dgamma_partials: Optional[torch.Tensor],
+                           *, A, B, LiMEs, LiME_shared, gamma, channel_scale, in_features: int, scaling: float,
+                           need_A: bool, need_B: bool, need_P: bool, need_shared: bool, need_gamma: bool,
+                           need_scale: bool):
+    """The parameter gradients (dA, dB, dLiMEs, dLiME_shared, dgamma, dscale; None where not asked
+    for), each in its parameter's dtype, from the partial sums, in one launch."""
+    out_features, rank = B.shape
+    num_experts = LiMEs.shape[0]
+    device = B.device
+
+    def grad_like(parameter, need):
+        return torch.empty_like(parameter, memory_format=torch.contiguous_format) if need else None
+
+    dA, dB, dP = grad_like(A, need_A), grad_like(B, need_B), grad_like(LiMEs, need_P)
+    dshared, dgamma, dscale = grad_like(LiME_shared, need_shared), grad_like(gamma, need_gamma), grad_like(
+        channel_scale, need_scale)
+    blocks = FINISH_BLOCKS
+    # Programs: every block of Dout columns (program 0 also sums d gamma), then the blocks of dA's columns.
+    grid = (triton.cdiv(out_features, blocks["BLOCK_N"]) + (triton.cdiv(in_features, blocks["BLOCK_K"]) if need_A else 0),)
+    placeholder = torch.empty(1, device=device, dtype=torch.float32)
+
+    def arg(tensor):
+        return tensor if tensor is not None else placeholder
+
+    launch(
+        _finish_kernel, grid,
+        arg(partials), arg(da_partials), arg(routing_partials), arg(dgamma_partials), arg(gamma), arg(channel_scale),
+        arg(dB), arg(dP), arg(dshared), arg(dgamma), arg(dscale), arg(dA),
+        out_features, in_features, rank, num_experts, partials.shape[0] if partials is not None else 0,
+        da_partials.shape[0] if da_partials is not None else 0,
+        routing_partials.shape[0] if routing_partials is not None else 0,
+        dgamma_partials.shape[0] if dgamma_partials is not None else 0, float(scaling),
+        RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), NEED_B=need_B, NEED_P=need_P,
+        NEED_SHARED=need_shared, NEED_GAMMA=need_gamma, NEED_SCALE=need_scale, NEED_A=need_A,
+        ROUTING_PARTIALS=routing_partials is not None, HAS_SCALE=channel_scale is not None, **blocks,
+        reads=[partials, da_partials, routing_partials, dgamma_partials],
+        writes=[dA, dB, dP, dshared, dgamma, dscale],
+    )
+    return dA, dB, dP, dshared, dgamma, dscale
+
+
+__all__ = ["finish_parameter_grads", "modulation_backward", "modulation_forward", "parameter_partials"]

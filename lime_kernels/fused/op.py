@@ -1,36 +1,63 @@
 """The fused LiME layer as `torch.library` custom ops (forward, backward) with fake implementations,
-so `torch.compile` traces through it without graph breaks. Every PEFT variant runs through them.
+so `torch.compile` traces through it without graph breaks and CUDA graphs can capture it (no host
+synchronization, no data-dependent shape). Every PEFT variant runs through them.
 
-Forward: the frozen output, either computed here from a plain linear layer (`F.linear`, cuBLAS) or
-given (bitsandbytes layers, embeddings, prompt banks); `z = x A^T` (Triton, float32) or a given `z`;
-the routing on `[tokens, E]` features (Triton); then the modulated up projection written over the
-frozen output in one pass (Triton). Saved for backward: the inputs, `z (tokens, r)` and the
-`[tokens, E]` routing state; a `[tokens, Dout]` tensor only for DoRA (its product without bias,
-which the magnitude's gradient needs).
+Forward, with the default options 3 launches: the frozen GEMM (`F.linear`, cuBLAS: its output is
+bit-for-bit the frozen layer's, which masked tokens return), the projection pass over `x` (`z = x A^T`,
+the routing features, and the routing itself when it is per token), and the epilogue that writes
+`base' + delta * mod` over the frozen output (and finishes the statistics). Pooled routing (n-gram,
+rep_mode mean / last) and the maxabs router add one or two small `[tokens, E]` kernels.
 
-Backward: one Triton pass over `dout` for `dz`, `dw`, `dB`, `dLiMEs`, `dLiME_shared`, `dgamma` (and
-DoRA's d(scale)); the routing backward (Triton); then the input gradient — its low-rank part
-(`du W[:E] + dz A`, Triton), to which cuBLAS adds `dout W` — or the frozen output's gradient, and
-`dA = dz^T x` (Triton).
+Backward, 5 launches: a pass over `dout` by token blocks (dz, the mixing weights' gradient, and the
+routing backward of those rows), a pass by column blocks (partial sums for dB, dLiMEs, dLiME_shared,
+DoRA's dscale), the input-side pass (the low-rank part of dx, dA partial sums), cuBLAS adding `dout W`
+to dx in its epilogue, and one kernel that sums the partials into the parameter gradients. Every
+reduction has a fixed order (bit-for-bit repeatable) and the partial sums are bounded by
+`WORKSPACE_FRACTION` of the activations they reduce. Saved for backward: the inputs, `z (tokens, r)`
+and `[tokens, E]` routing state; a `[tokens, Dout]` tensor only for DoRA (the frozen product, which the
+magnitude's gradient needs).
 
 Variants: LoRA / LoRA-FA (`A`, `B`); DoRA (`channel_scale` = m / ||W + s B A||, the bias added after
 it); SliceFine (`A` = its trainable rows, `B` = their place, `sliced_rows`: the frozen output keeps
 only the bias in those channels); embeddings (`base` given, the adapter reads it); prompt tuning
-(`base` and `z` given: `B` holds the prompt deltas).
+(`base` and `z` given: `B` holds the prompt deltas). The weight may be a transposed view (GPT-2's
+`Conv1D`): it is read in place, never copied.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..inputs import autocast_cast
 from ..options import RoutingOptions
-from .modulation import modulation_backward, modulation_forward
-from .projection import down_projection, down_projection_grad, low_rank_input_grad
-from .routing import REP_CODES, RoutingConfig, RoutingState, routing_backward, routing_forward, selection_code
+from ..reference import RoutingStats, balance_statistics
+from .common import on_device_of
+from .modulation import finish_parameter_grads, modulation_backward, modulation_forward, parameter_partials
+from .projection import input_grads, project
+from .routing import (
+    REP_CODES,
+    RoutingConfig,
+    RoutingState,
+    STAT_ACTIVE,
+    STAT_IMPORTANCE,
+    STAT_KL,
+    STAT_LOAD,
+    STAT_USAGE,
+    pooling_backward,
+    route_pooled,
+    selection_code,
+    state_layout,
+    statistics_length,
+    statistics_partials,
+)
+
+# The backward's partial sums take at most this fraction of the bytes of the activation they reduce
+# (dout for the parameter gradients, x for dA).
+WORKSPACE_FRACTION = 1 / 16
 
 # Inputs of the forward op that may take a gradient, and their positions.
 _INPUTS = ("x", "x_adapter", "weight", "bias", "base", "z", "A", "B", "LiMEs", "LiME_shared", "gamma",
@@ -54,24 +81,23 @@ def _contiguous(*tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
+def _rows(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    """A [rows, features] tensor the kernels can read with a row stride: copied only when its
+    features are not contiguous."""
+    return tensor if tensor is None or tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 def _valid_bytes(valid: Optional[Tensor]) -> Optional[Tensor]:
     return None if valid is None else valid.view(torch.uint8)
 
 
-def _routed_frozen(frozen: Tensor, num_experts: int, channel_scale: Optional[Tensor], bias: Optional[Tensor],
-                   sliced_rows: int) -> Tensor:
-    """u: the first E channels of the frozen output base' (float32, rounded as base' is held)."""
-    head = frozen[:, :num_experts].float()
-    if channel_scale is not None:
-        head = channel_scale[:num_experts] * head
-        if bias is not None:
-            head = head + bias[:num_experts].float()
-        return head.to(frozen.dtype).float()
-    head = head.clone()
-    kept = min(sliced_rows, num_experts)
-    if kept:
-        head[:, :kept] = bias[:kept].float() if bias is not None else 0.0
-    return head
+def _empty_statistics(num_experts: int, device) -> Tuple[Tensor, Tensor]:
+    """The statistics of a batch without tokens, from the reference's formulas."""
+    zeros = torch.zeros(num_experts, device=device, dtype=torch.float32)
+    stats = balance_statistics(zeros, zeros, torch.zeros((), device=device), "full")
+    vector = torch.cat([torch.stack([stats.importance, stats.kl_uniform, stats.load, stats.active_experts,
+                                     torch.zeros((), device=device)]), stats.usage])
+    return vector, torch.zeros(num_experts + 1, device=device, dtype=torch.int64)
 
 
 @torch.library.custom_op("lime::fused_lime", mutates_args=())
@@ -81,50 +107,67 @@ def fused_lime(
     LiME_shared: Optional[Tensor], gamma: Optional[Tensor], channel_scale: Optional[Tensor], valid: Optional[Tensor],
     jitter: Optional[Tensor], seq_len: int, sliced_rows: int, scaling: float, top_k: int, temperature: float,
     gamma_routing: float, router: str, rep_mode: str, n_gram: int, ngram_mode: str, selection: int,
-    soft_topk_temperature: float, auto_topk_threshold: float, deterministic: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    soft_topk_temperature: float, auto_topk_threshold: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The frozen output is `F.linear(x, weight, bias)` (no bias inside with `channel_scale`) when
     `weight` is given, else `base`; the adapter reads `x_adapter`, or `x`, unless `z` is given.
 
-    Returns (out, probs_sum, selection_counts, num_valid, z, features, selected, extra, frozen):
-    the last five are saved for the backward (`z` and `frozen` empty when not computed here).
+    Returns (out, stats, histogram, z, features, selected, extra, frozen): `stats` is
+    [importance, kl_uniform, load, active_experts, valid tokens, usage (E)] (differentiable in its
+    first two entries), `histogram` the valid tokens by number of selected experts (E + 1); the last
+    five are saved for the backward (`z` and `frozen` empty when not computed here).
     """
-    x, x_adapter, weight, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter = _contiguous(
-        x, x_adapter, weight, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter)
-    num_experts = LiMEs.shape[0]
-    config = _config(num_experts, seq_len, top_k, temperature, gamma_routing, router, rep_mode, n_gram,
-                     ngram_mode, selection, soft_topk_temperature, auto_topk_threshold)
+    source = next(t for t in (x, x_adapter, base) if t is not None)
+    with on_device_of(source), torch.autocast(source.device.type, enabled=False):
+        return _forward(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
+                        jitter, seq_len, sliced_rows, scaling,
+                        _config(LiMEs.shape[0], seq_len, top_k, temperature, gamma_routing, router, rep_mode, n_gram,
+                                ngram_mode, selection, soft_topk_temperature, auto_topk_threshold))
+
+
+def _forward(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
+             seq_len, sliced_rows, scaling, config: RoutingConfig):
+    x, x_adapter, base = _rows(x), _rows(x_adapter), _rows(base)
+    z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter = _contiguous(
+        z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter)
+    num_experts = config.num_experts
     scale = None if channel_scale is None else channel_scale.float()
-    if weight is not None:
-        frozen = F.linear(x, weight, None if scale is not None else bias)
-    else:
-        frozen = base
-    z_used = z.float() if z is not None else down_projection(x_adapter if x_adapter is not None else x, A)
-    u_raw = _routed_frozen(frozen, num_experts, scale, bias, sliced_rows if weight is not None else 0)
-    v_raw = scaling * (z_used @ B[:num_experts].float().t())
-    if scale is not None:
-        v_raw = v_raw * scale[:num_experts]
+    frozen = F.linear(x, weight, None if scale is not None else bias) if weight is not None else base
+    num_tokens = frozen.shape[0]
+    device = frozen.device
+    computes_base = weight is not None
+    saved_frozen = frozen if scale is not None and computes_base else frozen.new_empty(0)
+    state = RoutingState.allocate(num_tokens, config, device)
+    if num_tokens == 0:
+        out = frozen if computes_base and scale is None else frozen.clone()
+        stats, histogram = _empty_statistics(num_experts, device)
+        saved_z = torch.empty((0, B.shape[1]) if z is None else (0,), device=device, dtype=torch.float32)
+        return out, stats, histogram, saved_z, state.features, state.selected, state.extra, saved_frozen
     valid_bytes = _valid_bytes(valid)
-    state, probs_sum, selection_counts, num_valid = routing_forward(u_raw, v_raw, valid_bytes, jitter, config)
-    # The output overwrites the frozen product when nothing else needs it (plain linear, no DoRA).
-    in_place = weight is not None and scale is None
-    out = frozen if in_place else torch.empty_like(frozen)
-    # The kernel adds the bias after DoRA's scale, and puts it alone in SliceFine's sliced channels;
+    sliced = sliced_rows if computes_base else 0
+    # The kernels add the bias after DoRA's scale, and put it alone in SliceFine's sliced channels;
     # otherwise the frozen output already holds it.
-    kernel_bias = bias if scale is not None or (weight is not None and sliced_rows) else None
-    modulation_forward(
-        frozen, out, z_used, B, state.weights, LiMEs, LiME_shared, gamma, valid_bytes, scaling, channel_scale=scale,
-        bias=kernel_bias, sliced_rows=sliced_rows if weight is not None else 0,
-    )
+    kernel_bias = bias if scale is not None or sliced else None
+    stat_partials = statistics_partials(num_tokens, config, device)
+    adapter_source = x_adapter if x_adapter is not None else x
+    z_used, raw = project(adapter_source, A, z.float() if z is not None else None, B, frozen, scale, kernel_bias,
+                          sliced, valid_bytes, jitter, state, stat_partials, scaling, config)
+    if raw is not None:
+        route_pooled(raw, valid_bytes, jitter, state, stat_partials, config)
+    # The output overwrites the frozen product when nothing else needs it (plain linear, no DoRA).
+    out = frozen if computes_base and scale is None else torch.empty_like(frozen)
+    stats = torch.empty(statistics_length(num_experts), device=device, dtype=torch.float32)
+    histogram = torch.empty(num_experts + 1, device=device, dtype=torch.int64)
+    modulation_forward(frozen, out, z_used, B, state.weights, LiMEs, LiME_shared, gamma, valid_bytes, scaling,
+                       stat_partials, stats, histogram, channel_scale=scale, bias=kernel_bias, sliced_rows=sliced)
     saved_z = z_used if z is None else z_used.new_empty(0)
-    saved_frozen = frozen if scale is not None and weight is not None else frozen.new_empty(0)
-    return (out, probs_sum, selection_counts, num_valid, saved_z, state.features, state.selected, state.extra,
-            saved_frozen)
+    return out, stats, histogram, saved_z, state.features, state.selected, state.extra, saved_frozen
 
 
 @fused_lime.register_fake
 def _(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
-      seq_len, *args):
+      seq_len, sliced_rows, scaling, top_k, temperature, gamma_routing, router, rep_mode, n_gram, ngram_mode,
+      selection, soft_topk_temperature, auto_topk_threshold):
     source = x if x is not None else (x_adapter if x_adapter is not None else base)
     num_tokens = source.shape[0]
     out_features = B.shape[0]
@@ -132,15 +175,16 @@ def _(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, chan
     floats = dict(device=source.device, dtype=torch.float32)
     activation = base.dtype if base is not None else x.dtype
     rank = B.shape[1]
+    config = _config(num_experts, seq_len, top_k, temperature, gamma_routing, router, rep_mode, n_gram, ngram_mode,
+                     selection, soft_topk_temperature, auto_topk_threshold)
     return (
         source.new_empty(num_tokens, out_features, dtype=activation),
-        source.new_empty(num_experts, **floats),
-        source.new_empty(num_experts, **floats),
-        source.new_empty((), **floats),
+        source.new_empty(statistics_length(num_experts), **floats),
+        source.new_empty(num_experts + 1, dtype=torch.int64),
         source.new_empty((num_tokens, rank) if z is None else (0,), **floats),
         source.new_empty(4, num_tokens, num_experts, **floats),
-        source.new_empty(num_tokens, num_experts, device=source.device, dtype=torch.int8),
-        source.new_empty(num_tokens + 2 * (num_tokens // seq_len) + 6, **floats),
+        source.new_empty(num_tokens, num_experts, dtype=torch.int8),
+        source.new_empty(sum(state_layout(num_tokens, config).values()), **floats),
         source.new_empty((num_tokens, out_features) if channel_scale is not None and weight is not None else (0,),
                          dtype=activation),
     )
@@ -148,102 +192,139 @@ def _(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, chan
 
 @torch.library.custom_op("lime::fused_lime_backward", mutates_args=())
 def fused_lime_backward(
-    dout: Tensor, dprobs_sum: Optional[Tensor], x: Optional[Tensor], x_adapter: Optional[Tensor],
+    dout: Optional[Tensor], dstats: Optional[Tensor], x: Optional[Tensor], x_adapter: Optional[Tensor],
     weight: Optional[Tensor], bias: Optional[Tensor], A: Optional[Tensor], B: Tensor, LiMEs: Tensor,
     LiME_shared: Optional[Tensor], gamma: Optional[Tensor], channel_scale: Optional[Tensor], valid: Optional[Tensor],
-    jitter: Optional[Tensor], z: Tensor, features: Tensor, selected: Tensor, extra: Tensor, frozen: Tensor,
-    seq_len: int, sliced_rows: int, scaling: float, top_k: int, temperature: float, gamma_routing: float,
-    router: str, rep_mode: str, n_gram: int, ngram_mode: str, selection: int, soft_topk_temperature: float,
-    auto_topk_threshold: float, deterministic: bool, needs_input_grad: List[bool],
+    jitter: Optional[Tensor], z: Tensor, features: Tensor, selected: Tensor, extra: Tensor, stats: Tensor,
+    frozen: Tensor, seq_len: int, sliced_rows: int, scaling: float, top_k: int, temperature: float,
+    gamma_routing: float, router: str, rep_mode: str, n_gram: int, ngram_mode: str, selection: int,
+    soft_topk_temperature: float, auto_topk_threshold: float, needs_input_grad: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for `_DIFFERENTIABLE` (x, x_adapter, base, A, B, LiMEs, LiME_shared, gamma,
-    channel_scale); those `needs_input_grad` does not ask for are empty tensors. `frozen` is the
-    saved frozen output for DoRA, else `base` as given (or empty)."""
-    # The kernels index memory directly: autograd may hand over expanded (stride 0) gradients, and the
-    # saved inputs are the caller's tensors (a transposed view, say), not the forward's contiguous copies.
-    dout, dprobs_sum, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter, z = (
-        _contiguous(dout, dprobs_sum, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
-                    jitter, z))
-    need_x, need_adapter, need_base, need_A, need_B, need_P, need_shared, need_gamma, need_scale = needs_input_grad
-    num_experts = LiMEs.shape[0]
-    config = _config(num_experts, seq_len, top_k, temperature, gamma_routing, router, rep_mode, n_gram,
+    channel_scale); those `needs_input_grad` does not ask for are empty tensors. `dout` or `dstats`
+    may be None (the output or the statistics took no gradient). `frozen` is the saved frozen output
+    for DoRA, else `base` as given (or empty)."""
+    source = next(t for t in (z, x, x_adapter, frozen) if t is not None)
+    config = _config(LiMEs.shape[0], seq_len, top_k, temperature, gamma_routing, router, rep_mode, n_gram,
                      ngram_mode, selection, soft_topk_temperature, auto_topk_threshold)
-    state = RoutingState(features, selected, extra)
+    with on_device_of(source), torch.autocast(source.device.type, enabled=False):
+        grads = _backward_impl(dout, dstats, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale,
+                               valid, jitter, z, features, selected, extra, stats, frozen, sliced_rows, scaling,
+                               config, needs_input_grad)
+    # A custom op returns tensors only, none aliasing another: an empty one stands for "not asked for".
+    reference = dout if dout is not None else stats
+    return tuple(grad if grad is not None else reference.new_empty(0) for grad in grads)
+
+
+def _backward_impl(dout, dstats, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
+                   z, features, selected, extra, stats, frozen, sliced_rows, scaling, config: RoutingConfig,
+                   needs_input_grad):
+    need_x, need_adapter, need_base, need_A, need_B, need_P, need_shared, need_gamma, need_scale = needs_input_grad
+    computes_base = weight is not None
+    num_tokens = features.shape[1]
+    out_features = B.shape[0]
+    num_experts = config.num_experts
+    activation_source = x if x is not None else (x_adapter if x_adapter is not None else frozen)
+    device = features.device
+    if num_tokens == 0:
+        return _empty_grads(x, x_adapter, frozen, A, B, LiMEs, LiME_shared, gamma, channel_scale, needs_input_grad)
+    if dout is None:  # only the statistics took a gradient
+        dout = torch.zeros(num_tokens, out_features, device=device, dtype=activation_source.dtype)
+    # Autograd may hand over expanded (stride 0) gradients; the kernels index them densely.
+    dout = dout.contiguous()
+    dstats = None if dstats is None else dstats.contiguous()
+    x, x_adapter, frozen = _rows(x), _rows(x_adapter), _rows(frozen)
+    A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter, z = _contiguous(
+        A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter, z)
+    state = RoutingState(features, selected, extra, state_layout(num_tokens, config))
     valid_bytes = _valid_bytes(valid)
     scale = None if channel_scale is None else channel_scale.float()
-    computes_base = weight is not None
     adapter_source = x_adapter if x_adapter is not None else x
-    need_routing = need_x or need_adapter or need_base or need_A or need_B or need_scale
-    param_grads = need_B or need_P or need_shared or need_gamma or need_scale
-    dz, dweights, dB, dP, dcol, dscale = modulation_backward(
-        dout, z, B, state.weights, LiMEs, LiME_shared, gamma, valid_bytes, scaling,
-        input_grads=need_routing, param_grads=param_grads, deterministic=deterministic,
-        channel_scale=scale, base=frozen if scale is not None else None,
-    )
-    du = None
-    if need_routing:
-        # Gradients w.r.t. u = base'[:, :E] and v = delta'[:, :E]; base' and delta' carry DoRA's scale.
-        du, dv = routing_backward(dweights, dprobs_sum, valid_bytes, jitter, state, config)
-        z_float = z.float()
-        if scale is not None:
-            if need_scale:
-                v_unscaled = scaling * (z_float @ B[:num_experts].float().t())
-                dscale[:num_experts] += (du * frozen[:, :num_experts].float() + dv * v_unscaled).sum(dim=0)
-            du = du * scale[:num_experts]
-            dv = dv * scale[:num_experts]
-        dz = dz + scaling * (dv @ B[:num_experts].float())
-        if need_B:
-            dB[:num_experts] += scaling * (dv.t() @ z_float)
+    # What depends on the routing's gradients: everything upstream of u = base'[:E] and v = delta'[:E].
+    routing = need_x or need_adapter or need_base or need_A or need_B or need_scale
+    dz, dpooled, dgamma_partials, max_partials = modulation_backward(
+        dout, z, B, LiMEs, LiME_shared, gamma, valid_bytes, scale, state, jitter, stats, dstats, scaling, config,
+        routing)
+    draw = None
+    if routing:
+        draw = pooling_backward(dpooled, max_partials, valid_bytes, state, config) if config.pooled else dpooled
+
+    partials = None
+    if need_B or need_P or need_shared or need_scale:
+        partials = parameter_partials(dout, z, B, LiMEs, LiME_shared, gamma, valid_bytes, scale,
+                                      frozen if scale is not None else None, state.weights,
+                                      budget_bytes=int(WORKSPACE_FRACTION * dout.numel() * dout.element_size()))
 
     dx = dx_adapter = dbase = None
-    if need_x and computes_base:
-        # dx = d(frozen) W with d(frozen) = scale * dout (+ du on the first E channels), minus the
-        # sliced channels (their output is the bias alone), plus dz A when the adapter reads x.
-        routed = du
-        if sliced_rows:
-            width = max(num_experts, sliced_rows)
-            routed = torch.zeros(dout.shape[0], width, device=dout.device, dtype=torch.float32)
-            routed[:, :num_experts] = du
-            routed[:, :sliced_rows] = -dout[:, :sliced_rows].float()
-        dx = low_rank_input_grad(torch.empty_like(x), routed, weight, dz if x_adapter is None else None, A)
-        # The low-rank terms first, so that the frozen product adds them in its GEMM's epilogue (a read
-        # hidden behind the product) instead of a pass over dx after it.
-        dx.addmm_(dout, weight if scale is None else (scale[:, None] * weight.float()).to(weight.dtype))
-    elif need_x:  # the frozen output is given: x reaches the op only as the adapter's input
-        dx = low_rank_input_grad(torch.empty_like(x), None, A, dz, A)
-    if need_adapter:
-        dx_adapter = low_rank_input_grad(torch.empty_like(x_adapter), None, A, dz, A)
-    if need_base:
-        dbase = dout.to(torch.float32, copy=True) if scale is None else dout.float() * scale  # never dout itself
-        dbase[:, :num_experts] += du
-        dbase = dbase.to(dout.dtype)
-    grads = (
-        dx,
-        dx_adapter,
-        dbase,
-        down_projection_grad(adapter_source, dz, deterministic).to(A.dtype) if need_A else None,
-        dB.to(B.dtype) if need_B else None,
-        dP.to(LiMEs.dtype) if need_P else None,
-        (gamma.float() * dcol).to(LiME_shared.dtype) if need_shared else None,
-        (dcol @ LiME_shared.float()).reshape(1).to(gamma.dtype) if need_gamma else None,
-        dscale.to(channel_scale.dtype) if need_scale else None,
-    )
-    # A custom op returns tensors only, none aliasing another: an empty one stands for "not asked for".
-    return tuple(grad if grad is not None else dout.new_empty(0) for grad in grads)
+    da_partials = routing_partials = None
+    adapter_reads_x = x_adapter is None and x is not None
+    if routing:
+        if need_x and computes_base:
+            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if need_adapter:
+            dx_adapter = torch.empty_like(x_adapter, memory_format=torch.contiguous_format)
+        elif need_x and not computes_base:  # the frozen output is given: x reaches the op as the adapter's input
+            dx_adapter = torch.empty_like(x, memory_format=torch.contiguous_format)
+        adapter_into_dx = dx is not None and adapter_reads_x
+        source_bytes = adapter_source.numel() * adapter_source.element_size() if adapter_source is not None else 0
+        da_partials, routing_partials = input_grads(
+            dout, adapter_source, weight if computes_base else None, A, B, z, dz, draw, scale,
+            frozen if scale is not None else None, sliced_rows if computes_base else 0, scaling,
+            routed_into_dx=dx, adapter_into_dx=adapter_into_dx,
+            adapter_grad=dx_adapter if not adapter_into_dx or need_adapter else None,
+            need_A=need_A, routing_partials=need_B or need_scale,
+            budget_bytes=max(1, int(WORKSPACE_FRACTION * source_bytes)))
+        if dx is not None:
+            # dx = dout W (DoRA: W scaled by row) added by cuBLAS onto the low-rank part, in its epilogue.
+            frozen_weight = weight if scale is None else (scale[:, None] * weight.float()).to(weight.dtype)
+            dx.addmm_(dout, frozen_weight)
+        if need_base:
+            dbase = _base_grad(dout, draw[0], scale, num_experts)
+
+    dA, dB, dP, dshared, dgamma, dscale = (None,) * 6
+    if need_A or need_B or need_P or need_shared or need_gamma or need_scale:
+        dA, dB, dP, dshared, dgamma, dscale = finish_parameter_grads(
+            partials, da_partials, routing_partials, dgamma_partials, A=A, B=B, LiMEs=LiMEs, LiME_shared=LiME_shared,
+            gamma=gamma, channel_scale=channel_scale, in_features=A.shape[1] if A is not None else 0,
+            scaling=scaling, need_A=need_A, need_B=need_B, need_P=need_P, need_shared=need_shared,
+            need_gamma=need_gamma, need_scale=need_scale)
+    if need_x and not computes_base:
+        dx, dx_adapter = dx_adapter, None
+    return dx, dx_adapter, dbase, dA, dB, dP, dshared, dgamma, dscale
+
+
+def _base_grad(dout: Tensor, du: Tensor, scale: Optional[Tensor], num_experts: int) -> Tensor:
+    """The given frozen output's gradient: dout (times DoRA's scale) plus the routing's on the first E
+    channels (through u = base'[:E], which carries the scale too)."""
+    dbase = dout.float() * scale if scale is not None else dout.to(torch.float32, copy=True)  # never dout itself
+    head = du * scale[:num_experts] if scale is not None else du
+    dbase[:, :num_experts] += head
+    return dbase.to(dout.dtype)
+
+
+def _empty_grads(x, x_adapter, frozen, A, B, LiMEs, LiME_shared, gamma, channel_scale, needs_input_grad):
+    """Gradients of a batch without tokens: empty activations' gradients, zero parameters' gradients."""
+    like = (x, x_adapter, frozen, A, B, LiMEs, LiME_shared, gamma, channel_scale)
+    return tuple(torch.zeros_like(tensor) if need else None for tensor, need in zip(like, needs_input_grad))
 
 
 @fused_lime_backward.register_fake
-def _(dout, dprobs_sum, x, x_adapter, weight, bias, A, B, LiMEs, LiME_shared, gamma, channel_scale, *args):
+def _(dout, dstats, x, x_adapter, weight, bias, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter, z,
+      features, selected, extra, stats, frozen, *args):
     needs_input_grad = args[-1]
-    base_like = dout  # the frozen output's gradient has the output's shape and dtype
+    num_tokens = features.shape[1]
+    reference = dout if dout is not None else stats
+    base_like = reference.new_empty(num_tokens, B.shape[0], dtype=(frozen if frozen.numel() else reference).dtype)
+    if dout is not None:
+        base_like = dout
     like = (x, x_adapter, base_like, A, B, LiMEs, LiME_shared, gamma, channel_scale)
-    return tuple(t.new_empty(t.shape) if need else dout.new_empty(0) for t, need in zip(like, needs_input_grad))
+    return tuple(t.new_empty(t.shape) if need else reference.new_empty(0) for t, need in zip(like, needs_input_grad))
 
 
 def _setup_context(ctx, inputs, output):
     named = dict(zip(_INPUTS, inputs[: len(_INPUTS)]))
     ctx.options = inputs[len(_INPUTS):]
-    _, _, _, _, z, features, selected, extra, frozen = output
+    _, stats, _, z, features, selected, extra, frozen = output
     z_saved = z if named["z"] is None else named["z"]
     # DoRA's magnitude needs the product without bias: computed here, or the base given.
     frozen_saved = frozen
@@ -252,19 +333,31 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(
         named["x"], named["x_adapter"], named["weight"], named["bias"], named["A"], named["B"], named["LiMEs"],
         named["LiME_shared"], named["gamma"], named["channel_scale"], named["valid"], named["jitter"], z_saved,
-        features, selected, extra, frozen_saved,
+        features, selected, extra, stats, frozen_saved,
     )
     ctx.mark_non_differentiable(*output[2:])
+    # Gradients of outputs nothing used arrive as None instead of materialized zeros.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dprobs_sum, *unused):
+def _backward(ctx, dout, dstats, *unused):
     needs = [ctx.needs_input_grad[_INPUTS.index(name)] for name in _DIFFERENTIABLE]
-    grads = fused_lime_backward(dout, dprobs_sum, *ctx.saved_tensors, *ctx.options, needs)
+    if dout is None and dstats is None:
+        return (None,) * (len(_INPUTS) + len(ctx.options))
+    grads = fused_lime_backward(dout, dstats, *ctx.saved_tensors, *ctx.options, needs)
     by_name = {name: (grad if need else None) for name, grad, need in zip(_DIFFERENTIABLE, grads, needs)}
     return tuple(by_name.get(name) for name in _INPUTS) + (None,) * len(ctx.options)
 
 
 fused_lime.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedResult(NamedTuple):
+    """`fused_lime_linear`'s result: the output `(B, T, Dout)`, the statistics vector and histogram."""
+
+    out: Tensor
+    stats: Tensor
+    histogram: Tensor
 
 
 def fused_lime_linear(
@@ -286,17 +379,15 @@ def fused_lime_linear(
     z: Optional[Tensor] = None,
     channel_scale: Optional[Tensor] = None,
     sliced_rows: int = 0,
-    deterministic: bool = True,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The fused layer on `(B, T, .)` sequences; returns (out (B, T, Dout), probs_sum (E),
-    selection_counts (E), num_valid (), selected (B*T, E) int8) for
-    `lime_kernels.reference.balance_statistics`.
+) -> FusedResult:
+    """The fused layer on `(B, T, .)` sequences.
 
     The frozen output is `F.linear(x, weight, bias)` when `weight` is given (a plain, frozen linear
-    layer: weight and bias get no gradient), else `base` (`(B, T, Dout)`, which may take one). The
-    adapter reads `adapter_input` (the input after dropout, or the embedding output), or `x`; or
-    `z` `(B, T, r)` is given. `deterministic=False` lets the backward reduce with atomics (faster;
-    the last bits may differ from run to run).
+    layer: weight and bias get no gradient; a transposed view such as `Conv1D.weight.t()` is read in
+    place), else `base` (`(B, T, Dout)`, which may take one). The adapter reads `adapter_input` (the
+    input after dropout, or the embedding output), or `x`; or `z` `(B, T, r)` is given. Under autocast
+    the frozen product runs in autocast's dtype (as `nn.Linear` would) and the rest in float32.
+    `fused_statistics` turns the statistics vector into `RoutingStats`.
     """
     if weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("the fused LiME path keeps the base layer frozen: weight and bias must not require grad")
@@ -304,21 +395,37 @@ def fused_lime_linear(
         raise ValueError("give exactly one of weight (the frozen layer's) and base (its output)")
     if (z is None) == (A is None):
         raise ValueError("give exactly one of A (the adapter's down projection) and z (its output)")
+    if weight is not None:  # the frozen product as nn.Linear under autocast would compute it
+        x, weight, bias = autocast_cast(x), autocast_cast(weight), autocast_cast(bias)
     shaped = next(t for t in (x, adapter_input, base, z) if t is not None)
     batch, tokens = shaped.shape[:2]
 
     def flat(tensor):
         return None if tensor is None else tensor.reshape(batch * tokens, tensor.shape[-1])
 
-    out, probs_sum, selection_counts, num_valid, _, _, selected, *_ = fused_lime(
-        flat(x), flat(adapter_input), weight, bias, flat(base), flat(z), A, B, LiMEs, LiME_shared, gamma,
-        channel_scale, None if valid is None else valid.reshape(-1), None if jitter is None else jitter.float(),
-        tokens, int(sliced_rows), float(scaling), options.top_k, float(options.temperature),
-        float(options.gamma_routing), options.router, options.rep_mode, options.n_gram, options.ngram_mode,
-        selection_code(options.auto_topk, options.soft_topk, options.sparse_mode),
-        float(options.soft_topk_temperature), float(options.auto_topk_threshold), bool(deterministic),
-    )
-    return out.reshape(batch, tokens, -1), probs_sum, selection_counts, num_valid, selected
+    with torch.autocast(shaped.device.type, enabled=False):
+        out, stats, histogram, *_ = fused_lime(
+            flat(x), flat(adapter_input), weight, bias, flat(base), flat(z), A, B, LiMEs, LiME_shared, gamma,
+            channel_scale, None if valid is None else valid.reshape(-1), None if jitter is None else jitter.float(),
+            max(tokens, 1), int(sliced_rows), float(scaling), options.top_k, float(options.temperature),
+            float(options.gamma_routing), options.router, options.rep_mode, options.n_gram, options.ngram_mode,
+            selection_code(options.auto_topk, options.soft_topk, options.sparse_mode),
+            float(options.soft_topk_temperature), float(options.auto_topk_threshold),
+        )
+    return FusedResult(out.reshape(batch, tokens, -1), stats, histogram)
 
 
-__all__: Sequence[str] = ["fused_lime", "fused_lime_backward", "fused_lime_linear"]
+def fused_statistics(result: FusedResult, aux: str) -> Optional[RoutingStats]:
+    """`RoutingStats` from the fused statistics vector (views of it: no launch): `importance` and
+    `kl_uniform` with gradients, the rest detached; eval mode ('usage') keeps only the usage."""
+    if aux == "none":
+        return None
+    stats = result.stats
+    usage = stats[STAT_USAGE:].detach()
+    if aux == "usage":
+        return RoutingStats(None, None, None, usage, None)
+    return RoutingStats(stats[STAT_IMPORTANCE], stats[STAT_KL], stats[STAT_LOAD].detach(), usage,
+                        stats[STAT_ACTIVE].detach(), result.histogram)
+
+
+__all__: Sequence[str] = ["FusedResult", "fused_lime", "fused_lime_backward", "fused_lime_linear", "fused_statistics"]

@@ -1,8 +1,21 @@
-"""Rank-r projections over the input: the adapter's down projection `z = x A^T`, its weight gradient
-`dA = dz^T x`, and the low-rank part of the input gradient `dx += du W[:E] + dz A`.
+"""The skinny passes over the input side: forward, one pass over `x` for the adapter's down projection
+`z = x A^T` and the routing features; backward, one pass for the input gradient's low-rank part and
+`dA = dz^T x`.
 
-All accumulate in float32 whatever the activation dtype. `tl.dot` needs every dimension >= 16, so
-the rank and the expert count are padded (masked loads) to at least 16.
+Forward (`project`, one program per block of tokens): `z` (float32), then the routed channels of the
+frozen output `u = base'[:, :E]` (read from the frozen GEMM's output: DoRA's scale and bias, or
+SliceFine's bias, applied here and rounded as the reference holds base') and of the adapter's output
+`v = s z B[:E]^T` (times DoRA's scale). With per-token routing the same program routes its rows and
+writes the routing state; otherwise it writes `u, v` for the pooling kernels of `routing.py`.
+
+Backward (`input_grads`, programs over (Din blocks, token splits)): with `du, dv` (the routing's
+gradients w.r.t. `u, v`) and `dz` (the modulation backward's), `dz_total = dz + s (dv scale) B[:E]`;
+the input gradient's low-rank part `du W[:E] + dz_total A` (minus `dout W[:sliced]` for SliceFine's
+frozen-out rows), to which the caller adds `dout W` with cuBLAS; `dA` as per-split partial sums; and
+the routing's own contributions to `dB[:E]` and DoRA's `dscale[:E]`, also per split.
+
+Every `tl.dot` here multiplies float32 operands: exact float32 for float32 activations, TF32 for
+bf16/fp16 ones (`dot_precision`); the small routing products are always exact float32.
 """
 
 from __future__ import annotations
@@ -13,146 +26,308 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, dot_width
+from .common import dot_precision, dot_width, launch, strided_rows_bytes
+from .routing import RoutingConfig, RoutingState, histogram_lanes, route_rows, routing_rows, store_route, valid_rows
 
 
 @triton.jit
-def _down_projection_kernel(
-    x_ptr, a_ptr, z_ptr,
-    num_tokens, in_features, rank,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RANK_DOT: tl.constexpr, PRECISION: tl.constexpr,
+def routed_frozen(frozen_ptr, scale_ptr, bias_ptr, rows, lanes, row_ok, num_experts, sliced_rows, stride_frozen,
+                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """u = base'[:, :E] in float32, rounded to the activation dtype as the reference holds base'."""
+    lane_ok = lanes < num_experts
+    frozen = tl.load(frozen_ptr + rows[:, None] * stride_frozen + lanes[None, :],
+                     mask=row_ok[:, None] & lane_ok[None, :], other=0.0)
+    head = frozen.to(tl.float32)
+    bias = tl.zeros(lanes.shape, tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + lanes, mask=lane_ok, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        # Two roundings, as the reference's `scale * base + bias` (launched without FMA contraction).
+        head = head * tl.load(scale_ptr + lanes, mask=lane_ok, other=0.0)[None, :]
+        head = head + bias[None, :]
+        head = head.to(frozen.dtype).to(tl.float32)
+    else:
+        head = tl.where((lanes < sliced_rows)[None, :], bias[None, :], head)
+    return head
+
+
+@triton.jit
+def adapted_features(z, b_ptr, scale_ptr, lanes, ranks, num_experts, rank, scaling, HAS_SCALE: tl.constexpr):
+    """v = s z B[:E]^T (times DoRA's scale), exact float32."""
+    lane_ok = lanes < num_experts
+    b_head = tl.load(b_ptr + lanes[:, None] * rank + ranks[None, :],
+                     mask=lane_ok[:, None] & (ranks[None, :] < rank), other=0.0).to(tl.float32)
+    v = scaling * tl.dot(z, tl.trans(b_head), input_precision="ieee")
+    if HAS_SCALE:
+        v = v * tl.load(scale_ptr + lanes, mask=lane_ok, other=0.0)[None, :]
+    return v
+
+
+@triton.jit
+def _project_kernel(
+    x_ptr, a_ptr, z_in_ptr, b_ptr, frozen_ptr, scale_ptr, bias_ptr, valid_ptr, jitter_ptr,
+    z_ptr, raw_ptr, features_ptr, selected_ptr, stats_ptr,
+    num_tokens, in_features, rank, num_experts, sliced_rows, top_k, max_kept, stride_x, stride_frozen,
+    scaling, temperature, gamma_routing, theta, tau,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, RANK_DOT: tl.constexpr, LANES: tl.constexpr,
+    HIST_LANES: tl.constexpr, PRECISION: tl.constexpr, HAS_A: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_JITTER: tl.constexpr, ROUTE: tl.constexpr,
+    SELECTION: tl.constexpr,
 ):
-    """z[m, :rank] = sum_k x[m, k] * A[:rank, k], one block of BLOCK_M tokens per program."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     ranks = tl.arange(0, RANK_DOT)
+    lanes = tl.arange(0, LANES)
     row_ok = rows < num_tokens
-    acc = tl.zeros((BLOCK_M, RANK_DOT), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < in_features
-        x = tl.load(x_ptr + rows[:, None] * in_features + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + ranks[:, None] * in_features + cols[None, :], mask=(ranks[:, None] < rank) & col_ok[None, :], other=0.0)
-        acc = tl.dot(x.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision=PRECISION)
-    tl.store(z_ptr + rows[:, None] * rank + ranks[None, :], acc, mask=row_ok[:, None] & (ranks[None, :] < rank))
+    rank_ok = ranks < rank
+    if HAS_A:
+        z = tl.zeros((BLOCK_T, RANK_DOT), tl.float32)
+        for k0 in range(0, in_features, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < in_features
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+            a = tl.load(a_ptr + ranks[:, None] * in_features + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+            z = tl.dot(x.to(tl.float32), tl.trans(a.to(tl.float32)), z, input_precision=PRECISION)
+        tl.store(z_ptr + rows[:, None] * rank + ranks[None, :], z, mask=row_ok[:, None] & rank_ok[None, :])
+    else:
+        z = tl.load(z_in_ptr + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                    other=0.0).to(tl.float32)
+    u = routed_frozen(frozen_ptr, scale_ptr, bias_ptr, rows, lanes, row_ok, num_experts, sliced_rows, stride_frozen,
+                      HAS_SCALE, HAS_BIAS)
+    v = adapted_features(z, b_ptr, scale_ptr, lanes, ranks, num_experts, rank, scaling, HAS_SCALE)
+    if ROUTE:
+        probs, weights, selected = route_rows(u, v, jitter_ptr, rows, lanes, row_ok, num_experts, 1.0, 1.0, top_k,
+                                              max_kept, temperature, gamma_routing, theta, tau, HAS_JITTER, False,
+                                              SELECTION)
+        valid = valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
+        store_route(features_ptr, selected_ptr, stats_ptr, pid, u, v, probs, weights, selected, valid, rows, lanes,
+                    row_ok, num_tokens, num_experts, HIST_LANES)
+    else:
+        mask = row_ok[:, None] & (lanes[None, :] < num_experts)
+        offsets = rows[:, None] * num_experts + lanes[None, :]
+        tl.store(raw_ptr + offsets, u, mask=mask)
+        tl.store(raw_ptr + num_tokens * num_experts + offsets, v, mask=mask)
 
 
 @triton.jit
-def _down_projection_grad_kernel(
-    x_ptr, dz_ptr, out_ptr,
-    num_tokens, in_features, rank, tokens_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RANK_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    ATOMIC: tl.constexpr,
+def _input_grad_kernel(
+    dout_ptr, x_ptr, w_ptr, a_ptr, b_ptr, z_ptr, dz_ptr, draw_ptr, scale_ptr, frozen_ptr,
+    dx_ptr, dxa_ptr, da_partials_ptr, routing_partials_ptr,
+    num_tokens, in_features, out_features, rank, num_experts, sliced_rows, tokens_per_split,
+    stride_x, stride_w_out, stride_w_in, stride_frozen, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RANK_DOT: tl.constexpr, ROUTED_DOT: tl.constexpr,
+    LANES: tl.constexpr, PRECISION: tl.constexpr, ROUTED_INTO_DX: tl.constexpr, ADAPTER_INTO_DX: tl.constexpr,
+    ADAPTER_GRAD: tl.constexpr, HAS_DA: tl.constexpr, ROUTING_PARTIALS: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
-    """dA[:rank, k] over one split of the tokens: a partial sum per split (or an atomic add)."""
+    """Over one block of input columns and one split of the tokens.
+
+    dx (ROUTED_INTO_DX / ADAPTER_INTO_DX) = g W[:routed] + dz_total A, g = du (scaled) on the routed
+    channels and -dout on SliceFine's first `sliced_rows`; ADAPTER_GRAD writes dz_total A to dxa (the
+    adapter read another input); HAS_DA: dA partial sums over this split's tokens; ROUTING_PARTIALS
+    (programs of the first column block): sums of dv z (for dB[:E]) and of du frozen + dv v/scale (for
+    DoRA's dscale[:E]) over this split's tokens.
+    """
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ranks = tl.arange(0, RANK_DOT)
     col_ok = cols < in_features
-    acc = tl.zeros((RANK_DOT, BLOCK_K), dtype=tl.float32)
+    ranks = tl.arange(0, RANK_DOT)
+    rank_ok = ranks < rank
+    lanes = tl.arange(0, LANES)
+    lane_ok = lanes < num_experts
+    routed = tl.arange(0, ROUTED_DOT)
+    plane = num_tokens * num_experts
+    # B[:E] (E, r) and DoRA's scale on the routed channels, for dz_total.
+    b_head = tl.load(b_ptr + lanes[:, None] * rank + ranks[None, :], mask=lane_ok[:, None] & rank_ok[None, :],
+                     other=0.0).to(tl.float32)
+    lane_scale = tl.full((LANES,), 1.0, tl.float32)
+    routed_scale = tl.full((ROUTED_DOT,), 1.0, tl.float32)
+    if HAS_SCALE:
+        lane_scale = tl.load(scale_ptr + lanes, mask=lane_ok, other=0.0)
+        routed_scale = tl.load(scale_ptr + routed, mask=routed < num_experts, other=0.0)
+    routed_limit = tl.maximum(num_experts, sliced_rows)
+    da = tl.zeros((RANK_DOT, BLOCK_K), tl.float32)
+    db_head = tl.zeros((LANES, RANK_DOT), tl.float32)
+    dscale_head = tl.zeros((LANES,), tl.float32)
+    first_columns = pid_k == 0
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, num_tokens)
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < end
-        dz = tl.load(dz_ptr + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & (ranks[None, :] < rank), other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * in_features + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(dz), x.to(tl.float32), acc, input_precision=PRECISION)
-    target = ranks[:, None] * in_features + cols[None, :]
-    mask = (ranks[:, None] < rank) & col_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptr + target, acc, mask=mask)
-    else:
-        tl.store(out_ptr + split * rank * in_features + target, acc, mask=mask)
+        dz = tl.load(dz_ptr + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                     other=0.0)
+        dv = tl.load(draw_ptr + plane + rows[:, None] * num_experts + lanes[None, :],
+                     mask=row_ok[:, None] & lane_ok[None, :], other=0.0)
+        dz_total = dz + scaling * tl.dot(dv * lane_scale[None, :], b_head, input_precision="ieee")
+        if ROUTING_PARTIALS:
+            if first_columns:
+                z = tl.load(z_ptr + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                            other=0.0)
+                db_head += tl.dot(tl.trans(dv * lane_scale[None, :]), z, input_precision="ieee")
+                if HAS_SCALE:
+                    du = tl.load(draw_ptr + rows[:, None] * num_experts + lanes[None, :],
+                                 mask=row_ok[:, None] & lane_ok[None, :], other=0.0)
+                    frozen = tl.load(frozen_ptr + rows[:, None] * stride_frozen + lanes[None, :],
+                                     mask=row_ok[:, None] & lane_ok[None, :], other=0.0).to(tl.float32)
+                    v_unscaled = scaling * tl.dot(z, tl.trans(b_head), input_precision="ieee")
+                    dscale_head += tl.sum(du * frozen + dv * v_unscaled, axis=0)
+        tile_mask = row_ok[:, None] & col_ok[None, :]
+        if ROUTED_INTO_DX or ADAPTER_INTO_DX:
+            dx = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+            if ROUTED_INTO_DX:
+                du_routed = tl.load(draw_ptr + rows[:, None] * num_experts + routed[None, :],
+                                    mask=row_ok[:, None] & (routed[None, :] < num_experts), other=0.0)
+                g = du_routed * routed_scale[None, :]
+                sliced = (routed < sliced_rows)[None, :]
+                dout_head = tl.load(dout_ptr + rows[:, None] * out_features + routed[None, :],
+                                    mask=row_ok[:, None] & sliced, other=0.0).to(tl.float32)
+                g = tl.where(sliced, -dout_head, g)
+                w = tl.load(w_ptr + routed[:, None] * stride_w_out + cols[None, :] * stride_w_in,
+                            mask=(routed[:, None] < routed_limit) & col_ok[None, :], other=0.0)
+                dx = tl.dot(g, w.to(tl.float32), dx, input_precision=PRECISION)
+            if ADAPTER_INTO_DX:
+                a = tl.load(a_ptr + ranks[:, None] * in_features + cols[None, :],
+                            mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+                dx = tl.dot(dz_total, a.to(tl.float32), dx, input_precision=PRECISION)
+            tl.store(dx_ptr + rows[:, None] * in_features + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=tile_mask)
+        if ADAPTER_GRAD:
+            a = tl.load(a_ptr + ranks[:, None] * in_features + cols[None, :],
+                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            dxa = tl.dot(dz_total, a.to(tl.float32), input_precision=PRECISION)
+            tl.store(dxa_ptr + rows[:, None] * in_features + cols[None, :], dxa.to(dxa_ptr.dtype.element_ty),
+                     mask=tile_mask)
+        if HAS_DA:
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=tile_mask, other=0.0)
+            da = tl.dot(tl.trans(dz_total), x.to(tl.float32), da, input_precision=PRECISION)
+    if HAS_DA:
+        tl.store(da_partials_ptr + split.to(tl.int64) * rank * in_features + ranks[:, None] * in_features
+                 + cols[None, :], da, mask=rank_ok[:, None] & col_ok[None, :])
+    if ROUTING_PARTIALS:
+        if first_columns:
+            # Per split: (E, r) sums of dv z, then E sums for DoRA's dscale.
+            width = num_experts * rank + num_experts
+            base = routing_partials_ptr + split.to(tl.int64) * width
+            tl.store(base + lanes[:, None] * rank + ranks[None, :], db_head, mask=lane_ok[:, None] & rank_ok[None, :])
+            tl.store(base + num_experts * rank + lanes, dscale_head, mask=lane_ok)
 
 
-@triton.jit
-def _low_rank_input_grad_kernel(
-    dx_ptr, du_ptr, w_ptr, dz_ptr, a_ptr,
-    num_tokens, in_features, num_experts, rank,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EXPERT_DOT: tl.constexpr, RANK_DOT: tl.constexpr,
-    HAS_ROUTED: tl.constexpr, HAS_ADAPTER: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """dx = du @ W[:E] + dz @ A: the routed channels' and the adapter's paths to the input."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < num_tokens
-    col_ok = cols < in_features
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    if HAS_ROUTED:
-        experts = tl.arange(0, EXPERT_DOT)
-        du = tl.load(du_ptr + rows[:, None] * num_experts + experts[None, :],
-                     mask=row_ok[:, None] & (experts[None, :] < num_experts), other=0.0)
-        w = tl.load(w_ptr + experts[:, None] * in_features + cols[None, :],
-                    mask=(experts[:, None] < num_experts) & col_ok[None, :], other=0.0)
-        acc = tl.dot(du, w.to(tl.float32), acc, input_precision=PRECISION)
-    if HAS_ADAPTER:
-        ranks = tl.arange(0, RANK_DOT)
-        dz = tl.load(dz_ptr + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & (ranks[None, :] < rank), other=0.0)
-        a = tl.load(a_ptr + ranks[:, None] * in_features + cols[None, :], mask=(ranks[:, None] < rank) & col_ok[None, :], other=0.0)
-        acc = tl.dot(dz, a.to(tl.float32), acc, input_precision=PRECISION)
-    offsets = rows[:, None] * in_features + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(dx_ptr + offsets, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+# --- launchers -------------------------------------------------------------------------------------
+
+# Input columns per program and tokens per step, fixed: the reduction order of dA over a split's tokens
+# depends only on the shape, so gradients are bit-for-bit repeatable.
+PROJECTION_BLOCK_K = 64
+INPUT_GRAD_BLOCKS = dict(BLOCK_M=32, BLOCK_K=64, num_warps=4)
 
 
-def projection_blocks(width: int) -> dict:
-    """Block sizes and warps for a rank (or expert count) padded to `width`: chosen so that no build
-    spills registers on sm_80 / sm_90 (see `python -m lime_kernels.compile_check`)."""
-    return dict(BLOCK_M=64, BLOCK_K=32, num_warps=4 if width <= 32 else 8)
+def projection_rows(num_tokens: int, config: RoutingConfig) -> int:
+    """Tokens per program of the forward projection: the routing block when it routes (its tiles were
+    sized for that), else at most 64, fewer for short inputs so that the GPU still gets many programs."""
+    if config.per_token:
+        return routing_rows(config.lanes)
+    return max(16, min(64, triton.next_power_of_2(triton.cdiv(num_tokens, 256))))
 
 
-def down_projection(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """`z = x @ A.T` in float32: x `(N, Din)` any float dtype, A `(r, Din)`."""
-    num_tokens, in_features = x.shape
-    rank = A.shape[0]
-    z = torch.empty(num_tokens, rank, device=x.device, dtype=torch.float32)
-    blocks = projection_blocks(dot_width(rank))
-    grid = (triton.cdiv(num_tokens, blocks["BLOCK_M"]),)
-    _down_projection_kernel[grid](
-        x, A, z, num_tokens, in_features, rank, RANK_DOT=dot_width(rank), PRECISION=dot_precision(x.dtype), **blocks,
+def project(x: Optional[torch.Tensor], A: Optional[torch.Tensor], z_given: Optional[torch.Tensor], B: torch.Tensor,
+            frozen: torch.Tensor, channel_scale, bias, sliced_rows: int, valid, jitter, state: RoutingState,
+            stat_partials: torch.Tensor, scaling: float, config: RoutingConfig):
+    """Returns (z (tokens, r) float32, raw features (2, tokens, E) or None when routed here)."""
+    num_tokens = frozen.shape[0]
+    rank = B.shape[1]
+    num_experts = config.num_experts
+    device = frozen.device
+    block_t = projection_rows(num_tokens, config)
+    has_a = z_given is None
+    z = torch.empty(num_tokens, rank, device=device, dtype=torch.float32) if has_a else z_given
+    raw = None if config.per_token else torch.empty(2, num_tokens, num_experts, device=device, dtype=torch.float32)
+    activation = x.dtype if has_a else frozen.dtype
+    lanes = config.lanes
+    any_tensor = frozen
+    launch(
+        _project_kernel, (triton.cdiv(num_tokens, block_t),),
+        x if has_a else any_tensor, A if has_a else any_tensor, any_tensor if has_a else z_given, B, frozen,
+        channel_scale if channel_scale is not None else any_tensor, bias if bias is not None else any_tensor,
+        valid if valid is not None else any_tensor, jitter if jitter is not None else any_tensor,
+        z, raw if raw is not None else any_tensor, state.features, state.selected, stat_partials,
+        num_tokens, x.shape[1] if has_a else 0, rank, num_experts, sliced_rows, config.top_k, config.max_kept,
+        x.stride(0) if has_a else 0, frozen.stride(0), float(scaling), **config.kernel_options(),
+        BLOCK_T=block_t, BLOCK_K=PROJECTION_BLOCK_K, RANK_DOT=dot_width(rank), LANES=lanes,
+        HIST_LANES=histogram_lanes(num_experts), PRECISION=dot_precision(activation), HAS_A=has_a,
+        HAS_SCALE=channel_scale is not None, HAS_BIAS=bias is not None, HAS_MASK=valid is not None,
+        HAS_JITTER=jitter is not None, ROUTE=config.per_token, SELECTION=config.selection,
+        num_warps=4, enable_fp_fusion=False,
+        reads=[x if has_a else z_given, A, B[:num_experts], valid, jitter,
+               strided_rows_bytes(num_tokens, num_experts * frozen.element_size())],
+        writes=[z if has_a else None, raw] + ([state.features, state.selected, stat_partials] if raw is None else []),
+        flops=2 * num_tokens * (x.shape[1] if has_a else 0) * rank,
     )
-    return z
+    return z, raw
 
 
-def down_projection_grad(x: torch.Tensor, dz: torch.Tensor, deterministic: bool) -> torch.Tensor:
-    """`dA = dz.T @ x` in float32 `(r, Din)`: per-split partial sums then a sum, or atomics."""
-    num_tokens, in_features = x.shape
+def token_splits(num_tokens: int, column_blocks: int, block_m: int, partial_bytes_per_split: int,
+                 budget_bytes: int) -> int:
+    """How many token splits reduce a [tokens, ...] pass into per-split partial sums: enough programs
+    to fill a large GPU (~512 with the column blocks), at least 4 blocks of tokens per split, and
+    partial sums within `budget_bytes`. A function of the shape only, so results are repeatable."""
+    by_occupancy = triton.cdiv(512, max(1, column_blocks))
+    by_length = max(1, num_tokens // (4 * block_m))
+    by_memory = max(1, budget_bytes // max(1, partial_bytes_per_split))
+    return max(1, min(by_occupancy, by_length, by_memory))
+
+
+def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, frozen, sliced_rows: int,
+                scaling: float, *, routed_into_dx: Optional[torch.Tensor], adapter_into_dx: bool,
+                adapter_grad: Optional[torch.Tensor], need_A: bool, routing_partials: bool, budget_bytes: int):
+    """Runs `_input_grad_kernel`; returns (dA partials (splits, r, Din) or None, routing partials
+    (splits, E r + E) or None). `routed_into_dx` is the dx to write (or None), `adapter_grad` the
+    adapter input's gradient to write (or None)."""
+    num_tokens = dz.shape[0]
     rank = dz.shape[1]
-    blocks = projection_blocks(dot_width(rank))
-    block_m = blocks["BLOCK_M"]
-    splits = max(1, min(64, triton.cdiv(num_tokens, 4 * block_m)))
-    tokens_per_split = triton.cdiv(triton.cdiv(num_tokens, splits), block_m) * block_m
+    num_experts = draw.shape[2]
+    # Without an input (prompt tuning: z given) only the routing's partial sums are computed.
+    in_features = next((t.shape[1] for t in (x_adapter, weight) if t is not None), 0)
+    device = dz.device
+    blocks = INPUT_GRAD_BLOCKS
+    writes_columns = routed_into_dx is not None or adapter_grad is not None or need_A
+    column_blocks = triton.cdiv(in_features, blocks["BLOCK_K"]) if writes_columns else 1
+    splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * (rank * in_features + num_experts * rank
+                                                                           + num_experts), budget_bytes)
+    tokens_per_split = triton.cdiv(triton.cdiv(num_tokens, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
     splits = triton.cdiv(num_tokens, tokens_per_split)
-    if deterministic:
-        out = torch.empty(splits, rank, in_features, device=x.device, dtype=torch.float32)
-    else:
-        out = torch.zeros(rank, in_features, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(in_features, blocks["BLOCK_K"]), splits)
-    _down_projection_grad_kernel[grid](
-        x, dz, out, num_tokens, in_features, rank, tokens_per_split,
-        RANK_DOT=dot_width(rank), PRECISION=dot_precision(x.dtype), ATOMIC=not deterministic, **blocks,
+    da_partials = torch.empty(splits, rank, in_features, device=device, dtype=torch.float32) if need_A else None
+    routing_out = (torch.empty(splits, num_experts * rank + num_experts, device=device, dtype=torch.float32)
+                   if routing_partials else None)
+    activation = (routed_into_dx if routed_into_dx is not None else
+                  adapter_grad if adapter_grad is not None else x_adapter if x_adapter is not None else dout).dtype
+    routed_width = max(num_experts, sliced_rows)
+    any_tensor = dz
+    w = weight if weight is not None else any_tensor
+    launch(
+        _input_grad_kernel, (column_blocks, splits),
+        dout, x_adapter if x_adapter is not None else any_tensor, w, A if A is not None else any_tensor, B, z, dz,
+        draw, channel_scale if channel_scale is not None else any_tensor,
+        frozen if frozen is not None else any_tensor,
+        routed_into_dx if routed_into_dx is not None else any_tensor,
+        adapter_grad if adapter_grad is not None else any_tensor,
+        da_partials if da_partials is not None else any_tensor, routing_out if routing_out is not None else any_tensor,
+        num_tokens, in_features, dout.shape[1], rank, num_experts, sliced_rows, tokens_per_split,
+        x_adapter.stride(0) if x_adapter is not None else 0, w.stride(0) if weight is not None else 0,
+        w.stride(1) if weight is not None else 0, frozen.stride(0) if frozen is not None else 0, float(scaling),
+        RANK_DOT=dot_width(rank), ROUTED_DOT=dot_width(routed_width), LANES=dot_width(num_experts),
+        PRECISION=dot_precision(activation), ROUTED_INTO_DX=routed_into_dx is not None,
+        ADAPTER_INTO_DX=routed_into_dx is not None and adapter_into_dx, ADAPTER_GRAD=adapter_grad is not None,
+        HAS_DA=need_A, ROUTING_PARTIALS=routing_partials, HAS_SCALE=channel_scale is not None, **blocks,
+        reads=[dz, draw, x_adapter if need_A else None, z if routing_partials else None,
+               strided_rows_bytes(num_tokens, sliced_rows * dout.element_size()) if sliced_rows else None,
+               weight[:routed_width] if weight is not None and routed_into_dx is not None else None],
+        writes=[routed_into_dx, adapter_grad, da_partials, routing_out],
+        flops=2 * num_tokens * in_features * (rank * (int(adapter_into_dx) + int(adapter_grad is not None)
+                                                      + int(need_A)) + routed_width * int(routed_into_dx is not None)),
     )
-    return out.sum(dim=0) if deterministic else out
+    return da_partials, routing_out
 
 
-def low_rank_input_grad(
-    dx: torch.Tensor,
-    du: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    dz: Optional[torch.Tensor],
-    A: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """`dx = du @ weight[:E] + dz @ A`, written into `dx` (its dtype); du or dz may be absent."""
-    num_tokens, in_features = dx.shape
-    num_experts = du.shape[1] if du is not None else 1
-    rank = dz.shape[1] if dz is not None else 1
-    blocks = projection_blocks(max(dot_width(num_experts), dot_width(rank)))
-    grid = (triton.cdiv(num_tokens, blocks["BLOCK_M"]), triton.cdiv(in_features, blocks["BLOCK_K"]))
-    _low_rank_input_grad_kernel[grid](
-        dx, du if du is not None else dx, weight, dz if dz is not None else dx, A if A is not None else dx,
-        num_tokens, in_features, num_experts, rank,
-        EXPERT_DOT=dot_width(num_experts), RANK_DOT=dot_width(rank), HAS_ROUTED=du is not None,
-        HAS_ADAPTER=dz is not None, PRECISION=dot_precision(dx.dtype), **blocks,
-    )
-    return dx
+__all__ = ["input_grads", "project", "projection_rows", "token_splits"]

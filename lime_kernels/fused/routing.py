@@ -1,47 +1,69 @@
 """Zero-parameter routing on `[tokens, E]` features, forward and backward, in Triton.
 
-Stages (each one kernel over blocks of tokens, E padded to a power of two of lanes):
+The per-token steps (normalization, blend, temperature, jitter, softmax, mixing weights, and back
+through them) are `@triton.jit` helpers that other stages call inline: the projection kernel routes
+its own rows when routing is per token (`rep_mode="token"`, `n_gram=1`, cosine router), and the
+backward's pass over `dout` (`modulation.py`) runs the routing backward on the rows it has just
+reduced. Only what needs other tokens has kernels of its own here:
 - `_sequence_summary_kernel` (rep_mode mean / last): one program per sequence;
-- `_pooled_absmax_kernel` (router maxabs): the batch-wide max |feature| needs a reduction first;
-- `_routing_forward_kernel`: representation (n-gram window / anchor / summary), normalization,
-  blend, temperature, jitter, softmax, mixing weights, and per-block partial sums for the statistics;
-- `_routing_backward_kernel`: back through the weights, softmax, jitter, blend and normalization;
-- `_pooling_backward_kernel` / `_sequence_summary_backward_kernel`: back through the representation.
+- `_pooled_absmax_kernel` (router maxabs): per-block maxima of |pooled feature| (the batch-wide max);
+- `_routing_forward_kernel`: pooling (n-gram window / anchor / summary), then the per-token steps;
+- `_pooling_backward_kernel` / `_sequence_summary_backward_kernel`: back through the pooling and the
+  batch-wide max, for u and v in one launch.
+The load-balancing statistics are per-block partial sums written by whichever kernel routes, finished
+in a fixed order by `_finish_statistics` (called by the modulation epilogue's first program), so no
+launch, no atomic and no host synchronization is spent on them.
 
 Codes (constexpr): REP 0 = token, 1 = mean, 2 = last; SELECTION 0 = dense AutoTop-K, 1 = dense soft
 top-k, 2 = hard top-k (dense or sparse), 3 = sparse AutoTop-K. Ties in a top-k choice go to the
-lowest expert index.
+lowest expert index. Experts occupy `lanes = max(16, next power of two)` register lanes, which
+`tl.dot` accepts as a dimension.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import NORM_EPS, WEIGHT_EPS
-from .common import lane_width
+from ..reference import LOG_EPS, NORM_EPS, WEIGHT_EPS
+from .common import dot_width, launch
 
 # The reference's clamps, as compile-time constants of the kernels.
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)
 _WEIGHT_EPS: tl.constexpr = tl.constexpr(WEIGHT_EPS)
+_LOG_EPS: tl.constexpr = tl.constexpr(LOG_EPS)
 
 REP_CODES = {"token": 0, "mean": 1, "last": 2}
 AUTO_DENSE, SOFT_DENSE, HARD, AUTO_SPARSE = 0, 1, 2, 3
 
-def routing_blocks(lanes: int) -> dict:
-    """Tokens per program for `lanes` experts: [tokens, lanes] float32 tiles stay in registers
-    without spilling on sm_80 / sm_90 (see `python -m lime_kernels.compile_check`)."""
-    return dict(BLOCK_T=min(64, max(16, 1024 // lanes)), num_warps=4)
+# The statistics vector the forward returns: these entries, then `usage` (E values).
+STAT_IMPORTANCE, STAT_KL, STAT_LOAD, STAT_ACTIVE, STAT_VALID = range(5)
+STAT_USAGE = 5
 
 
 def selection_code(auto_topk: bool, soft_topk: bool, sparse_mode: bool) -> int:
     if auto_topk:
         return AUTO_SPARSE if sparse_mode else AUTO_DENSE
     return SOFT_DENSE if soft_topk and not sparse_mode else HARD
+
+
+def routing_rows(lanes: int) -> int:
+    """Tokens per routing block for `lanes` experts: [tokens, lanes] float32 tiles stay in registers
+    without spilling on sm_80 / sm_90 (see `python -m lime_kernels.compile_check`)."""
+    return max(16, min(64, 1024 // lanes))
+
+
+def histogram_lanes(num_experts: int) -> int:
+    """Bins 0..E of the number of selected experts per token."""
+    return triton.next_power_of_2(num_experts + 1)
+
+
+def statistics_width(lanes: int, num_experts: int) -> int:
+    """A block's partial statistics: probability sums, selection counts, histogram, valid count."""
+    return 2 * lanes + histogram_lanes(num_experts) + 1
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -60,7 +82,7 @@ def _store_rows(ptr, values, rows, lanes, row_ok, num_experts):
 
 
 @triton.jit
-def _valid_rows(valid_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
+def valid_rows(valid_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         return (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
     else:
@@ -79,12 +101,12 @@ def _pooled(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_
         summary = _load_rows(summary_ptr, seq, lanes, row_ok, num_experts)
         pooled = tl.where(has[:, None], summary, own)
     elif WINDOW:
-        valid = _valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
+        valid = valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
         total = tl.zeros(own.shape, tl.float32)
         count = tl.zeros(rows.shape, tl.float32)
         for offset in range(0, n_gram):
             source_ok = row_ok & (pos >= offset)
-            source_ok = _valid_rows(valid_ptr, rows - offset, source_ok, HAS_MASK)
+            source_ok = valid_rows(valid_ptr, rows - offset, source_ok, HAS_MASK)
             total += _load_rows(raw_ptr, rows - offset, lanes, source_ok, num_experts)
             count += source_ok.to(tl.float32)
         pooled = tl.where(valid[:, None], total / tl.maximum(count, 1.0)[:, None], own)
@@ -166,173 +188,6 @@ def _mixing_weights_backward(dweights, probs, weights, selected, lanes, lane_ok,
     return tl.where(lane_ok[None, :], dprobs, 0.0)
 
 
-# --- kernels ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _sequence_summary_kernel(
-    u_raw_ptr, v_raw_ptr, valid_ptr, u_summary_ptr, v_summary_ptr, seq_state_ptr,
-    num_experts, seq_len,
-    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, HAS_MASK: tl.constexpr, REP: tl.constexpr,
-):
-    """Per sequence: the mean over valid tokens (REP 1) or the last valid token (REP 2).
-
-    seq_state[seq] = (number of valid tokens, position of the last valid token or -1).
-    """
-    seq = tl.program_id(0).to(tl.int64)
-    lanes = tl.arange(0, E_PAD)
-    # Per-row partial sums, reduced once after the loop.
-    u_total = tl.zeros((BLOCK_T, E_PAD), tl.float32)
-    v_total = tl.zeros((BLOCK_T, E_PAD), tl.float32)
-    count = tl.zeros((BLOCK_T,), tl.float32)
-    last = tl.full((BLOCK_T,), -1, tl.int32)
-    for start in range(0, seq_len, BLOCK_T):
-        pos = start + tl.arange(0, BLOCK_T)
-        rows = seq * seq_len + pos
-        valid = _valid_rows(valid_ptr, rows, pos < seq_len, HAS_MASK)
-        if REP == 1:
-            u_total += _load_rows(u_raw_ptr, rows, lanes, valid, num_experts)
-            v_total += _load_rows(v_raw_ptr, rows, lanes, valid, num_experts)
-        count += valid.to(tl.float32)
-        last = tl.maximum(last, tl.where(valid, pos, -1))
-    count = tl.sum(count, axis=0)
-    last = tl.max(last, axis=0)
-    lane_ok = lanes < num_experts
-    if REP == 1:
-        u_summary = tl.sum(u_total, axis=0) / tl.maximum(count, 1.0)
-        v_summary = tl.sum(v_total, axis=0) / tl.maximum(count, 1.0)
-    else:
-        source = seq * seq_len + tl.maximum(last, 0)
-        u_summary = tl.load(u_raw_ptr + source * num_experts + lanes, mask=lane_ok, other=0.0)
-        v_summary = tl.load(v_raw_ptr + source * num_experts + lanes, mask=lane_ok, other=0.0)
-    tl.store(u_summary_ptr + seq * num_experts + lanes, u_summary, mask=lane_ok)
-    tl.store(v_summary_ptr + seq * num_experts + lanes, v_summary, mask=lane_ok)
-    tl.store(seq_state_ptr + seq * 2, count)
-    tl.store(seq_state_ptr + seq * 2 + 1, last.to(tl.float32))
-
-
-@triton.jit
-def _pooled_absmax_kernel(
-    u_raw_ptr, v_raw_ptr, valid_ptr, u_summary_ptr, v_summary_ptr, seq_state_ptr, partial_ptr,
-    num_tokens, num_experts, seq_len, n_gram,
-    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
-    REP: tl.constexpr, WINDOW: tl.constexpr, ANCHOR: tl.constexpr,
-):
-    """Per block: max |pooled feature| over every token (padding included) and expert, for u and v."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    lanes = tl.arange(0, E_PAD)
-    row_ok = rows < num_tokens
-    pos = rows % seq_len
-    seq = rows // seq_len
-    u, _ = _pooled(u_raw_ptr, u_summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes,
-                   num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
-    v, _ = _pooled(v_raw_ptr, v_summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes,
-                   num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
-    tl.store(partial_ptr + pid * 2, tl.max(tl.max(tl.abs(u), axis=1), axis=0))
-    tl.store(partial_ptr + pid * 2 + 1, tl.max(tl.max(tl.abs(v), axis=1), axis=0))
-
-
-@triton.jit
-def _routing_forward_kernel(
-    u_raw_ptr, v_raw_ptr, valid_ptr, u_summary_ptr, v_summary_ptr, seq_state_ptr, jitter_ptr, scale_ptr,
-    u_ptr, v_ptr, window_count_ptr, probs_ptr, weights_ptr, selected_ptr,
-    probs_sum_ptr, selected_sum_ptr, valid_sum_ptr, ties_ptr,
-    num_tokens, num_experts, seq_len, n_gram, top_k, max_kept,
-    temperature, gamma_routing, theta, tau,
-    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_JITTER: tl.constexpr,
-    REP: tl.constexpr, WINDOW: tl.constexpr, ANCHOR: tl.constexpr, MAXABS: tl.constexpr,
-    SELECTION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    lanes = tl.arange(0, E_PAD)
-    row_ok = rows < num_tokens
-    lane_ok = lanes < num_experts
-    pos = rows % seq_len
-    seq = rows // seq_len
-    u, count = _pooled(u_raw_ptr, u_summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes,
-                       num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
-    v, _ = _pooled(v_raw_ptr, v_summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes,
-                   num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
-    _store_rows(u_ptr, u, rows, lanes, row_ok, num_experts)
-    _store_rows(v_ptr, v, rows, lanes, row_ok, num_experts)
-    if WINDOW:
-        tl.store(window_count_ptr + rows, count, mask=row_ok)
-
-    if MAXABS:
-        # scale = [u scale, v scale, u max|.|, v max|.|]: the scales are the maxima clamped at eps.
-        u_hat = u / tl.load(scale_ptr)
-        v_hat = v / tl.load(scale_ptr + 1)
-        tile_ok = row_ok[:, None] & lane_ok[None, :]
-        u_ties = tl.sum(tl.sum((tile_ok & (tl.abs(u) == tl.load(scale_ptr + 2))).to(tl.float32), axis=1), axis=0)
-        v_ties = tl.sum(tl.sum((tile_ok & (tl.abs(v) == tl.load(scale_ptr + 3))).to(tl.float32), axis=1), axis=0)
-        tl.store(ties_ptr + pid * 2, u_ties)
-        tl.store(ties_ptr + pid * 2 + 1, v_ties)
-    else:
-        u_hat = u / tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), _NORM_EPS)[:, None]
-        v_hat = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=1)), _NORM_EPS)[:, None]
-    logits = ((1.0 - gamma_routing) * u_hat + gamma_routing * v_hat) / temperature
-    if HAS_JITTER:
-        logits = logits * _load_rows(jitter_ptr, rows, lanes, row_ok, num_experts)
-    logits = tl.where(lane_ok[None, :], logits, float("-inf"))
-    exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    probs = exps / tl.sum(exps, axis=1)[:, None]
-    weights, selected = _mixing_weights(probs, lanes, lane_ok, top_k, max_kept, theta, tau, SELECTION)
-    _store_rows(probs_ptr, probs, rows, lanes, row_ok, num_experts)
-    _store_rows(weights_ptr, weights, rows, lanes, row_ok, num_experts)
-    _store_rows(selected_ptr, selected.to(tl.int8), rows, lanes, row_ok, num_experts)
-
-    valid = _valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
-    tl.store(probs_sum_ptr + pid * E_PAD + lanes, tl.sum(tl.where(valid[:, None], probs, 0.0), axis=0))
-    tl.store(selected_sum_ptr + pid * E_PAD + lanes,
-             tl.sum(tl.where(valid[:, None], selected, 0), axis=0).to(tl.float32))
-    tl.store(valid_sum_ptr + pid, tl.sum(valid.to(tl.float32), axis=0))
-
-
-@triton.jit
-def _routing_backward_kernel(
-    dweights_ptr, dprobs_sum_ptr, u_ptr, v_ptr, probs_ptr, weights_ptr, selected_ptr, valid_ptr,
-    jitter_ptr, scale_ptr,
-    du_ptr, dv_ptr, scale_grad_ptr,
-    num_tokens, num_experts, top_k, temperature, gamma_routing, theta, tau,
-    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_JITTER: tl.constexpr,
-    HAS_DPROBS_SUM: tl.constexpr, MAXABS: tl.constexpr, SELECTION: tl.constexpr,
-):
-    """Gradients w.r.t. the pooled features (before normalization); for maxabs, per-block partial
-    sums of d(u_hat) * u for the gradient of the batch-wide scale."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    lanes = tl.arange(0, E_PAD)
-    row_ok = rows < num_tokens
-    lane_ok = lanes < num_experts
-    probs = _load_rows(probs_ptr, rows, lanes, row_ok, num_experts)
-    weights = _load_rows(weights_ptr, rows, lanes, row_ok, num_experts)
-    selected = _load_rows(selected_ptr, rows, lanes, row_ok, num_experts).to(tl.int32)
-    dweights = _load_rows(dweights_ptr, rows, lanes, row_ok, num_experts)
-    dprobs = _mixing_weights_backward(dweights, probs, weights, selected, lanes, lane_ok, top_k, theta, tau, SELECTION)
-    if HAS_DPROBS_SUM:
-        valid = _valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
-        dprobs += tl.where(valid[:, None], tl.load(dprobs_sum_ptr + lanes, mask=lane_ok, other=0.0)[None, :], 0.0)
-    dlogits = probs * (dprobs - tl.sum(dprobs * probs, axis=1)[:, None])
-    if HAS_JITTER:
-        dlogits = dlogits * _load_rows(jitter_ptr, rows, lanes, row_ok, num_experts)
-    du_hat = (1.0 - gamma_routing) / temperature * dlogits
-    dv_hat = gamma_routing / temperature * dlogits
-    u = _load_rows(u_ptr, rows, lanes, row_ok, num_experts)
-    v = _load_rows(v_ptr, rows, lanes, row_ok, num_experts)
-    if MAXABS:
-        du = du_hat / tl.load(scale_ptr)
-        dv = dv_hat / tl.load(scale_ptr + 1)
-        tl.store(scale_grad_ptr + pid * 2, tl.sum(tl.sum(du_hat * u, axis=1), axis=0))
-        tl.store(scale_grad_ptr + pid * 2 + 1, tl.sum(tl.sum(dv_hat * v, axis=1), axis=0))
-    else:
-        du = _cosine_backward(du_hat, u)
-        dv = _cosine_backward(dv_hat, v)
-    _store_rows(du_ptr, du, rows, lanes, row_ok, num_experts)
-    _store_rows(dv_ptr, dv, rows, lanes, row_ok, num_experts)
-
-
 @triton.jit
 def _cosine_backward(dfeature_hat, feature):
     """Back through feature / max(||feature||, eps): the norm takes gradient only above eps."""
@@ -344,95 +199,387 @@ def _cosine_backward(dfeature_hat, feature):
 
 
 @triton.jit
-def _total_grad(dpooled_ptr, pooled_ptr, scale_ptr, rows, lanes, row_ok, num_experts, WHICH: tl.constexpr,
-                MAXABS: tl.constexpr):
-    """d(pooled features) including, for maxabs, the batch-wide max's share at its arg-max entries.
+def maxabs_scales(absmax_ptr, num_blocks):
+    """The batch-wide max |u| and max |v| from per-block maxima (the same value in every program:
+    a max does not depend on its order)."""
+    u_max = tl.load(absmax_ptr)
+    v_max = tl.load(absmax_ptr + 1)
+    for block in range(1, num_blocks):
+        u_max = tl.maximum(u_max, tl.load(absmax_ptr + block * 2))
+        v_max = tl.maximum(v_max, tl.load(absmax_ptr + block * 2 + 1))
+    return u_max, v_max
 
-    scale_ptr (maxabs) = [u scale, v scale, u max, v max, u coefficient, v coefficient]; the
-    coefficient is d(max) / (number of tied maxima).
-    """
+
+@triton.jit
+def route_rows(u, v, jitter_ptr, rows, lanes, row_ok, num_experts, u_scale, v_scale, top_k, max_kept,
+               temperature, gamma_routing, theta, tau,
+               HAS_JITTER: tl.constexpr, MAXABS: tl.constexpr, SELECTION: tl.constexpr):
+    """Steps 5-9 for rows of pooled features u, v: (probs, weights, selected 0/1)."""
+    lane_ok = lanes < num_experts
+    if MAXABS:
+        u_hat = u / u_scale
+        v_hat = v / v_scale
+    else:
+        u_hat = u / tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), _NORM_EPS)[:, None]
+        v_hat = v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=1)), _NORM_EPS)[:, None]
+    logits = ((1.0 - gamma_routing) * u_hat + gamma_routing * v_hat) / temperature
+    if HAS_JITTER:
+        logits = logits * _load_rows(jitter_ptr, rows, lanes, row_ok, num_experts)
+    logits = tl.where(lane_ok[None, :], logits, float("-inf"))
+    exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = exps / tl.sum(exps, axis=1)[:, None]
+    weights, selected = _mixing_weights(probs, lanes, lane_ok, top_k, max_kept, theta, tau, SELECTION)
+    return probs, weights, selected
+
+
+@triton.jit
+def store_route(features_ptr, selected_ptr, stats_ptr, block, u, v, probs, weights, selected, valid,
+                rows, lanes, row_ok, num_tokens, num_experts, HIST_LANES: tl.constexpr):
+    """The routing state for the backward (`features` (4, tokens, E): pooled u, pooled v, probs,
+    weights; `selected` (tokens, E) int8) and this block's partial statistics over its valid rows."""
+    plane = num_tokens * num_experts
+    _store_rows(features_ptr, u, rows, lanes, row_ok, num_experts)
+    _store_rows(features_ptr + plane, v, rows, lanes, row_ok, num_experts)
+    _store_rows(features_ptr + 2 * plane, probs, rows, lanes, row_ok, num_experts)
+    _store_rows(features_ptr + 3 * plane, weights, rows, lanes, row_ok, num_experts)
+    _store_rows(selected_ptr, selected.to(tl.int8), rows, lanes, row_ok, num_experts)
+    LANES: tl.constexpr = u.shape[1]
+    width = 2 * LANES + HIST_LANES + 1
+    base = stats_ptr + block * width
+    tl.store(base + lanes, tl.sum(tl.where(valid[:, None], probs, 0.0), axis=0))
+    tl.store(base + LANES + lanes, tl.sum(tl.where(valid[:, None], selected, 0), axis=0).to(tl.float32))
+    bins = tl.arange(0, HIST_LANES)
+    per_row = tl.sum(selected, axis=1)
+    hits = valid[:, None] & (per_row[:, None] == bins[None, :])
+    tl.store(base + 2 * LANES + bins, tl.sum(hits.to(tl.float32), axis=0))
+    tl.store(base + 2 * LANES + HIST_LANES, tl.sum(valid.to(tl.float32), axis=0))
+
+
+@triton.jit
+def finish_statistics(partials_ptr, num_blocks, stats_ptr, histogram_ptr, num_experts,
+                      LANES: tl.constexpr, HIST_LANES: tl.constexpr):
+    """Sums the blocks' partial statistics in block order and writes the statistics vector
+    [importance, kl_uniform, load, active_experts, valid tokens, usage (E)] and the histogram.
+    The formulas are `lime_kernels.reference.balance_statistics`'."""
+    lanes = tl.arange(0, LANES)
+    bins = tl.arange(0, HIST_LANES)
+    lane_ok = lanes < num_experts
+    width = 2 * LANES + HIST_LANES + 1
+    probs_sum = tl.zeros((LANES,), tl.float32)
+    counts = tl.zeros((LANES,), tl.float32)
+    histogram = tl.zeros((HIST_LANES,), tl.float32)
+    num_valid = 0.0
+    for block in range(0, num_blocks):
+        base = partials_ptr + block * width
+        probs_sum += tl.load(base + lanes)
+        counts += tl.load(base + LANES + lanes)
+        histogram += tl.load(base + 2 * LANES + bins)
+        num_valid += tl.load(base + 2 * LANES + HIST_LANES)
+    experts = tl.sum(lane_ok.to(tl.float32), axis=0)  # E, as a tensor even when E is specialized to 1
+    valid_clamped = tl.maximum(num_valid, 1.0)
+    mean_probs = tl.where(lane_ok, probs_sum / valid_clamped, 0.0)
+    importance = experts * tl.sum(mean_probs * mean_probs, axis=0) - 1.0
+    log_terms = tl.log(tl.maximum(mean_probs, _LOG_EPS)) + tl.log(experts)
+    kl_uniform = tl.sum(tl.where(lane_ok, mean_probs * log_terms, 0.0), axis=0)
+    total_count = tl.sum(counts, axis=0)
+    share = counts / tl.maximum(total_count, 1.0)
+    load = experts * tl.sum(share * share, axis=0) - 1.0
+    tl.store(stats_ptr + 0, importance)
+    tl.store(stats_ptr + 1, kl_uniform)
+    tl.store(stats_ptr + 2, load)
+    tl.store(stats_ptr + 3, total_count / valid_clamped)
+    tl.store(stats_ptr + 4, num_valid)
+    tl.store(stats_ptr + 5 + lanes, mean_probs, mask=lane_ok)
+    tl.store(histogram_ptr + bins, histogram.to(tl.int64), mask=bins <= num_experts)
+
+
+@triton.jit
+def route_rows_backward(dweights, stats_ptr, dstats_ptr, valid, u, v, probs, weights, selected, jitter_ptr,
+                        rows, lanes, row_ok, num_experts, u_scale, v_scale, top_k, temperature, gamma_routing,
+                        theta, tau, HAS_JITTER: tl.constexpr, HAS_DSTATS: tl.constexpr, MAXABS: tl.constexpr,
+                        SELECTION: tl.constexpr):
+    """Back through steps 5-9 (and the statistics) for rows: (du, dv) w.r.t. the pooled features,
+    and for maxabs the rows' sums of d(u_hat) * u and d(v_hat) * v (the batch-wide max's gradient)."""
+    lane_ok = lanes < num_experts
+    dprobs = _mixing_weights_backward(dweights, probs, weights, selected, lanes, lane_ok, top_k, theta, tau,
+                                      SELECTION)
+    if HAS_DSTATS:
+        # importance = E sum(p^2) - 1 and kl = sum(p (log max(p, eps) + log E)), p = probs_sum / valid.
+        experts = tl.sum(lane_ok.to(tl.float32), axis=0)
+        mean_probs = tl.load(stats_ptr + 5 + lanes, mask=lane_ok, other=0.0)
+        valid_clamped = tl.maximum(tl.load(stats_ptr + 4), 1.0)
+        dimportance = tl.load(dstats_ptr)
+        dkl = tl.load(dstats_ptr + 1)
+        dlog = tl.log(tl.maximum(mean_probs, _LOG_EPS)) + tl.log(experts) + (mean_probs >= _LOG_EPS).to(tl.float32)
+        dmean = dimportance * 2.0 * experts * mean_probs + dkl * dlog
+        dprobs += tl.where(valid[:, None] & lane_ok[None, :], (dmean / valid_clamped)[None, :], 0.0)
+    dlogits = probs * (dprobs - tl.sum(dprobs * probs, axis=1)[:, None])
+    if HAS_JITTER:
+        dlogits = dlogits * _load_rows(jitter_ptr, rows, lanes, row_ok, num_experts)
+    du_hat = (1.0 - gamma_routing) / temperature * dlogits
+    dv_hat = gamma_routing / temperature * dlogits
+    if MAXABS:
+        du = du_hat / u_scale
+        dv = dv_hat / v_scale
+        u_along = tl.sum(tl.sum(du_hat * u, axis=1), axis=0)
+        v_along = tl.sum(tl.sum(dv_hat * v, axis=1), axis=0)
+    else:
+        du = _cosine_backward(du_hat, u)
+        dv = _cosine_backward(dv_hat, v)
+        u_along = 0.0
+        v_along = 0.0
+    return du, dv, u_along, v_along
+
+
+@triton.jit
+def _max_grad_coefficients(scales_ptr, max_partials_ptr, num_max_blocks, tie_partials_ptr, num_tie_blocks):
+    """For maxabs: d(max) / (number of tied maxima) for u and v, from per-block partial sums of
+    d(hat) * pooled and of ties (every program sums them in the same order). scales = [u scale,
+    v scale, u max, v max]; d(max) = -sum(d(hat) * pooled) / scale^2 where max >= eps (the clamp
+    passes no gradient below)."""
+    u_along = 0.0
+    v_along = 0.0
+    for block in range(0, num_max_blocks):
+        u_along += tl.load(max_partials_ptr + block * 2)
+        v_along += tl.load(max_partials_ptr + block * 2 + 1)
+    u_ties = 0.0
+    v_ties = 0.0
+    for block in range(0, num_tie_blocks):
+        u_ties += tl.load(tie_partials_ptr + block * 2)
+        v_ties += tl.load(tie_partials_ptr + block * 2 + 1)
+    u_scale = tl.load(scales_ptr)
+    v_scale = tl.load(scales_ptr + 1)
+    u_max = tl.load(scales_ptr + 2)
+    v_max = tl.load(scales_ptr + 3)
+    u_coefficient = tl.where(u_max >= _NORM_EPS, -u_along / (u_scale * u_scale), 0.0) / tl.maximum(u_ties, 1.0)
+    v_coefficient = tl.where(v_max >= _NORM_EPS, -v_along / (v_scale * v_scale), 0.0) / tl.maximum(v_ties, 1.0)
+    return u_coefficient, v_coefficient, u_max, v_max
+
+
+@triton.jit
+def _total_grad(dpooled_ptr, pooled_ptr, rows, lanes, row_ok, num_experts, largest, coefficient,
+                MAXABS: tl.constexpr):
+    """d(pooled features) including, for maxabs, the batch-wide max's share at its arg-max entries."""
     grad = _load_rows(dpooled_ptr, rows, lanes, row_ok, num_experts)
     if MAXABS:
         pooled = _load_rows(pooled_ptr, rows, lanes, row_ok, num_experts)
-        largest = tl.load(scale_ptr + 2 + WHICH)
-        coefficient = tl.load(scale_ptr + 4 + WHICH)
         sign = tl.where(pooled > 0, 1.0, tl.where(pooled < 0, -1.0, 0.0))
         grad += tl.where(tl.abs(pooled) == largest, coefficient * sign, 0.0)
     return grad
 
 
+# --- kernels ---------------------------------------------------------------------------------------
+
+
 @triton.jit
-def _pooling_backward_kernel(
-    dpooled_ptr, pooled_ptr, window_count_ptr, valid_ptr, scale_ptr, draw_ptr,
-    num_tokens, num_experts, seq_len, n_gram,
-    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
-    WINDOW: tl.constexpr, ANCHOR: tl.constexpr, MAXABS: tl.constexpr, WHICH: tl.constexpr,
+def _sequence_summary_kernel(
+    raw_ptr, valid_ptr, summary_ptr, seq_state_ptr,
+    num_tokens, num_experts, seq_len,
+    BLOCK_T: tl.constexpr, LANES: tl.constexpr, HAS_MASK: tl.constexpr, REP: tl.constexpr,
 ):
-    """Token representations: d(raw features) from d(pooled features), as a gather."""
+    """Per sequence and feature (program axis 1: u, v): the mean over valid tokens (REP 1) or the last
+    valid token (REP 2). seq_state[seq] = (number of valid tokens, position of the last valid token or -1)."""
+    seq = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(1)
+    raw = raw_ptr + which.to(tl.int64) * num_tokens * num_experts
+    lanes = tl.arange(0, LANES)
+    # Per-row partial sums, reduced once after the loop.
+    total = tl.zeros((BLOCK_T, LANES), tl.float32)
+    count = tl.zeros((BLOCK_T,), tl.float32)
+    last = tl.full((BLOCK_T,), -1, tl.int32)
+    for start in range(0, seq_len, BLOCK_T):
+        pos = start + tl.arange(0, BLOCK_T)
+        rows = seq * seq_len + pos
+        valid = valid_rows(valid_ptr, rows, pos < seq_len, HAS_MASK)
+        if REP == 1:
+            total += _load_rows(raw, rows, lanes, valid, num_experts)
+        count += valid.to(tl.float32)
+        last = tl.maximum(last, tl.where(valid, pos, -1))
+    count = tl.sum(count, axis=0)
+    last = tl.max(last, axis=0)
+    lane_ok = lanes < num_experts
+    if REP == 1:
+        summary = tl.sum(total, axis=0) / tl.maximum(count, 1.0)
+    else:
+        source = seq * seq_len + tl.maximum(last, 0)
+        summary = tl.load(raw + source * num_experts + lanes, mask=lane_ok, other=0.0)
+    num_seqs = num_tokens // seq_len
+    tl.store(summary_ptr + (which * num_seqs + seq) * num_experts + lanes, summary, mask=lane_ok)
+    if which == 0:
+        tl.store(seq_state_ptr + seq * 2, count)
+        tl.store(seq_state_ptr + seq * 2 + 1, last.to(tl.float32))
+
+
+@triton.jit
+def _pooled_absmax_kernel(
+    raw_ptr, valid_ptr, summary_ptr, seq_state_ptr, absmax_ptr,
+    num_tokens, num_experts, seq_len, n_gram,
+    BLOCK_T: tl.constexpr, LANES: tl.constexpr, HAS_MASK: tl.constexpr,
+    REP: tl.constexpr, WINDOW: tl.constexpr, ANCHOR: tl.constexpr,
+):
+    """Per block: max |pooled feature| over every token (padding included) and expert, for u and v."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    lanes = tl.arange(0, E_PAD)
+    lanes = tl.arange(0, LANES)
     row_ok = rows < num_tokens
     pos = rows % seq_len
+    seq = rows // seq_len
+    plane = num_tokens * num_experts
+    u, _ = _pooled(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes,
+                   num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
+    v, _ = _pooled(raw_ptr + plane, summary_ptr + (num_tokens // seq_len) * num_experts, seq_state_ptr,
+                   valid_ptr, rows, pos, seq, row_ok, lanes, num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW,
+                   ANCHOR)
+    tl.store(absmax_ptr + pid * 2, tl.max(tl.max(tl.abs(u), axis=1), axis=0))
+    tl.store(absmax_ptr + pid * 2 + 1, tl.max(tl.max(tl.abs(v), axis=1), axis=0))
+
+
+@triton.jit
+def _routing_forward_kernel(
+    raw_ptr, valid_ptr, summary_ptr, seq_state_ptr, jitter_ptr, absmax_ptr,
+    features_ptr, selected_ptr, window_count_ptr, scales_ptr, ties_ptr, stats_ptr,
+    num_tokens, num_experts, seq_len, n_gram, top_k, max_kept, num_absmax_blocks,
+    temperature, gamma_routing, theta, tau,
+    BLOCK_T: tl.constexpr, LANES: tl.constexpr, HIST_LANES: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_JITTER: tl.constexpr, REP: tl.constexpr, WINDOW: tl.constexpr, ANCHOR: tl.constexpr,
+    MAXABS: tl.constexpr, SELECTION: tl.constexpr,
+):
+    """Pooling (n-gram window or anchor, or the sequence summary), then steps 5-9, for one block."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    lanes = tl.arange(0, LANES)
+    row_ok = rows < num_tokens
+    lane_ok = lanes < num_experts
+    pos = rows % seq_len
+    seq = rows // seq_len
+    plane = num_tokens * num_experts
+    u, count = _pooled(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes,
+                       num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
+    v, _ = _pooled(raw_ptr + plane, summary_ptr + (num_tokens // seq_len) * num_experts, seq_state_ptr,
+                   valid_ptr, rows, pos, seq, row_ok, lanes, num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW,
+                   ANCHOR)
+    if WINDOW:
+        tl.store(window_count_ptr + rows, count, mask=row_ok)
+    u_scale = 1.0
+    v_scale = 1.0
+    if MAXABS:
+        u_max, v_max = maxabs_scales(absmax_ptr, num_absmax_blocks)
+        u_scale = tl.maximum(u_max, _NORM_EPS)
+        v_scale = tl.maximum(v_max, _NORM_EPS)
+        if pid == 0:
+            tl.store(scales_ptr, u_scale)
+            tl.store(scales_ptr + 1, v_scale)
+            tl.store(scales_ptr + 2, u_max)
+            tl.store(scales_ptr + 3, v_max)
+        # Tied maxima share the max's gradient (torch.amax): count them per block.
+        tile_ok = row_ok[:, None] & lane_ok[None, :]
+        tl.store(ties_ptr + pid * 2, tl.sum(tl.sum((tile_ok & (tl.abs(u) == u_max)).to(tl.float32), axis=1), axis=0))
+        tl.store(ties_ptr + pid * 2 + 1,
+                 tl.sum(tl.sum((tile_ok & (tl.abs(v) == v_max)).to(tl.float32), axis=1), axis=0))
+    probs, weights, selected = route_rows(u, v, jitter_ptr, rows, lanes, row_ok, num_experts, u_scale, v_scale,
+                                          top_k, max_kept, temperature, gamma_routing, theta, tau,
+                                          HAS_JITTER, MAXABS, SELECTION)
+    valid = valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
+    store_route(features_ptr, selected_ptr, stats_ptr, pid, u, v, probs, weights, selected, valid, rows, lanes,
+                row_ok, num_tokens, num_experts, HIST_LANES)
+
+
+@triton.jit
+def _pooling_backward_kernel(
+    dpooled_ptr, features_ptr, window_count_ptr, valid_ptr, scales_ptr, max_partials_ptr, ties_ptr, draw_ptr,
+    num_tokens, num_experts, seq_len, n_gram, num_max_blocks, num_tie_blocks,
+    BLOCK_T: tl.constexpr, LANES: tl.constexpr, HAS_MASK: tl.constexpr,
+    WINDOW: tl.constexpr, ANCHOR: tl.constexpr, MAXABS: tl.constexpr,
+):
+    """Token representations: d(raw features) from d(pooled features), as a gather; program axis 1
+    is u or v."""
+    pid = tl.program_id(0)
+    which = tl.program_id(1)
+    offset_uv = which.to(tl.int64) * num_tokens * num_experts
+    dpooled = dpooled_ptr + offset_uv
+    pooled = features_ptr + offset_uv  # features[0] = pooled u, features[1] = pooled v
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    lanes = tl.arange(0, LANES)
+    row_ok = rows < num_tokens
+    pos = rows % seq_len
+    largest = 0.0
+    coefficient = 0.0
+    if MAXABS:
+        u_coefficient, v_coefficient, u_max, v_max = _max_grad_coefficients(
+            scales_ptr, max_partials_ptr, num_max_blocks, ties_ptr, num_tie_blocks)
+        largest = tl.where(which == 0, u_max, v_max)
+        coefficient = tl.where(which == 0, u_coefficient, v_coefficient)
     if WINDOW:
         # A valid token s feeds the windows of the valid tokens t = s .. s+n-1 of its sequence.
-        total = tl.zeros((BLOCK_T, E_PAD), tl.float32)
+        total = tl.zeros((BLOCK_T, LANES), tl.float32)
         for offset in range(0, n_gram):
-            target_ok = _valid_rows(valid_ptr, rows + offset, row_ok & (pos + offset < seq_len), HAS_MASK)
+            target_ok = valid_rows(valid_ptr, rows + offset, row_ok & (pos + offset < seq_len), HAS_MASK)
             count = tl.load(window_count_ptr + rows + offset, mask=target_ok, other=1.0)
-            grad = _total_grad(dpooled_ptr, pooled_ptr, scale_ptr, rows + offset, lanes, target_ok,
-                               num_experts, WHICH, MAXABS)
+            grad = _total_grad(dpooled, pooled, rows + offset, lanes, target_ok, num_experts, largest, coefficient,
+                               MAXABS)
             total += grad / count[:, None]
-        valid = _valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
-        own = _total_grad(dpooled_ptr, pooled_ptr, scale_ptr, rows, lanes, row_ok, num_experts, WHICH, MAXABS)
+        valid = valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
+        own = _total_grad(dpooled, pooled, rows, lanes, row_ok, num_experts, largest, coefficient, MAXABS)
         draw = tl.where(valid[:, None], total, own)
     elif ANCHOR:
         # An anchor (the last position of its group) feeds every token of its group.
         group_start = pos - pos % n_gram
         anchor = tl.minimum(group_start + n_gram - 1, seq_len - 1)
         is_anchor = row_ok & (pos == anchor)
-        draw = tl.zeros((BLOCK_T, E_PAD), tl.float32)
+        draw = tl.zeros((BLOCK_T, LANES), tl.float32)
         for offset in range(0, n_gram):
             member_ok = is_anchor & (group_start + offset <= anchor)
-            draw += _total_grad(dpooled_ptr, pooled_ptr, scale_ptr, rows - pos + group_start + offset, lanes,
-                                member_ok, num_experts, WHICH, MAXABS)
+            draw += _total_grad(dpooled, pooled, rows - pos + group_start + offset, lanes, member_ok, num_experts,
+                                largest, coefficient, MAXABS)
     else:
-        draw = _total_grad(dpooled_ptr, pooled_ptr, scale_ptr, rows, lanes, row_ok, num_experts, WHICH, MAXABS)
-    _store_rows(draw_ptr, draw, rows, lanes, row_ok, num_experts)
+        draw = _total_grad(dpooled, pooled, rows, lanes, row_ok, num_experts, largest, coefficient, MAXABS)
+    _store_rows(draw_ptr + offset_uv, draw, rows, lanes, row_ok, num_experts)
 
 
 @triton.jit
 def _sequence_summary_backward_kernel(
-    dpooled_ptr, pooled_ptr, valid_ptr, seq_state_ptr, scale_ptr, draw_ptr,
-    num_experts, seq_len,
-    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, HAS_MASK: tl.constexpr, REP: tl.constexpr,
-    MAXABS: tl.constexpr, WHICH: tl.constexpr,
+    dpooled_ptr, features_ptr, valid_ptr, seq_state_ptr, scales_ptr, max_partials_ptr, ties_ptr, draw_ptr,
+    num_tokens, num_experts, seq_len, num_max_blocks, num_tie_blocks,
+    BLOCK_T: tl.constexpr, LANES: tl.constexpr, HAS_MASK: tl.constexpr, REP: tl.constexpr,
+    MAXABS: tl.constexpr,
 ):
-    """rep_mode mean / last: every token of a sequence with a valid token took its summary."""
+    """rep_mode mean / last: every token of a sequence with a valid token took its summary; program
+    axis 1 is u or v."""
     seq = tl.program_id(0).to(tl.int64)
-    lanes = tl.arange(0, E_PAD)
+    which = tl.program_id(1)
+    offset_uv = which.to(tl.int64) * num_tokens * num_experts
+    dpooled = dpooled_ptr + offset_uv
+    pooled = features_ptr + offset_uv
+    lanes = tl.arange(0, LANES)
+    largest = 0.0
+    coefficient = 0.0
+    if MAXABS:
+        u_coefficient, v_coefficient, u_max, v_max = _max_grad_coefficients(
+            scales_ptr, max_partials_ptr, num_max_blocks, ties_ptr, num_tie_blocks)
+        largest = tl.where(which == 0, u_max, v_max)
+        coefficient = tl.where(which == 0, u_coefficient, v_coefficient)
     count = tl.load(seq_state_ptr + seq * 2)
     last = tl.load(seq_state_ptr + seq * 2 + 1).to(tl.int64)
-    dsummary = tl.zeros((E_PAD,), tl.float32)
+    dsummary = tl.zeros((LANES,), tl.float32)
     for start in range(0, seq_len, BLOCK_T):
         pos = start + tl.arange(0, BLOCK_T)
-        grad = _total_grad(dpooled_ptr, pooled_ptr, scale_ptr, seq * seq_len + pos, lanes, pos < seq_len,
-                           num_experts, WHICH, MAXABS)
+        grad = _total_grad(dpooled, pooled, seq * seq_len + pos, lanes, pos < seq_len, num_experts, largest,
+                           coefficient, MAXABS)
         dsummary += tl.sum(grad, axis=0)
     for start in range(0, seq_len, BLOCK_T):
         pos = start + tl.arange(0, BLOCK_T)
         rows = seq * seq_len + pos
         row_ok = pos < seq_len
         if REP == 1:
-            valid = _valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
+            valid = valid_rows(valid_ptr, rows, row_ok, HAS_MASK)
             share = tl.where(valid[:, None], (dsummary / tl.maximum(count, 1.0))[None, :], 0.0)
         else:
             share = tl.where((pos == last)[:, None], dsummary[None, :], 0.0)
         if count > 0:
             draw = share
         else:
-            draw = _total_grad(dpooled_ptr, pooled_ptr, scale_ptr, rows, lanes, row_ok, num_experts, WHICH, MAXABS)
-        _store_rows(draw_ptr, draw, rows, lanes, row_ok, num_experts)
+            draw = _total_grad(dpooled, pooled, rows, lanes, row_ok, num_experts, largest, coefficient, MAXABS)
+        _store_rows(draw_ptr + offset_uv, draw, rows, lanes, row_ok, num_experts)
 
 
 # --- launchers -------------------------------------------------------------------------------------
@@ -458,156 +605,168 @@ class RoutingConfig:
 
     @property
     def lanes(self) -> int:
-        return lane_width(self.num_experts)
+        return dot_width(self.num_experts)
 
     @property
     def max_kept(self) -> int:
         return min(2 * self.top_k, self.num_experts)
 
+    @property
+    def per_token(self) -> bool:
+        """Routing reads each token's own features only (no pooling, no batch-wide max): the stages
+        around it (projection, backward pass over dout) route their own rows inline."""
+        return self.rep == 0 and not self.window and not self.anchor and not self.maxabs
+
+    @property
+    def pooled(self) -> bool:
+        """The backward needs a pass back through the pooling or the batch-wide max."""
+        return not self.per_token
+
+    def kernel_options(self) -> dict:
+        return dict(temperature=self.temperature, gamma_routing=self.gamma_routing, theta=self.theta, tau=self.tau)
+
+
+def state_layout(num_tokens: int, config: RoutingConfig) -> dict:
+    """Sizes of the parts of the packed `extra` tensor, each present only where the options use it
+    (so that every entry is written): window counts (one per token), per-sequence state (two per
+    sequence: valid count, last valid position), maxabs scales (u scale, v scale, u max, v max) and
+    tie counts of the maxima (two per routing block)."""
+    num_blocks = triton.cdiv(num_tokens, routing_rows(config.lanes))
+    return dict(
+        window_count=num_tokens if config.window else 0,
+        seq_state=2 * (num_tokens // config.seq_len) if config.rep != 0 else 0,
+        scales=4 if config.maxabs else 0,
+        ties=2 * num_blocks if config.maxabs else 0,
+    )
+
 
 @dataclass
 class RoutingState:
-    """What the forward leaves for the backward, as views of three packed tensors whose shapes do not
-    depend on the options (so the custom op has one signature):
+    """What the forward leaves for the backward, as three packed tensors whose shapes do not depend
+    on the options (so the custom op has one signature):
 
     - `features` (4, tokens, E) float32: pooled u, pooled v, probs, weights;
     - `selected` (tokens, E) int8: the hard selection (0/1);
-    - `extra` (tokens + 2 * sequences + 6,) float32: the window count of each token (window n-gram),
-      (valid count, last valid position) of each sequence (mean / last), and for maxabs
-      [u scale, v scale, u max, v max, u ties, v ties] (the ties become d(max)/ties in the backward).
+    - `extra` float32: see `state_layout`.
     """
 
     features: torch.Tensor
     selected: torch.Tensor
     extra: torch.Tensor
+    layout: dict
 
     @staticmethod
-    def allocate(num_tokens: int, num_experts: int, num_seqs: int, device) -> "RoutingState":
+    def allocate(num_tokens: int, config: RoutingConfig, device) -> "RoutingState":
+        layout = state_layout(num_tokens, config)
         return RoutingState(
-            torch.empty(4, num_tokens, num_experts, device=device, dtype=torch.float32),
-            torch.empty(num_tokens, num_experts, device=device, dtype=torch.int8),
-            torch.zeros(num_tokens + 2 * num_seqs + 6, device=device, dtype=torch.float32),
+            torch.empty(4, num_tokens, config.num_experts, device=device, dtype=torch.float32),
+            torch.empty(num_tokens, config.num_experts, device=device, dtype=torch.int8),
+            torch.empty(sum(layout.values()), device=device, dtype=torch.float32),
+            layout,
         )
 
-    @property
-    def u(self) -> torch.Tensor:
-        return self.features[0]
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.features[1]
-
-    @property
-    def probs(self) -> torch.Tensor:
-        return self.features[2]
+    def part(self, name: str) -> torch.Tensor:
+        """A part of `extra`; an absent one (unused by these options) gives `features`, any real
+        tensor, as the kernels' pointer (they do not read it)."""
+        start = 0
+        for key, size in self.layout.items():
+            if key == name:
+                return self.extra[start : start + size] if size else self.features
+            start += size
+        raise KeyError(name)
 
     @property
     def weights(self) -> torch.Tensor:
         return self.features[3]
 
-    @property
-    def window_count(self) -> torch.Tensor:
-        return self.extra[: self.features.shape[1]]
 
-    @property
-    def seq_state(self) -> torch.Tensor:
-        return self.extra[self.features.shape[1] : -6]
-
-    @property
-    def scales(self) -> torch.Tensor:
-        return self.extra[-6:]
+def _pooling_options(config: RoutingConfig) -> dict:
+    return dict(REP=config.rep, WINDOW=config.window, ANCHOR=config.anchor)
 
 
-def routing_forward(u_raw, v_raw, valid, jitter, config: RoutingConfig):
-    """Returns (state, probs_sum (E), selection_counts (E), num_valid ())."""
-    num_tokens, num_experts = u_raw.shape
-    device = u_raw.device
-    blocks = routing_blocks(config.lanes)
-    num_blocks = triton.cdiv(num_tokens, blocks["BLOCK_T"])
+def route_pooled(raw: torch.Tensor, valid, jitter, state: RoutingState, stat_partials: torch.Tensor,
+                 config: RoutingConfig) -> None:
+    """Routing from the raw features `raw` (2, tokens, E) when it needs other tokens (pooling or the
+    maxabs router): fills `state` and the per-block partial statistics."""
+    _, num_tokens, num_experts = raw.shape
+    device = raw.device
+    lanes = config.lanes
+    block_t = routing_rows(lanes)
+    num_blocks = triton.cdiv(num_tokens, block_t)
     num_seqs = num_tokens // config.seq_len
-    common = dict(E_PAD=config.lanes, HAS_MASK=valid is not None, **blocks)
-    valid_arg = valid if valid is not None else u_raw  # unused pointers get any real tensor
-    state = RoutingState.allocate(num_tokens, num_experts, num_seqs, device)
-
-    summaries = (u_raw, v_raw)
+    common = dict(BLOCK_T=block_t, LANES=lanes, HAS_MASK=valid is not None)
+    valid_arg = valid if valid is not None else raw
+    summaries = raw  # any tensor: unused without a summary
     if config.rep != 0:
-        summaries = (torch.empty(num_seqs, num_experts, device=device, dtype=torch.float32),
-                     torch.empty(num_seqs, num_experts, device=device, dtype=torch.float32))
-        _sequence_summary_kernel[(num_seqs,)](
-            u_raw, v_raw, valid_arg, summaries[0], summaries[1], state.seq_state, num_experts, config.seq_len,
-            REP=config.rep, **common,
-        )
-    pooling = dict(REP=config.rep, WINDOW=config.window, ANCHOR=config.anchor)
+        summaries = torch.empty(2, num_seqs, num_experts, device=device, dtype=torch.float32)
+        launch(_sequence_summary_kernel, (num_seqs, 2), raw, valid_arg, summaries, state.part("seq_state"),
+               num_tokens, num_experts, config.seq_len, REP=config.rep, **common,
+               reads=[raw, valid], writes=[summaries, state.part("seq_state")])
+    absmax = raw
     if config.maxabs:
-        partial = torch.empty(num_blocks, 2, device=device, dtype=torch.float32)
-        _pooled_absmax_kernel[(num_blocks,)](
-            u_raw, v_raw, valid_arg, summaries[0], summaries[1], state.seq_state, partial,
-            num_tokens, num_experts, config.seq_len, config.n_gram, **pooling, **common,
-        )
-        largest = partial.amax(dim=0)
-        state.scales[:2] = largest.clamp_min(NORM_EPS)
-        state.scales[2:4] = largest
-
-    probs_sum = torch.empty(num_blocks, config.lanes, device=device, dtype=torch.float32)
-    selected_sum = torch.empty(num_blocks, config.lanes, device=device, dtype=torch.float32)
-    valid_sum = torch.empty(num_blocks, device=device, dtype=torch.float32)
-    ties = torch.empty(num_blocks, 2, device=device, dtype=torch.float32)
-    _routing_forward_kernel[(num_blocks,)](
-        u_raw, v_raw, valid_arg, summaries[0], summaries[1], state.seq_state, jitter if jitter is not None else u_raw,
-        state.scales, state.u, state.v, state.window_count, state.probs, state.weights, state.selected,
-        probs_sum, selected_sum, valid_sum, ties,
-        num_tokens, num_experts, config.seq_len, config.n_gram, config.top_k, config.max_kept,
-        config.temperature, config.gamma_routing, config.theta, config.tau,
-        HAS_JITTER=jitter is not None, MAXABS=config.maxabs, SELECTION=config.selection, **pooling, **common,
-    )
-    if config.maxabs:
-        state.scales[4:] = ties.sum(dim=0)
-    return state, probs_sum.sum(dim=0)[:num_experts], selected_sum.sum(dim=0)[:num_experts], valid_sum.sum()
+        absmax = torch.empty(num_blocks, 2, device=device, dtype=torch.float32)
+        launch(_pooled_absmax_kernel, (num_blocks,), raw, valid_arg, summaries, state.part("seq_state"), absmax,
+               num_tokens, num_experts, config.seq_len, config.n_gram, **_pooling_options(config), **common,
+               reads=[raw, valid], writes=[absmax])
+    launch(_routing_forward_kernel, (num_blocks,),
+           raw, valid_arg, summaries, state.part("seq_state"), jitter if jitter is not None else raw, absmax,
+           state.features, state.selected, state.part("window_count"), state.part("scales"), state.part("ties"),
+           stat_partials,
+           num_tokens, num_experts, config.seq_len, config.n_gram, config.top_k, config.max_kept, absmax.shape[0],
+           HIST_LANES=histogram_lanes(num_experts), HAS_JITTER=jitter is not None, MAXABS=config.maxabs,
+           SELECTION=config.selection, **_pooling_options(config), **common, **config.kernel_options(),
+           reads=[raw, valid, jitter],
+           writes=[state.features, state.selected, stat_partials, state.part("window_count") if config.window else None])
 
 
-def routing_backward(dweights, dprobs_sum: Optional[torch.Tensor], valid, jitter, state: RoutingState, config: RoutingConfig):
-    """Returns (du_raw, dv_raw): gradients w.r.t. base[:, :E] and delta[:, :E]."""
-    num_tokens, num_experts = dweights.shape
-    blocks = routing_blocks(config.lanes)
-    num_blocks = triton.cdiv(num_tokens, blocks["BLOCK_T"])
-    common = dict(E_PAD=config.lanes, HAS_MASK=valid is not None, **blocks)
-    valid_arg = valid if valid is not None else dweights
-    du_pooled = torch.empty_like(dweights)
-    dv_pooled = torch.empty_like(dweights)
-    scale_grad = torch.empty(num_blocks, 2, device=dweights.device, dtype=torch.float32)
-    _routing_backward_kernel[(num_blocks,)](
-        dweights, dprobs_sum if dprobs_sum is not None else dweights, state.u, state.v, state.probs,
-        state.weights, state.selected, valid_arg, jitter if jitter is not None else dweights, state.scales,
-        du_pooled, dv_pooled, scale_grad,
-        num_tokens, num_experts, config.top_k, config.temperature, config.gamma_routing, config.theta, config.tau,
-        HAS_JITTER=jitter is not None, HAS_DPROBS_SUM=dprobs_sum is not None, MAXABS=config.maxabs,
-        SELECTION=config.selection, **common,
-    )
-    scales = state.scales
-    if config.maxabs:
-        # d(max) = -sum(d(hat) * pooled) / scale^2 where max >= eps (the clamp passes no gradient
-        # below), split between the tied maxima: coefficient = d(max) / ties.
-        scales = scales.clone()
-        dmax = -scale_grad.sum(dim=0) / scales[:2].square()
-        dmax = torch.where(scales[2:4] >= NORM_EPS, dmax, torch.zeros_like(dmax))
-        scales[4:] = dmax / scales[4:].clamp_min(1.0)
-
-    draws = []
-    for which, (dpooled, pooled) in enumerate(((du_pooled, state.u), (dv_pooled, state.v))):
-        draw = torch.empty_like(dpooled)
-        if config.rep != 0:
-            _sequence_summary_backward_kernel[(num_tokens // config.seq_len,)](
-                dpooled, pooled, valid_arg, state.seq_state, scales, draw, num_experts, config.seq_len,
-                REP=config.rep, MAXABS=config.maxabs, WHICH=which, **common,
-            )
-        else:
-            _pooling_backward_kernel[(num_blocks,)](
-                dpooled, pooled, state.window_count, valid_arg, scales, draw,
-                num_tokens, num_experts, config.seq_len, config.n_gram,
-                WINDOW=config.window, ANCHOR=config.anchor, MAXABS=config.maxabs, WHICH=which, **common,
-            )
-        draws.append(draw)
-    return draws[0], draws[1]
+def pooling_backward(dpooled: torch.Tensor, max_partials: torch.Tensor, valid, state: RoutingState,
+                     config: RoutingConfig) -> torch.Tensor:
+    """d(raw features) (2, tokens, E) from d(pooled features) (2, tokens, E), through the n-gram
+    window or anchor, the sequence summary and the maxabs router's batch-wide max."""
+    _, num_tokens, num_experts = dpooled.shape
+    lanes = config.lanes
+    block_t = routing_rows(lanes)
+    common = dict(BLOCK_T=block_t, LANES=lanes, HAS_MASK=valid is not None, MAXABS=config.maxabs)
+    valid_arg = valid if valid is not None else dpooled
+    draw = torch.empty_like(dpooled)
+    reads = [dpooled, state.features[:2] if config.maxabs else None, valid]
+    if max_partials is None:  # no maxabs router: nothing reads the max's partial sums
+        max_partials = dpooled
+    maxabs_args = (state.part("scales"), max_partials, state.part("ties"))
+    maxabs_sizes = (max_partials.shape[0] if config.maxabs else 0, state.part("ties").numel() // 2)
+    if config.rep != 0:
+        launch(_sequence_summary_backward_kernel, (num_tokens // config.seq_len, 2),
+               dpooled, state.features, valid_arg, state.part("seq_state"), *maxabs_args, draw,
+               num_tokens, num_experts, config.seq_len, *maxabs_sizes, REP=config.rep, **common,
+               reads=reads, writes=[draw])
+    else:
+        launch(_pooling_backward_kernel, (triton.cdiv(num_tokens, block_t), 2),
+               dpooled, state.features, state.part("window_count"), valid_arg, *maxabs_args, draw,
+               num_tokens, num_experts, config.seq_len, config.n_gram, *maxabs_sizes,
+               WINDOW=config.window, ANCHOR=config.anchor, **common, reads=reads, writes=[draw])
+    return draw
 
 
-__all__ = ["REP_CODES", "RoutingConfig", "RoutingState", "routing_backward", "routing_forward", "selection_code"]
+def statistics_partials(num_tokens: int, config: RoutingConfig, device) -> torch.Tensor:
+    """The per-block partial statistics of the routing pass (blocks of `routing_rows` tokens, whether
+    the projection kernel or `_routing_forward_kernel` routes)."""
+    num_blocks = triton.cdiv(num_tokens, routing_rows(config.lanes))
+    return torch.empty(num_blocks, statistics_width(config.lanes, config.num_experts), device=device,
+                       dtype=torch.float32)
+
+
+def statistics_length(num_experts: int) -> int:
+    return STAT_USAGE + num_experts
+
+
+__all__ = [
+    "REP_CODES",
+    "RoutingConfig",
+    "RoutingState",
+    "pooling_backward",
+    "route_pooled",
+    "routing_rows",
+    "selection_code",
+    "statistics_length",
+    "statistics_partials",
+]
