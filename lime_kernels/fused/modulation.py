@@ -301,14 +301,14 @@ def _finish_kernel(
                 tl.store(dscale_ptr + cols, dscale.to(dscale_ptr.dtype.element_ty), mask=col_ok)
     else:
         if NEED_A:
-            cols = (pid - column_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-            col_ok = cols < in_features
+            inputs = (pid - column_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            input_ok = inputs < in_features
             da = tl.zeros((RANK_DOT, BLOCK_K), tl.float32)
             for split in range(0, num_da_splits):
                 da += tl.load(da_partials_ptr + split * rank * in_features + ranks[:, None] * in_features
-                              + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            tl.store(da_ptr + ranks[:, None] * in_features + cols[None, :], da.to(da_ptr.dtype.element_ty),
-                     mask=rank_ok[:, None] & col_ok[None, :])
+                              + inputs[None, :], mask=rank_ok[:, None] & input_ok[None, :], other=0.0)
+            tl.store(da_ptr + ranks[:, None] * in_features + inputs[None, :], da.to(da_ptr.dtype.element_ty),
+                     mask=rank_ok[:, None] & input_ok[None, :])
     if NEED_GAMMA:
         if pid == 0:
             total = 0.0
@@ -319,13 +319,34 @@ def _finish_kernel(
 
 # --- launchers -------------------------------------------------------------------------------------
 
-# Tiles and warps chosen so that no build spills registers on sm_80 / sm_90 (compile_check). The
-# backward's reductions run over Dout in BLOCK_N steps and over tokens in BLOCK_M steps: fixed, so
-# that the order of every sum depends on the shape only.
+# Tiles and warps: chosen per shape so that no build spills registers on sm_80 / sm_90 (see
+# `python -m lime_kernels.compile_check`, which builds what these functions pick). They are
+# functions of the shape only, so every reduction's order, and the gradients' bits, repeat.
 FORWARD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
-BACKWARD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
-PARTIALS_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
-FINISH_BLOCKS = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4)
+
+
+def backward_blocks(rank: int, lanes: int, activation: torch.dtype) -> dict:
+    """The pass over token blocks: BLOCK_M tokens, all of Dout in BLOCK_N steps."""
+    if activation == torch.float32:
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8)
+    if dot_width(rank) >= 64:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
+    if lanes >= 32:
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)
+
+
+def partials_blocks(rank: int, lanes: int, activation: torch.dtype) -> dict:
+    """The pass over column blocks: BLOCK_N columns, a split's tokens in BLOCK_M steps."""
+    if dot_width(rank) >= 64 or lanes >= 64:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
+
+
+def finish_blocks(rank: int) -> dict:
+    """The finishing kernel: BLOCK_N columns of Dout, or BLOCK_K of Din (for dA), per program."""
+    return dict(BLOCK_N=max(16, min(64, 2048 // dot_width(rank))), BLOCK_K=max(16, min(64, 2048 // dot_width(rank))),
+                num_warps=4)
 
 
 def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, valid, scaling: float,
@@ -363,7 +384,7 @@ def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sc
     num_tokens, out_features = dout.shape
     rank, num_experts = z.shape[1], config.num_experts
     device = dout.device
-    blocks = BACKWARD_BLOCKS
+    blocks = backward_blocks(rank, config.lanes, dout.dtype)
     num_blocks = triton.cdiv(num_tokens, blocks["BLOCK_M"])
     has_shared = LiME_shared is not None
     dz = torch.empty(num_tokens, rank, device=device, dtype=torch.float32)
@@ -398,7 +419,7 @@ def parameter_partials(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sca
     """Partial sums (splits, Dout, r + E + 3) for dB, dLiMEs, dLiME_shared and DoRA's dscale."""
     num_tokens, out_features = dout.shape
     rank, num_experts = z.shape[1], LiMEs.shape[0]
-    blocks = PARTIALS_BLOCKS
+    blocks = partials_blocks(rank, dot_width(num_experts), dout.dtype)
     column_blocks = triton.cdiv(out_features, blocks["BLOCK_N"])
     width = rank + num_experts + 3
     splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * out_features * width, budget_bytes)
@@ -439,7 +460,7 @@ def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Option
     dA, dB, dP = grad_like(A, need_A), grad_like(B, need_B), grad_like(LiMEs, need_P)
     dshared, dgamma, dscale = grad_like(LiME_shared, need_shared), grad_like(gamma, need_gamma), grad_like(
         channel_scale, need_scale)
-    blocks = FINISH_BLOCKS
+    blocks = finish_blocks(rank)
     # Programs: every block of Dout columns (program 0 also sums d gamma), then the blocks of dA's columns.
     grid = (triton.cdiv(out_features, blocks["BLOCK_N"]) + (triton.cdiv(in_features, blocks["BLOCK_K"]) if need_A else 0),)
     placeholder = torch.empty(1, device=device, dtype=torch.float32)

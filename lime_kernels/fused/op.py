@@ -37,7 +37,7 @@ from ..options import RoutingOptions
 from ..reference import RoutingStats, balance_statistics
 from .common import on_device_of
 from .modulation import finish_parameter_grads, modulation_backward, modulation_forward, parameter_partials
-from .projection import input_grads, project
+from .projection import input_grads, project, routing_block_rows
 from .routing import (
     REP_CODES,
     RoutingConfig,
@@ -148,8 +148,10 @@ def _forward(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamm
     # The kernels add the bias after DoRA's scale, and put it alone in SliceFine's sliced channels;
     # otherwise the frozen output already holds it.
     kernel_bias = bias if scale is not None or sliced else None
-    stat_partials = statistics_partials(num_tokens, config, device)
     adapter_source = x_adapter if x_adapter is not None else x
+    block_rows = routing_block_rows(num_tokens, B.shape[1], config,
+                                    adapter_source.dtype if z is None else frozen.dtype)
+    stat_partials = statistics_partials(num_tokens, block_rows, config, device)
     z_used, raw = project(adapter_source, A, z.float() if z is not None else None, B, frozen, scale, kernel_bias,
                           sliced, valid_bytes, jitter, state, stat_partials, scaling, config)
     if raw is not None:

@@ -217,18 +217,47 @@ def _input_grad_kernel(
 
 # --- launchers -------------------------------------------------------------------------------------
 
-# Input columns per program and tokens per step, fixed: the reduction order of dA over a split's tokens
-# depends only on the shape, so gradients are bit-for-bit repeatable.
-PROJECTION_BLOCK_K = 64
-INPUT_GRAD_BLOCKS = dict(BLOCK_M=32, BLOCK_K=64, num_warps=4)
+def input_grad_blocks(rank: int, routed: int, lanes: int, activation: torch.dtype) -> dict:
+    """The input-side backward pass: BLOCK_K input columns per program, a split's tokens in BLOCK_M
+    steps; no spills on sm_80 / sm_90 (compile_check builds what this picks)."""
+    widest = max(dot_width(rank), dot_width(routed))
+    if widest >= 128:
+        return dict(BLOCK_M=16, BLOCK_K=16, num_warps=8)
+    if widest >= 64:
+        return dict(BLOCK_M=32, BLOCK_K=32, num_warps=8)
+    return dict(BLOCK_M=16, BLOCK_K=32, num_warps=4)
 
 
-def projection_rows(num_tokens: int, config: RoutingConfig) -> int:
-    """Tokens per program of the forward projection: the routing block when it routes (its tiles were
-    sized for that), else at most 64, fewer for short inputs so that the GPU still gets many programs."""
-    if config.per_token:
-        return routing_rows(config.lanes)
-    return max(16, min(64, triton.next_power_of_2(triton.cdiv(num_tokens, 256))))
+def routes_inline(config: RoutingConfig, rank: int) -> bool:
+    """Whether the projection kernel routes its own rows: routing per token, with tiles that fit in
+    registers beside the projection's (no spills on sm_80 / sm_90 for these widths)."""
+    return config.per_token and (config.lanes == 16 or dot_width(rank) == 16)
+
+
+def projection_blocks(num_tokens: int, rank: int, config: RoutingConfig, activation: torch.dtype) -> dict:
+    """Tokens per program, input columns per step and warps of the forward projection: no spills on
+    sm_80 / sm_90 (see `python -m lime_kernels.compile_check`). The column step is fixed by the
+    shape, so z's reduction order is too; the token block (which cannot change results) shrinks for
+    short inputs so that the GPU still gets many programs, and is the routing block when it routes."""
+    rank_dot = dot_width(rank)
+    if rank_dot >= 128:
+        rows, step, warps = 16, 32, 8
+    elif rank_dot == 64:
+        rows, step, warps = 32, 32, 4
+    else:
+        rows, step, warps = 64, 32 if activation == torch.float32 or config.lanes >= 32 else 64, 4
+    if routes_inline(config, rank):
+        rows = min(rows, routing_rows(config.lanes))
+    else:
+        rows = min(rows, max(16, triton.next_power_of_2(triton.cdiv(num_tokens, 256))))
+    return dict(BLOCK_T=rows, BLOCK_K=step, num_warps=warps)
+
+
+def routing_block_rows(num_tokens: int, rank: int, config: RoutingConfig, activation: torch.dtype) -> int:
+    """Tokens per block of whichever kernel routes (and writes the per-block partial statistics)."""
+    if routes_inline(config, rank):
+        return projection_blocks(num_tokens, rank, config, activation)["BLOCK_T"]
+    return routing_rows(config.lanes)
 
 
 def project(x: Optional[torch.Tensor], A: Optional[torch.Tensor], z_given: Optional[torch.Tensor], B: torch.Tensor,
@@ -239,29 +268,29 @@ def project(x: Optional[torch.Tensor], A: Optional[torch.Tensor], z_given: Optio
     rank = B.shape[1]
     num_experts = config.num_experts
     device = frozen.device
-    block_t = projection_rows(num_tokens, config)
     has_a = z_given is None
-    z = torch.empty(num_tokens, rank, device=device, dtype=torch.float32) if has_a else z_given
-    raw = None if config.per_token else torch.empty(2, num_tokens, num_experts, device=device, dtype=torch.float32)
     activation = x.dtype if has_a else frozen.dtype
+    blocks = projection_blocks(num_tokens, rank, config, activation)
+    route = routes_inline(config, rank)
+    z = torch.empty(num_tokens, rank, device=device, dtype=torch.float32) if has_a else z_given
+    raw = None if route else torch.empty(2, num_tokens, num_experts, device=device, dtype=torch.float32)
     lanes = config.lanes
     any_tensor = frozen
     launch(
-        _project_kernel, (triton.cdiv(num_tokens, block_t),),
+        _project_kernel, (triton.cdiv(num_tokens, blocks["BLOCK_T"]),),
         x if has_a else any_tensor, A if has_a else any_tensor, any_tensor if has_a else z_given, B, frozen,
         channel_scale if channel_scale is not None else any_tensor, bias if bias is not None else any_tensor,
         valid if valid is not None else any_tensor, jitter if jitter is not None else any_tensor,
         z, raw if raw is not None else any_tensor, state.features, state.selected, stat_partials,
         num_tokens, x.shape[1] if has_a else 0, rank, num_experts, sliced_rows, config.top_k, config.max_kept,
         x.stride(0) if has_a else 0, frozen.stride(0), float(scaling), **config.kernel_options(),
-        BLOCK_T=block_t, BLOCK_K=PROJECTION_BLOCK_K, RANK_DOT=dot_width(rank), LANES=lanes,
-        HIST_LANES=histogram_lanes(num_experts), PRECISION=dot_precision(activation), HAS_A=has_a,
-        HAS_SCALE=channel_scale is not None, HAS_BIAS=bias is not None, HAS_MASK=valid is not None,
-        HAS_JITTER=jitter is not None, ROUTE=config.per_token, SELECTION=config.selection,
-        num_warps=4, enable_fp_fusion=False,
+        RANK_DOT=dot_width(rank), LANES=lanes, HIST_LANES=histogram_lanes(num_experts),
+        PRECISION=dot_precision(activation), HAS_A=has_a, HAS_SCALE=channel_scale is not None,
+        HAS_BIAS=bias is not None, HAS_MASK=valid is not None, HAS_JITTER=jitter is not None, ROUTE=route,
+        SELECTION=config.selection, enable_fp_fusion=False, **blocks,
         reads=[x if has_a else z_given, A, B[:num_experts], valid, jitter,
                strided_rows_bytes(num_tokens, num_experts * frozen.element_size())],
-        writes=[z if has_a else None, raw] + ([state.features, state.selected, stat_partials] if raw is None else []),
+        writes=[z if has_a else None, raw] + ([state.features, state.selected, stat_partials] if route else []),
         flops=2 * num_tokens * (x.shape[1] if has_a else 0) * rank,
     )
     return z, raw
@@ -290,7 +319,10 @@ def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, froze
     # Without an input (prompt tuning: z given) only the routing's partial sums are computed.
     in_features = next((t.shape[1] for t in (x_adapter, weight) if t is not None), 0)
     device = dz.device
-    blocks = INPUT_GRAD_BLOCKS
+    activation = (routed_into_dx if routed_into_dx is not None else
+                  adapter_grad if adapter_grad is not None else x_adapter if x_adapter is not None else dout).dtype
+    routed_width = max(num_experts, sliced_rows)
+    blocks = input_grad_blocks(rank, routed_width, dot_width(num_experts), activation)
     writes_columns = routed_into_dx is not None or adapter_grad is not None or need_A
     column_blocks = triton.cdiv(in_features, blocks["BLOCK_K"]) if writes_columns else 1
     splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * (rank * in_features + num_experts * rank
@@ -300,9 +332,6 @@ def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, froze
     da_partials = torch.empty(splits, rank, in_features, device=device, dtype=torch.float32) if need_A else None
     routing_out = (torch.empty(splits, num_experts * rank + num_experts, device=device, dtype=torch.float32)
                    if routing_partials else None)
-    activation = (routed_into_dx if routed_into_dx is not None else
-                  adapter_grad if adapter_grad is not None else x_adapter if x_adapter is not None else dout).dtype
-    routed_width = max(num_experts, sliced_rows)
     any_tensor = dz
     w = weight if weight is not None else any_tensor
     launch(
@@ -330,4 +359,4 @@ def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, froze
     return da_partials, routing_out
 
 
-__all__ = ["input_grads", "project", "projection_rows", "token_splits"]
+__all__ = ["input_grads", "project", "projection_blocks", "routes_inline", "routing_block_rows", "token_splits"]

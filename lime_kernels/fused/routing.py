@@ -50,10 +50,20 @@ def selection_code(auto_topk: bool, soft_topk: bool, sparse_mode: bool) -> int:
     return SOFT_DENSE if soft_topk and not sparse_mode else HARD
 
 
+ROUTING_WARPS = 8
+
+
 def routing_rows(lanes: int) -> int:
     """Tokens per routing block for `lanes` experts: [tokens, lanes] float32 tiles stay in registers
-    without spilling on sm_80 / sm_90 (see `python -m lime_kernels.compile_check`)."""
+    (with `ROUTING_WARPS` warps) without spilling on sm_80 / sm_90 (see `python -m
+    lime_kernels.compile_check`)."""
     return max(16, min(64, 1024 // lanes))
+
+
+def absmax_rows(lanes: int) -> int:
+    """Tokens per block of `_pooled_absmax_kernel`, which holds pooled u and v at once: half a
+    routing block (no spills on sm_80 / sm_90)."""
+    return max(16, routing_rows(lanes) // 2)
 
 
 def histogram_lanes(num_experts: int) -> int:
@@ -694,7 +704,7 @@ def route_pooled(raw: torch.Tensor, valid, jitter, state: RoutingState, stat_par
     block_t = routing_rows(lanes)
     num_blocks = triton.cdiv(num_tokens, block_t)
     num_seqs = num_tokens // config.seq_len
-    common = dict(BLOCK_T=block_t, LANES=lanes, HAS_MASK=valid is not None)
+    common = dict(BLOCK_T=block_t, LANES=lanes, HAS_MASK=valid is not None, num_warps=ROUTING_WARPS)
     valid_arg = valid if valid is not None else raw
     summaries = raw  # any tensor: unused without a summary
     if config.rep != 0:
@@ -704,10 +714,11 @@ def route_pooled(raw: torch.Tensor, valid, jitter, state: RoutingState, stat_par
                reads=[raw, valid], writes=[summaries, state.part("seq_state")])
     absmax = raw
     if config.maxabs:
-        absmax = torch.empty(num_blocks, 2, device=device, dtype=torch.float32)
-        launch(_pooled_absmax_kernel, (num_blocks,), raw, valid_arg, summaries, state.part("seq_state"), absmax,
-               num_tokens, num_experts, config.seq_len, config.n_gram, **_pooling_options(config), **common,
-               reads=[raw, valid], writes=[absmax])
+        rows = absmax_rows(lanes)
+        absmax = torch.empty(triton.cdiv(num_tokens, rows), 2, device=device, dtype=torch.float32)
+        launch(_pooled_absmax_kernel, (absmax.shape[0],), raw, valid_arg, summaries, state.part("seq_state"), absmax,
+               num_tokens, num_experts, config.seq_len, config.n_gram, **_pooling_options(config),
+               **dict(common, BLOCK_T=rows, num_warps=4), reads=[raw, valid], writes=[absmax])
     launch(_routing_forward_kernel, (num_blocks,),
            raw, valid_arg, summaries, state.part("seq_state"), jitter if jitter is not None else raw, absmax,
            state.features, state.selected, state.part("window_count"), state.part("scales"), state.part("ties"),
@@ -726,7 +737,8 @@ def pooling_backward(dpooled: torch.Tensor, max_partials: torch.Tensor, valid, s
     _, num_tokens, num_experts = dpooled.shape
     lanes = config.lanes
     block_t = routing_rows(lanes)
-    common = dict(BLOCK_T=block_t, LANES=lanes, HAS_MASK=valid is not None, MAXABS=config.maxabs)
+    common = dict(BLOCK_T=block_t, LANES=lanes, HAS_MASK=valid is not None, MAXABS=config.maxabs,
+                  num_warps=ROUTING_WARPS)
     valid_arg = valid if valid is not None else dpooled
     draw = torch.empty_like(dpooled)
     reads = [dpooled, state.features[:2] if config.maxabs else None, valid]
@@ -747,10 +759,9 @@ def pooling_backward(dpooled: torch.Tensor, max_partials: torch.Tensor, valid, s
     return draw
 
 
-def statistics_partials(num_tokens: int, config: RoutingConfig, device) -> torch.Tensor:
-    """The per-block partial statistics of the routing pass (blocks of `routing_rows` tokens, whether
-    the projection kernel or `_routing_forward_kernel` routes)."""
-    num_blocks = triton.cdiv(num_tokens, routing_rows(config.lanes))
+def statistics_partials(num_tokens: int, block_rows: int, config: RoutingConfig, device) -> torch.Tensor:
+    """The per-block partial statistics of the routing pass over blocks of `block_rows` tokens."""
+    num_blocks = triton.cdiv(num_tokens, block_rows)
     return torch.empty(num_blocks, statistics_width(config.lanes, config.num_experts), device=device,
                        dtype=torch.float32)
 
