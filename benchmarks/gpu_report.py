@@ -61,8 +61,10 @@ from report_files import PROFILE, PYTEST_LOG, RESULTS, SUMMARY, ReportDir, limit
 STEPS = ("env", "parity", "tests", "headline", "profile", "sweeps")
 ALWAYS = ("env",)
 DEFAULT_BUDGET = 540.0
-# Each step's box in seconds of the default budget (scaled with --budget); the sweeps get what is left.
+# Each step's box in seconds of the default budget (scaled with --budget, except env's: a fixed cost);
+# the sweeps get what is left.
 SHARES = {"env": 15.0, "parity": 100.0, "tests": 150.0, "headline": 90.0, "profile": 45.0}
+UNSCALED = ("env",)
 SUMMARY_RESERVE = 5.0  # kept back at the end for the last summary
 GRACE = 10.0  # how long a step may run past its box before SIGALRM interrupts it (it stops at checkpoints)
 MIN_BOX = 2.0
@@ -605,8 +607,9 @@ def step_sweeps(setup: Setup, box: Box) -> None:
         except OutOfTime:
             planned = _planned(name, settings, layer_providers, model_providers)
             rest = ", ".join(SWEEP_ORDER[index + 1:])
-            raise OutOfTime(f"sweeps: {name} after {measured[name]} of {planned} measurements"
-                            + (f"; {rest} not started" if rest else "")) from None
+            done = f"{name} complete" if measured[name] == planned else \
+                f"{name} stopped after {measured[name]} of {planned} measurements"
+            raise OutOfTime(f"sweeps: {done}" + (f"; {rest} not started" if rest else "")) from None
         except Exception as error:  # recorded; the next sweep still runs
             report.row("sweeps", "error", sweep=name, error=f"{type(error).__name__}: {error}"[:500],
                        traceback=_tail(traceback.format_exc()))
@@ -957,7 +960,8 @@ def main(argv=None) -> int:
                 report.row(name, "not-run", what=f"{name}: the whole step", reason="not selected by --only")
                 continue
             left = deadline - time.monotonic() - SUMMARY_RESERVE - GRACE
-            seconds = left if name == "sweeps" else min(SHARES[name] * scale, left)
+            share = SHARES.get(name, math.inf) * (1.0 if name in UNSCALED else scale)
+            seconds = min(share, left)
             if seconds < MIN_BOX:
                 report.row(name, "not-run", what=f"{name}: the whole step", reason="time")
                 continue

@@ -232,3 +232,38 @@ def test_summary_verdicts_against_the_targets():
     assert "| fused host time / frozen host time | issue 13 | <= 3.0 | 3.000 | pass |" in targets
     summary = gpu_report.summarize_report(rows, "r")
     assert "NVIDIA H100" in summary and "lime_kernels/x.py:1" in summary and "still running (or killed)" in summary
+
+
+def test_each_step_ends_at_its_box_and_a_failing_step_does_not_end_the_run(tmp_path, monkeypatch):
+    report = ReportDir(str(tmp_path / "report"), "run", time.time())
+    setup = gpu_report.Setup(smoke=True, device=torch.device("cpu"), dtype=torch.float32, report=report, commit="",
+                             budget=10.0, headline={}, parity={}, sweeps={})
+
+    def cooperative(setup, box):
+        for index in range(1000):
+            box.check(f"{1000 - index} of 1000 units")
+            time.sleep(0.01)
+
+    def stuck(setup, box):
+        time.sleep(60)  # no checkpoint: SIGALRM ends it GRACE seconds after its box
+
+    def broken(setup, box):
+        raise RuntimeError("a bug in the step")
+
+    monkeypatch.setattr(gpu_report, "GRACE", 1.0)
+    monkeypatch.setattr(gpu_report, "STEP_FUNCTIONS", dict(parity=cooperative, tests=stuck, headline=broken))
+    previous = signal.signal(signal.SIGALRM, gpu_report._raise(gpu_report.StepTimeout))
+    try:
+        start = time.monotonic()
+        assert gpu_report.run_step(setup, "parity", 0.5) == "out-of-time"
+        assert gpu_report.run_step(setup, "tests", 0.5) == "timeout"
+        assert gpu_report.run_step(setup, "headline", 5.0) == "error"
+        assert time.monotonic() - start < 10
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    rows = _rows(tmp_path / "report")
+    not_run = next(r for r in rows if r["kind"] == "not-run")
+    assert not_run["step"] == "parity" and not_run["reason"] == "time" and "of 1000 units" in not_run["what"]
+    ends = {r["step"]: r for r in rows if r["kind"] == "step-end"}
+    assert "without reaching a checkpoint" in ends["tests"]["error"] and ends["tests"]["seconds"] < 3
+    assert "RuntimeError: a bug in the step" in ends["headline"]["error"]
