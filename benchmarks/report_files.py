@@ -60,7 +60,7 @@ class ReportDir:
         """Appends `{"run", "t", "step", "kind", **fields}` to results.jsonl. Past the cap the row is
         dropped and counted; the first drop appends one `rows-dropped` row saying so."""
         row = _finite(dict(run=self.run, t=round(time.time() - self.start, 3), step=step, kind=kind, **fields))
-        line = json.dumps(row, allow_nan=False) + "\n"
+        line = json.dumps(row, allow_nan=False, default=str) + "\n"  # str: a dtype, a device, ...
         if self._size(RESULTS) + len(line.encode()) > self.cap_bytes - 4096:  # room for the marker
             self.dropped_rows += 1
             if self.dropped_rows == 1:

@@ -270,8 +270,8 @@ def summarize(rows: List[Dict], providers: List[str], skipped: List[str]) -> str
         return _geometric_mean([mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0])
 
     lines = []
-    reference_layer = next((r for r in rows if r["metric"] == "trainable_parameters" and r["benchmark"] != "train-step"),
-                           None)
+    reference_layer = next((r for r in rows if r["metric"] == "trainable_parameters"
+                            and r["benchmark"] != "train-step"), None)
     if reference_layer is not None:
         lines += ["## Layers (forward + backward, geometric mean over every measured shape and setting)", "",
                   f"| provider | time / frozen-linear | time / peft-lora | peak memory / peft-lora | "
