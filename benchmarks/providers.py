@@ -18,17 +18,19 @@ from moe_lora import MoELoRALinear
 
 import lime
 from lime_kernels import LiMELinear
+from lime_kernels.layer import triton_interpreting
 
 LAYER_PROVIDERS = ("frozen-linear", "lime-fused", "lime-reference", "peft-lora", "moe-lora")
 MODEL_PROVIDERS = ("lime-fused", "lime-reference", "peft-lora", "moe-lora")
 
 
-def available(providers, device: torch.device) -> Tuple[List[str], List[str]]:
+def available(providers, device: torch.device, interpreter: bool = False) -> Tuple[List[str], List[str]]:
     """The providers that can run here, and a reason for each one that cannot: the fused backend
-    needs CUDA (the CPU interpreter is far too slow to time) and `peft-lora` needs `peft` installed."""
+    needs CUDA (the CPU interpreter is far too slow to time; `interpreter=True` admits it on the CPU
+    under `TRITON_INTERPRET=1`, for smoke runs of the measuring code) and `peft-lora` needs `peft`."""
     runnable, skipped = [], []
     for provider in providers:
-        if provider == "lime-fused" and device.type != "cuda":
+        if provider == "lime-fused" and device.type != "cuda" and not (interpreter and triton_interpreting()):
             skipped.append(f"{provider}: needs a CUDA device")
         elif provider == "peft-lora" and importlib.util.find_spec("peft") is None:
             skipped.append(f"{provider}: the peft package is not installed (pip install peft)")
@@ -70,7 +72,10 @@ def trainable_parameters(module: nn.Module) -> int:
 
 
 def wrap_model(provider: str, model: nn.Module, targets, rank: int, experts: int) -> nn.Module:
-    """A LLaVA-OneVision-shaped model with `provider` on `targets` (everything else frozen)."""
+    """A LLaVA-OneVision-shaped model with `provider` on `targets` (everything else frozen);
+    `frozen-linear`: the model alone, frozen (a baseline for inference only: nothing to train)."""
+    if provider == "frozen-linear":
+        return model.requires_grad_(False)
     if provider in ("lime-fused", "lime-reference"):
         return lime.apply_peft(model, targets=list(targets), rank=rank, num_experts=experts,
                                backend="triton" if provider == "lime-fused" else "reference")

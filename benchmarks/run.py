@@ -3,15 +3,18 @@
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--dtype bfloat16] [--out DIR]
 
 Every measurement runs in this one process on one device. Writes `DIR/results.csv` (one row per
-measurement), one PNG per sweep, and `DIR/summary.md` (printed last): each provider's time as a
-ratio to `frozen-linear` and to `peft-lora`, and its trainable parameters.
+measurement, appended as it is measured, so an interrupted run keeps what it measured), one PNG per
+sweep, and `DIR/summary.md` (printed last): each provider's time as a ratio to `frozen-linear` and to
+`peft-lora`, and its trainable parameters.
 
 Sweeps (layers: forward, backward and forward+backward; time, peak CUDA memory, saved activations):
 - `projections`: the q, k, v, o, gate, up, down projections of LLaVA-OneVision 0.5B and 7B (Qwen2)
   and SigLIP's q, k, v, out_proj, fc1, fc2, at several token counts (r = 8, E = 4, n-gram 1);
 - `grid`: the 7B q_proj over r in {2, 8, 16}, E in {4, 8}, n-gram in {1, 3};
 - `train-step`: samples/s and peak memory of a LLaVA-OneVision-shaped model (random weights) trained
-  with each provider on the README's targets (text-only batches: the language model dominates).
+  with each provider on the README's targets (text-only batches: the language model dominates);
+- `decode`: generation-sized calls: the 7B q_proj's forward (eval, no gradient) at 1 to 64 tokens,
+  and tokens/s of greedy `generate` on the same model, the frozen model included.
 `--quick` runs small shapes and few repeats (on the CPU: every provider but `lime-fused`, in minutes).
 """
 
@@ -23,13 +26,14 @@ import math
 import os
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 from measure import peak_memory_mib, saved_mib, time_ms  # noqa: E402
 from providers import LAYER_PROVIDERS, MODEL_PROVIDERS, available, build_layer, trainable_parameters, wrap_model  # noqa: E402
 
@@ -51,24 +55,37 @@ def plan(quick: bool, device: torch.device) -> Dict:
         return {"projections": dict(shapes=[QWEN2_05B[0], QWEN2_05B[6]], tokens=[128], ranks=[8], experts=[4],
                                     n_grams=[1]),
                 "grid": dict(shapes=[QWEN2_05B[0]], tokens=[128], ranks=[2, 16], experts=[4, 8], n_grams=[1, 3]),
+                "decode": dict(shape=QWEN2_05B[0], tokens=[1, 16], rank=8, experts=4, prompt=8, new_tokens=4,
+                               generate_repeats=2),
                 "repeats": 5 if device.type == "cpu" else 50, "warmup": 2 if device.type == "cpu" else 10,
                 "model": "tiny", "batch": 2, "seq": 64, "steps": 5}
     return {"projections": dict(shapes=QWEN2_05B + QWEN2_7B + SIGLIP, tokens=[2048, 8192], ranks=[8], experts=[4],
                                 n_grams=[1]),
             "grid": dict(shapes=[QWEN2_7B[0]], tokens=[8192], ranks=[2, 8, 16], experts=[4, 8], n_grams=[1, 3]),
+            "decode": dict(shape=QWEN2_7B[0], tokens=[1, 4, 16, 64], rank=8, experts=4, prompt=64, new_tokens=32,
+                           generate_repeats=5),
             "repeats": 100, "warmup": 10, "model": "0.5b", "batch": 4, "seq": 1024, "steps": 20}
 
 
-def _versions(device: torch.device) -> Dict[str, str]:
+def git_commit() -> str:
+    """The checkout's commit, or "" where there is none (a copy of the tree without `.git`, no git)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return ""
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def _versions(device: torch.device, commit: str = "") -> Dict[str, str]:
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit or "unknown"}
+    return {"device": name, "torch": torch.__version__, "triton": triton_version,
+            "commit": commit or git_commit()[:12] or "unknown"}
 
 
 def _measure_layer(layer, x, grad, device, repeats: int, warmup: int) -> List[Dict]:
@@ -95,7 +112,8 @@ def _measure_layer(layer, x, grad, device, repeats: int, warmup: int) -> List[Di
 
 
 def layer_sweep(name: str, sweep: Dict, providers: List[str], device, dtype, repeats: int, warmup: int,
-                versions: Dict) -> List[Dict]:
+                versions: Dict, on_rows: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Every setting of `sweep` for every provider; `on_rows` gets each layer's rows as they are measured."""
     rows = []
     for shape, d_in, d_out in sweep["shapes"]:
         for tokens in sweep["tokens"]:
@@ -111,8 +129,11 @@ def layer_sweep(name: str, sweep: Dict, providers: List[str], device, dtype, rep
                             common = dict(benchmark=name, provider=provider, shape=f"{shape} {d_in}x{d_out}",
                                           tokens=tokens, rank=rank, experts=experts, n_gram=n_gram,
                                           dtype=str(dtype).removeprefix("torch."), **versions)
-                            rows += [dict(common, **row) for row in _measure_layer(layer, x, grad, device,
-                                                                                   repeats, warmup)]
+                            measured = [dict(common, **row) for row in _measure_layer(layer, x, grad, device,
+                                                                                      repeats, warmup)]
+                            rows += measured
+                            if on_rows is not None:
+                                on_rows(measured)
         print(f"  {name}: {shape} done", flush=True)
     return rows
 
@@ -154,7 +175,8 @@ def _measure_train_step(model, inputs: Dict, batch: int, steps: int, device) -> 
                  p80="")]
 
 
-def train_step_sweep(settings: Dict, providers: List[str], device, dtype, versions: Dict) -> List[Dict]:
+def train_step_sweep(settings: Dict, providers: List[str], device, dtype, versions: Dict,
+                     on_rows: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
     rows = []
     batch, seq = settings["batch"], settings["seq"]
     for provider in providers:
@@ -166,9 +188,67 @@ def train_step_sweep(settings: Dict, providers: List[str], device, dtype, versio
         inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
         common = dict(benchmark="train-step", provider=provider, mode="full", shape=f"llava-onevision-{settings['model']}",
                       tokens=batch * seq, rank=8, experts=4, n_gram=1, dtype=str(dtype).removeprefix("torch."), **versions)
-        rows += [dict(common, **row) for row in _measure_train_step(model, inputs, batch, settings["steps"], device)]
+        measured = [dict(common, **row) for row in _measure_train_step(model, inputs, batch, settings["steps"], device)]
+        rows += measured
+        if on_rows is not None:
+            on_rows(measured)
         del model  # before the next provider builds its own
         print(f"  train-step: {provider} done", flush=True)
+    return rows
+
+
+def decode_sweep(settings: Dict, layer_providers: List[str], model_providers: List[str], device, dtype,
+                 versions: Dict, on_rows: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Generation-sized work: the decode shape's forward (eval mode, no gradient) at each token count,
+    then greedy `generate` of `new_tokens` tokens after a `prompt`-token prompt on the LLaVA-OneVision-shaped
+    model (text only), as tokens/s, for the frozen model and each model provider."""
+    decode = settings["decode"]
+    shape, d_in, d_out = decode["shape"]
+    dtype_name = str(dtype).removeprefix("torch.")
+    rows = []
+
+    def record(measured):
+        nonlocal rows
+        rows += measured
+        if on_rows is not None:
+            on_rows(measured)
+
+    for tokens in decode["tokens"]:
+        torch.manual_seed(0)
+        x = torch.randn(1, tokens, d_in, device=device, dtype=dtype)
+        for provider in layer_providers:
+            layer = build_layer(provider, nn.Linear(d_in, d_out, device=device, dtype=dtype), decode["rank"],
+                                decode["experts"], n_gram=1).eval()
+
+            def forward():
+                with torch.no_grad():
+                    layer(x)
+
+            timing = time_ms(forward, device, settings["repeats"], settings["warmup"])
+            record([dict(benchmark="decode", provider=provider, mode="forward", metric="time", unit="ms",
+                         shape=f"{shape} {d_in}x{d_out}", tokens=tokens, rank=decode["rank"],
+                         experts=decode["experts"], n_gram=1, dtype=dtype_name, **timing, **versions)])
+        print(f"  decode: {tokens} tokens done", flush=True)
+    for provider in ["frozen-linear"] + list(model_providers):
+        model = wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8, experts=4)
+        model.eval()
+        torch.manual_seed(0)
+        prompt = torch.randint(10, model.config.text_config.vocab_size, (1, decode["prompt"]), device=device)
+        new_tokens = decode["new_tokens"]
+
+        def generate():
+            with torch.no_grad():
+                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False)
+
+        timing = time_ms(generate, device, decode["generate_repeats"], 1)
+        speed = {key: 1e3 * new_tokens / timing[other] for key, other in (("p50", "p50"), ("p20", "p80"),
+                                                                         ("p80", "p20"))}
+        record([dict(benchmark="generate", provider=provider, mode="generate", metric="tokens_per_second",
+                     unit="tokens/s", shape=f"llava-onevision-{settings['model']}", tokens=new_tokens, rank=8,
+                     experts=4, n_gram=1, dtype=dtype_name, **speed, **versions)])
+        del model
+        print(f"  generate: {provider} done", flush=True)
     return rows
 
 
@@ -179,7 +259,8 @@ def _geometric_mean(values: List[float]) -> float:
 
 def summarize(rows: List[Dict], providers: List[str], skipped: List[str]) -> str:
     """Markdown: per provider, the geometric mean over the layer measurements of its forward+backward
-    time as a ratio to frozen-linear and to peft-lora, and the training-step results."""
+    time as a ratio to frozen-linear and to peft-lora, the training-step and the decode results (each
+    section only where its rows exist: an interrupted run is summarized as far as it got)."""
     def measured(provider, metric, mode):
         return {(r["benchmark"], r["shape"], r["tokens"], r["rank"], r["experts"], r["n_gram"]): r["p50"]
                 for r in rows if r["provider"] == provider and r["metric"] == metric and r["mode"] == mode}
@@ -188,13 +269,16 @@ def summarize(rows: List[Dict], providers: List[str], skipped: List[str]) -> str
         mine, theirs = measured(provider, metric, mode), measured(baseline, metric, mode)
         return _geometric_mean([mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0])
 
-    reference_layer = next(r for r in rows if r["metric"] == "trainable_parameters" and r["benchmark"] != "train-step")
-    lines = ["## Layers (forward + backward, geometric mean over every measured shape and setting)", "",
-             f"| provider | time / frozen-linear | time / peft-lora | peak memory / peft-lora | "
-             f"saved activations / peft-lora | "
-             f"trainable parameters ({reference_layer['shape']}, r = {reference_layer['rank']}, "
-             f"E = {reference_layer['experts']}) |", "|:--|--:|--:|--:|--:|--:|"]
-    for provider in providers:
+    lines = []
+    reference_layer = next((r for r in rows if r["metric"] == "trainable_parameters"
+                            and r["benchmark"] != "train-step"), None)
+    if reference_layer is not None:
+        lines += ["## Layers (forward + backward, geometric mean over every measured shape and setting)", "",
+                  f"| provider | time / frozen-linear | time / peft-lora | peak memory / peft-lora | "
+                  f"saved activations / peft-lora | "
+                  f"trainable parameters ({reference_layer['shape']}, r = {reference_layer['rank']}, "
+                  f"E = {reference_layer['experts']}) |", "|:--|--:|--:|--:|--:|--:|"]
+    for provider in providers if reference_layer is not None else []:
         params = next((f"{r['p50']:,}" for r in rows if r["metric"] == "trainable_parameters"
                        and r["provider"] == provider and r["shape"] == reference_layer["shape"]
                        and r["rank"] == reference_layer["rank"] and r["experts"] == reference_layer["experts"]), "-")
@@ -216,6 +300,21 @@ def summarize(rows: List[Dict], providers: List[str], skipped: List[str]) -> str
             relative = speed[provider] / speed["peft-lora"] if "peft-lora" in speed else float("nan")
             lines.append(f"| {provider} | {speed[provider]:.2f} | {relative:.3f} | {memory[provider]:.1f} | "
                          f"{saved[provider]:.1f} | {int(params[provider]):,} |")
+    decode = [r for r in rows if r["benchmark"] == "decode"]
+    if decode:
+        token_counts = sorted({r["tokens"] for r in decode})
+        times = {(r["provider"], r["tokens"]): r["p50"] for r in decode}
+        lines += ["", f"## Decode-sized calls ({decode[0]['shape']}, forward without gradient, ms)", "",
+                  "| provider | " + " | ".join(f"{t} tokens" for t in token_counts) + " |",
+                  "|:--|" + "--:|" * len(token_counts)]
+        for provider in dict.fromkeys(r["provider"] for r in decode):
+            lines.append(f"| {provider} | " + " | ".join(f"{times.get((provider, t), float('nan')):.3f}"
+                                                        for t in token_counts) + " |")
+    generate = [r for r in rows if r["benchmark"] == "generate"]
+    if generate:
+        lines += ["", f"## Generation ({generate[0]['shape']}, greedy, {generate[0]['tokens']} new tokens)", "",
+                  "| provider | tokens/s |", "|:--|--:|"]
+        lines += [f"| {r['provider']} | {r['p50']:.1f} |" for r in generate]
     device = rows[0]["device"] if rows else "-"
     lines += ["", f"Device: {device}; torch {rows[0]['torch'] if rows else '-'}, triton {rows[0]['triton'] if rows else '-'}, "
               f"commit {rows[0]['commit'] if rows else '-'}. Peak CUDA memory is NaN on the CPU."]
@@ -261,7 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="activation dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     parser.add_argument("--out", default="benchmark-results", help="output directory")
-    parser.add_argument("--skip-train-step", action="store_true", help="layers only")
+    parser.add_argument("--skip-train-step", action="store_true", help="no training-step sweep")
+    parser.add_argument("--skip-decode", action="store_true", help="no decode sweep")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -274,18 +374,27 @@ def main(argv=None) -> int:
         print(f"not run here: {reason}", file=sys.stderr, flush=True)
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    for name in ("projections", "grid"):
-        print(f"{name} ...", flush=True)
-        rows += layer_sweep(name, settings[name], layer_providers, device, dtype, settings["repeats"],
-                            settings["warmup"], versions)
-        plot(rows, os.path.join(args.out, f"{name}.png"), name)
-    if not args.skip_train_step:
-        print("train-step ...", flush=True)
-        rows += train_step_sweep(settings, available(MODEL_PROVIDERS, device)[0], device, dtype, versions)
+    model_providers = available(MODEL_PROVIDERS, device)[0]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        handle.flush()
+
+        def record(measured: List[Dict]) -> None:
+            writer.writerows(measured)
+            handle.flush()
+
+        for name in ("projections", "grid"):
+            print(f"{name} ...", flush=True)
+            rows += layer_sweep(name, settings[name], layer_providers, device, dtype, settings["repeats"],
+                                settings["warmup"], versions, on_rows=record)
+            plot(rows, os.path.join(args.out, f"{name}.png"), name)
+        if not args.skip_train_step:
+            print("train-step ...", flush=True)
+            rows += train_step_sweep(settings, model_providers, device, dtype, versions, on_rows=record)
+        if not args.skip_decode:
+            print("decode ...", flush=True)
+            rows += decode_sweep(settings, layer_providers, model_providers, device, dtype, versions, on_rows=record)
     summary = summarize(rows, layer_providers, skipped)
     with open(os.path.join(args.out, "summary.md"), "w") as handle:
         handle.write(summary)

@@ -1,12 +1,23 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from lime_kernels import LiMELinear, sample_jitter  # noqa: E402
 from loop_lime import loop_lime  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run natively on a CUDA device only (never under Triton's CPU interpreter)."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; run natively by python -m benchmarks.gpu_report")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 # Every selection rule of step 9 of the semantics, as LiMELinear keywords.

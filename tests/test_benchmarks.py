@@ -23,12 +23,39 @@ def test_quick_cpu_benchmark_writes_the_csv_the_plots_and_the_summary(tmp_path):
     times = [r for r in rows if r["metric"] == "time"]
     assert {r["mode"] for r in times} == {"forward", "backward", "full"}
     assert all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in times)
-    assert {r["benchmark"] for r in rows} == {"projections", "grid", "train-step"}
+    assert {r["benchmark"] for r in rows} == {"projections", "grid", "train-step", "decode", "generate"}
+    generate = {r["provider"]: float(r["p50"]) for r in rows if r["benchmark"] == "generate"}
+    assert set(generate) == {"frozen-linear", "lime-reference", "peft-lora", "moe-lora"} and min(generate.values()) > 0
+    assert {int(r["tokens"]) for r in rows if r["benchmark"] == "decode"} == {1, 16}
     assert (out / "projections.png").read_bytes()[:4] == b"\x89PNG" and (out / "grid.png").exists()
     summary = (out / "summary.md").read_text()
     assert "time / frozen-linear" in summary and "| lime-reference |" in summary and "samples/s" in summary
+    assert "## Decode-sized calls" in summary and "## Generation" in summary
     assert summary in result.stdout, "the summary is printed last"
     assert "Not run here: lime-fused: needs a CUDA device." in summary
+
+
+def test_run_writes_each_row_to_the_csv_as_it_is_measured(tmp_path, monkeypatch):
+    """A run stopped after its layer sweeps has their rows on disk already."""
+    import pytest
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import run as bench
+
+    tiny = dict(shapes=[("tiny", 16, 24)], tokens=[8], ranks=[2], experts=[4], n_grams=[1])
+    monkeypatch.setattr(bench, "plan", lambda quick, device: dict(projections=tiny, grid=tiny, repeats=2, warmup=1))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "train_step_sweep", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--out", str(tmp_path)])
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    providers = {"frozen-linear", "lime-reference", "peft-lora", "moe-lora"}
+    assert {(r["benchmark"], r["provider"]) for r in rows} == {(b, p) for b in ("projections", "grid") for p in providers}
+    assert len(rows) == 2 * len(providers) * 6 and not (tmp_path / "summary.md").exists()
 
 
 def test_pytest_benchmark_file_runs(tmp_path):

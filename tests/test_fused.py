@@ -23,6 +23,7 @@ from lime_kernels import (
     LiMEPromptEncoder,
     LiMESliceFineLinear,
 )
+from lime_kernels.testing import assert_close as _close
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRETER
@@ -31,9 +32,6 @@ pytestmark = pytest.mark.skipif(not (INTERPRETER or CUDA), reason="needs a CUDA 
 DEVICE = "cuda" if CUDA else "cpu"
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPES = ALL_DTYPES if CUDA else [torch.float32]  # for the long sweeps
-# Relative error bounds: float32 is compared entry by entry (max |diff| / max |reference|); bf16 and
-# fp16 by norms, since a near-tie can flip one token's hard choice after a rounding difference.
-TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 REPRESENTATIONS = {
     "token": dict(rep_mode="token", n_gram=1),
@@ -43,24 +41,6 @@ REPRESENTATIONS = {
     "last": dict(rep_mode="last"),
 }
 COMBINATIONS = list(itertools.product(["cosine", "maxabs"], SELECTIONS, REPRESENTATIONS, ["left", "right"]))
-
-
-def _close(name, actual, expected, dtype, floor=1e-6):
-    """`floor`: the smallest scale errors are relative to (1 for the statistics: importance and KL are
-    small differences of O(1) terms, so their error is absolute)."""
-    assert actual is not None and expected is not None, f"{name}: a gradient is missing"
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, f"{name}: {actual.shape}/{actual.dtype}"
-    actual, expected = actual.double(), expected.double()
-    if dtype == torch.float32:
-        error = (actual - expected).abs().max() / expected.abs().max().clamp_min(floor)
-    else:
-        error = (actual - expected).norm() / expected.norm().clamp_min(floor)
-    if error > TOLERANCE[dtype]:
-        worst = (actual - expected).abs().argmax()
-        raise AssertionError(
-            f"{name}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}; worst at flat index {worst.item()}: "
-            f"fused {actual.flatten()[worst].item():.6e}, reference {expected.flatten()[worst].item():.6e}"
-        )
 
 
 def _pair(dtype, seed=0, **kwargs):
