@@ -22,7 +22,7 @@ def as_sequences(x: torch.Tensor, in_features: int) -> torch.Tensor:
         )
     if x.dim() == 2:
         return x.unsqueeze(1)
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
+    return x.reshape(x.shape[:-2].numel(), x.shape[-2], x.shape[-1])  # explicit sizes: 0 tokens is valid
 
 
 def autocast_cast(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -10,6 +10,7 @@ Without a GPU or the interpreter it is skipped (the main run leaves it to the in
 
 import itertools
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from lime_kernels import (
     LiMEPromptEncoder,
     LiMESliceFineLinear,
 )
+from lime_kernels import reference as reference_path
 from lime_kernels.testing import assert_close as _close
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -54,6 +56,72 @@ def _pair(dtype, seed=0, **kwargs):
                        backend="triton", **kwargs).to(DEVICE)
     fused.load_state_dict(reference.state_dict())
     return reference, fused
+
+
+# Hard routing choices (a top-k or AutoTop-K boundary, the arg-max the max's gradient goes to, the
+# maxabs router's batch-wide arg-max) may flip between paths after a last-bit difference (TF32, the
+# GPU's approximate exp and sqrt, the interpreter's truncating bf16 cast). The parity tests therefore
+# draw inputs whose closest such choice is at least this far from a tie (probabilities, or |features|
+# relative to their max), instead of loosening the tolerances. The bounds are several times the
+# routing's own differences between the paths: TF32's 2^-11 on the adapter's features moves a
+# probability by about 2e-4; a bf16 ulp (2^-8) of DoRA's rounded features by about 1e-3.
+NEAR_TIE = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
+
+
+def routing_margin(run) -> float:
+    """How close to a tie the hard routing choices of the reference calls in `run()` come."""
+    captured = []
+    original = reference_path.routing_probs
+
+    def capture(frozen, adapted, valid, options, jitter=None):
+        probs = original(frozen, adapted, valid, options, jitter)
+        captured.append((probs.detach(), frozen.detach(), adapted.detach(), valid, options))
+        return probs
+
+    with mock.patch.object(reference_path, "routing_probs", capture), torch.no_grad():
+        run()
+    assert captured, "the call did not route"
+    margins = [1.0]
+    for probs, frozen, adapted, valid, options in captured:
+        kept = probs[valid].double()
+        num_experts = kept.shape[-1]
+        if kept.numel() == 0 or num_experts == 1:
+            continue
+        ordered = kept.sort(dim=-1, descending=True).values
+        boundaries = [options.top_k]
+        if options.auto_topk:
+            margins.append((ordered[:, 0] - ordered[:, 1]).min().item())
+            below_max = kept < ordered[:, :1]
+            distance = (kept - options.auto_topk_threshold * ordered[:, :1]).abs()[below_max]
+            margins.append(distance.min().item() if distance.numel() else 1.0)
+            boundaries = [min(2 * options.top_k, num_experts)] if options.sparse_mode else []
+        margins += [(ordered[:, k - 1] - ordered[:, k]).min().item() for k in boundaries if k < num_experts]
+        if options.router == "maxabs":
+            for features in (frozen, adapted):
+                pooled = reference_path.routing_representation(features, valid, options).abs().flatten().double()
+                first, second = pooled.topk(2).values
+                margins.append(((first - second) / first.clamp_min(1e-12)).item())
+    return min(margins)
+
+
+def tie_free(draw, run, dtype, attempts=200):
+    """The first of `draw(generator seeded 0, 1, ...)` on which `run(inputs)` (the reference layer)
+    makes no near-tie routing choice."""
+    for attempt in range(attempts):
+        inputs = draw(torch.Generator().manual_seed(attempt))
+        if routing_margin(lambda: run(inputs)) > NEAR_TIE[dtype]:
+            return inputs
+    raise AssertionError(f"no input without near-ties (margin {NEAR_TIE[dtype]}) in {attempts} draws")
+
+
+def tie_free_input(reference, shape, dtype, mask=None, training=True, seed=1234):
+    """A random input `shape` for `run_both(reference, ...)` with the same mask, mode and seed."""
+    def run(x):
+        reference.train(training)
+        torch.manual_seed(seed)
+        reference(x, attention_mask=mask)
+
+    return tie_free(lambda generator: torch.randn(shape, generator=generator).to(DEVICE, dtype), run, dtype)
 
 
 def run_both(reference, fused, x, mask=None, training=True, seed=1234, dtype=torch.float32):
@@ -99,9 +167,9 @@ def test_fused_matches_reference(router, selection, representation, padding):
     for dtype in ALL_DTYPES if in_slice else DTYPES:
         reference, fused = _pair(dtype, seed=index, num_experts=4, rank=3, router=router,
                                  use_shared_LiME=index % 2 == 0, **SELECTIONS[selection], **REPRESENTATIONS[representation])
-        torch.manual_seed(index)
-        x = torch.randn(3, 29, 40, device=DEVICE, dtype=dtype)  # 87 tokens: not a multiple of the blocks
-        run_both(reference, fused, x, padding_mask(padding, 3, 29).to(DEVICE), dtype=dtype)
+        mask = padding_mask(padding, 3, 29).to(DEVICE)
+        x = tie_free_input(reference, (3, 29, 40), dtype, mask)  # 87 tokens: not a multiple of the blocks
+        run_both(reference, fused, x, mask, dtype=dtype)
 
 
 SIZES = [(rank, experts) for rank in (1, 2, 4, 8, 16) for experts in (2, 4, 8)]
@@ -114,8 +182,8 @@ def test_fused_awkward_sizes(rank, experts):
     for dtype in DTYPES:
         reference, fused = _pair(dtype, seed=index, num_experts=experts, rank=rank, n_gram=n_gram, d_in=33, d_out=21,
                                  top_k=min(2, experts))
-        x = torch.randn(2, 37, 33, device=DEVICE, dtype=dtype)
-        run_both(reference, fused, x, padding_mask("right", 2, 37).to(DEVICE), dtype=dtype)
+        mask = padding_mask("right", 2, 37).to(DEVICE)
+        run_both(reference, fused, tie_free_input(reference, (2, 37, 33), dtype, mask), mask, dtype=dtype)
 
 
 @pytest.mark.parametrize("shape,mask", [((4, 1, 40), None), ((9, 40), torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 1])),
@@ -123,18 +191,20 @@ def test_fused_awkward_sizes(rank, experts):
 def test_fused_single_tokens_2d_and_folded_inputs(shape, mask):
     for dtype in ALL_DTYPES:
         reference, fused = _pair(dtype, num_experts=4, n_gram=3)
-        x = torch.randn(shape, device=DEVICE, dtype=dtype)
-        out = run_both(reference, fused, x, None if mask is None else mask.to(DEVICE), dtype=dtype)
+        mask_here = None if mask is None else mask.to(DEVICE)
+        x = tie_free_input(reference, shape, dtype, mask_here)
+        out = run_both(reference, fused, x, mask_here, dtype=dtype)
         assert out.shape == (*shape[:-1], 70)
 
 
 def test_fused_eval_mode_and_dropout():
     for dtype in ALL_DTYPES:
+        mask = padding_mask("left", 2, 11).to(DEVICE)
         reference, fused = _pair(dtype, num_experts=4, n_gram=2)
-        x = torch.randn(2, 11, 40, device=DEVICE, dtype=dtype)
-        run_both(reference, fused, x, padding_mask("left", 2, 11).to(DEVICE), training=False, dtype=dtype)
+        x = tie_free_input(reference, (2, 11, 40), dtype, mask, training=False)
+        run_both(reference, fused, x, mask, training=False, dtype=dtype)
         reference, fused = _pair(dtype, num_experts=4, dropout=0.3)
-        run_both(reference, fused, x, padding_mask("left", 2, 11).to(DEVICE), dtype=dtype)
+        run_both(reference, fused, tie_free_input(reference, (2, 11, 40), dtype, mask), mask, dtype=dtype)
 
 
 def test_fused_masked_tokens_return_the_frozen_output_exactly():
@@ -150,7 +220,7 @@ def test_fused_masked_tokens_return_the_frozen_output_exactly():
 
 def test_fused_respects_which_inputs_need_gradients():
     reference, fused = _pair(torch.float32, num_experts=4)
-    x = torch.randn(2, 9, 40, device=DEVICE)
+    x = tie_free_input(reference, (2, 9, 40), torch.float32, training=False)
     for frozen in (("A", "B"), ("LiMEs", "LiME_shared", "gamma"), ("A", "B", "LiMEs", "LiME_shared", "gamma")):
         for layer in (reference, fused):
             for name, parameter in layer.named_parameters():
@@ -236,7 +306,7 @@ def test_fused_compiles_without_graph_breaks():
         result = fused_lime_linear(
             x=x, adapter_input=None, weight=fused.linear.weight, bias=fused.linear.bias, base=None, A=A, B=B,
             LiMEs=LiMEs, LiME_shared=shared, gamma=gamma, options=options, scaling=8.0, valid=None, jitter=None)
-        return result.out.square().sum() + result.stats[:2].sum()
+        return result.out.square().sum() + result.importance + result.kl_uniform
 
     params = [fused.A, fused.B, fused.LiMEs, fused.LiME_shared, fused.gamma]
     eager = torch.autograd.grad(function(x, *params), params)
@@ -340,8 +410,8 @@ def test_fused_variants_keep_masked_tokens_exactly_as_the_reference(variant):
 def test_fused_variants_match_the_reference(variant):
     for dtype in ALL_DTYPES:
         reference, fused = _variant_pair(dtype, lambda backend: VARIANTS[variant](backend, dtype))
-        x = torch.randn(3, 29, 40, device=DEVICE, dtype=dtype)
-        run_both(reference, fused, x, padding_mask("left", 3, 29).to(DEVICE), dtype=dtype)
+        mask = padding_mask("left", 3, 29).to(DEVICE)
+        run_both(reference, fused, tie_free_input(reference, (3, 29, 40), dtype, mask), mask, dtype=dtype)
 
 
 def test_fused_embedding_matches_the_reference():
@@ -351,8 +421,18 @@ def test_fused_embedding_matches_the_reference():
                                  backend=backend)
 
         reference, fused = _variant_pair(dtype, build)
-        ids = torch.randint(1, 50, (3, 21), device=DEVICE)
-        ids[1, :5] = 0
+
+        def draw_ids(generator):
+            ids = torch.randint(1, 50, (3, 21), generator=generator).to(DEVICE)
+            ids[1, :5] = 0
+            return ids
+
+        def run_reference(ids):
+            reference.train()
+            torch.manual_seed(5)
+            reference(ids)
+
+        ids = tie_free(draw_ids, run_reference, dtype)
         results = []
         for layer in (reference, fused):
             layer.train().zero_grad()
@@ -377,8 +457,15 @@ def test_fused_prompt_encoder_matches_the_reference():
             for layer in (reference, fused):
                 torch.manual_seed(2)
                 layer.prompt_delta.normal_()
-        embeds = torch.randn(3, 11, 70, device=DEVICE, dtype=dtype)
         mask = padding_mask("right", 3, 11).to(DEVICE)
+
+        def run_reference(embeds):
+            reference.train()
+            torch.manual_seed(5)
+            reference(embeds, mask)
+
+        embeds = tie_free(lambda generator: torch.randn(3, 11, 70, generator=generator).to(DEVICE, dtype),
+                          run_reference, dtype)
         results = []
         for layer in (reference, fused):
             layer.train().zero_grad()
@@ -447,8 +534,8 @@ def test_fused_on_quantized_bases(kind):
             torch.manual_seed(1)
             with torch.no_grad():
                 layer.B.normal_(0, 0.3)
-        x = torch.randn(3, 29, 40, device=DEVICE, dtype=dtype)
-        run_both(reference, fused, x, padding_mask("left", 3, 29).to(DEVICE), dtype=dtype)
+        mask = padding_mask("left", 3, 29).to(DEVICE)
+        run_both(reference, fused, tie_free_input(reference, (3, 29, 40), dtype, mask), mask, dtype=dtype)
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU processes of this DDP run use the interpreter")
@@ -488,3 +575,170 @@ def test_benchmark_measures_the_fused_provider():
     assert values["samples_per_second"] > 0 and values["saved_activations"] > 0
     assert values["trainable_parameters"] > 0 and all(row["provider"] == "lime-fused" for row in rows)
     assert math.isnan(values["peak_memory"]) == (device.type == "cpu")
+
+
+# --- GPU behaviour the interpreter cannot show, checked where the CPU can show it ----------------------
+
+AUTOCAST_VARIANTS = {
+    "lora": lambda backend, dtype, router: LiMELinear(torch.nn.Linear(40, 70, dtype=dtype), num_experts=4,
+                                                      router=router, backend=backend),
+    "lora_fa": lambda backend, dtype, router: LiMELoRAFALinear(torch.nn.Linear(40, 70, dtype=dtype), num_experts=4,
+                                                               n_gram=2, router=router, backend=backend),
+    "dora": lambda backend, dtype, router: LiMEDoRALinear(torch.nn.Linear(40, 70, dtype=dtype), num_experts=4,
+                                                          router=router, backend=backend),
+    "slicefine": lambda backend, dtype, router: LiMESliceFineLinear(torch.nn.Linear(40, 70, dtype=dtype),
+                                                                    num_experts=4, rank=2, router=router,
+                                                                    backend=backend),
+    "given_base": lambda backend, dtype, router: LiMELinear(_ScaledLinear(40, 70, dtype=dtype), num_experts=4,
+                                                            router=router, backend=backend),
+}
+
+
+@pytest.mark.parametrize("variant", list(AUTOCAST_VARIANTS))
+@pytest.mark.parametrize("router", ["cosine", "maxabs"])
+def test_fused_under_autocast_matches_the_reference(variant, router):
+    """Under autocast (HF Trainer's bf16=True) the frozen product runs in bf16 as nn.Linear would and
+    LiME's own math in float32, on both backends: same outputs and gradients, float32 weights."""
+    device_type = torch.device(DEVICE).type
+    reference, fused = _variant_pair(torch.float32, lambda backend: AUTOCAST_VARIANTS[variant](backend, torch.float32,
+                                                                                               router))
+    mask = padding_mask("left", 3, 29).to(DEVICE)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        x = tie_free_input(reference, (3, 29, 40), torch.bfloat16, mask).float()
+        out = run_both(reference, fused, x, mask, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+
+
+def test_fused_under_autocast_writes_one_output_tensor():
+    """Autocast does not send the plain linear layer down the slower 'frozen output given' route: the
+    forward creates a single [tokens, Dout] tensor (the frozen product, modulated in place)."""
+    from lime_kernels.accounting import account
+
+    _, fused = _pair(torch.float32, num_experts=4)
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16), account() as recorded:
+        fused.train()(x)
+    outputs = [op.name for op in recorded.ops if op.launches and (18, 70) in op.output_shapes]
+    assert outputs == ["aten::linear"], outputs
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 40), (3, 0, 40), (0, 40)])
+@pytest.mark.parametrize("variant", ["lora", "dora", "slicefine", "given_base"])
+def test_empty_batches_give_empty_outputs_and_zero_gradients(shape, variant):
+    """0 sequences or 0 tokens: both backends return an empty output, and zero gradients."""
+    reference, fused = _variant_pair(torch.float32, lambda backend: AUTOCAST_VARIANTS[variant](backend, torch.float32,
+                                                                                               "cosine"))
+    for layer in (reference, fused):
+        layer.train()
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        out = layer(x)
+        assert out.shape == (*shape[:-1], 70)
+        (out.sum() + layer.last_stats.importance + layer.last_stats.kl_uniform).backward()
+        assert x.grad.shape == x.shape
+        for name, parameter in layer.named_parameters():
+            if parameter.requires_grad:
+                assert parameter.grad is not None and not parameter.grad.any(), name
+
+
+def _training_step(layer, x, mask):
+    out = layer.train()(x, attention_mask=mask)
+    (out.float().square().mean() + 0.1 * layer.last_stats.importance + 0.01 * layer.last_stats.kl_uniform).backward()
+
+
+STEP_VARIANTS = {
+    "lora": dict(),
+    "window-maxabs": dict(n_gram=3, router="maxabs"),
+    "mean-sparse": dict(rep_mode="mean", sparse_mode=True, top_k=2),
+    "dora": dict(peft="dora"),
+    "slicefine": dict(peft="slicefine"),
+    "given_base": dict(peft="given_base"),
+}
+
+
+def _step_layer(options):
+    options = dict(options)
+    peft = options.pop("peft", "lora")
+    builders = {"lora": LiMELinear, "dora": LiMEDoRALinear, "slicefine": LiMESliceFineLinear}
+    if peft == "given_base":
+        return LiMELinear(_ScaledLinear(40, 70), num_experts=4, backend="triton", **options).to(DEVICE)
+    return builders[peft](torch.nn.Linear(40, 70), num_experts=4, backend="triton", **options).to(DEVICE)
+
+
+@pytest.mark.parametrize("variant", list(STEP_VARIANTS))
+def test_fused_training_step_has_no_host_sync_and_no_zero_fill(variant):
+    """A fused training step (forward, statistics, balance loss, backward) dispatches no operator that
+    synchronizes the host with the GPU, and materializes no zero gradient for the outputs nothing used."""
+    from lime_kernels.accounting import FILL_OPS, account
+
+    layer = _step_layer(STEP_VARIANTS[variant])
+    x = torch.randn(2, 9, 40, device=DEVICE, requires_grad=True)
+    mask = padding_mask("left", 2, 9).to(DEVICE)
+    with account() as recorded:
+        _training_step(layer, x, mask)
+    assert recorded.host_syncs == [], recorded.host_syncs
+    fills = [(op.name, op.output_shapes) for op in recorded.named(FILL_OPS) if op.output_shapes != ((),)]
+    assert fills == [], fills  # the only fill is autograd's 1 for the scalar loss
+
+
+def test_fused_launches_per_training_step():
+    """The default layer costs 4 launches forward (the jitter noise drawn from torch's RNG, the frozen
+    GEMM, the projection with routing, the epilogue) and 5 backward (token-block pass, column-block
+    pass, input pass, cuBLAS adding dout W, finishing kernel)."""
+    from lime_kernels.accounting import account
+
+    layer = _step_layer({})
+    x = torch.randn(2, 9, 40, device=DEVICE, requires_grad=True)
+    with account() as forward:
+        out = layer.train()(x)
+    stats = layer.last_stats
+    grads = (torch.randn_like(out), torch.ones_like(stats.importance), torch.ones_like(stats.kl_uniform))
+    with account() as backward:
+        torch.autograd.backward((out, stats.importance, stats.kl_uniform), grads)
+
+    def launched(recorded):
+        return [op.name for op in recorded.ops if op.launches] + [launch.name for launch in recorded.launches]
+
+    assert sorted(launched(forward)) == sorted(["aten::uniform_", "aten::linear", "_project_kernel",
+                                                "_modulation_forward_kernel"])
+    assert sorted(launched(backward)) == sorted(["_modulation_backward_kernel", "_parameter_partials_kernel",
+                                                 "_input_grad_kernel", "aten::addmm_", "_finish_kernel"])
+
+
+# (tokens, Din, Dout, rank, experts): issue 12's shape, then LLaVA-OneVision-7B's q, k/v and down
+# projections and the 0.5B's k/v projection at 8,192 tokens.
+WORKSPACE_SHAPES = [(65536, 3584, 18944, 16, 8), (8192, 3584, 3584, 2, 4), (8192, 3584, 512, 2, 4),
+                    (8192, 18944, 3584, 16, 8), (8192, 896, 128, 2, 4)]
+
+
+def backward_workspace(tokens, d_in, d_out, rank, experts):
+    """(bytes the fused backward allocates besides the gradients it returns, bytes of dout, of x),
+    accounted without computing anything (kernels and GEMMs not run), bf16 activations."""
+    from lime_kernels.accounting import account
+    from lime_kernels.fused import fused_lime_linear, fused_statistics
+    from lime_kernels.options import RoutingOptions
+
+    x = torch.empty(1, tokens, d_in, dtype=torch.bfloat16).requires_grad_(True)
+    weight = torch.empty(d_out, d_in, dtype=torch.bfloat16)
+    parameters = [torch.empty(rank, d_in), torch.empty(d_out, rank), torch.empty(experts, d_out), torch.empty(d_out),
+                  torch.empty(1)]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    A, B, P, shared, gamma = parameters
+    with account(compute=False):
+        result = fused_lime_linear(x=x, adapter_input=None, weight=weight, bias=None, base=None, A=A, B=B, LiMEs=P,
+                                   LiME_shared=shared, gamma=gamma, options=RoutingOptions(num_experts=experts),
+                                   scaling=2.0, valid=None, jitter=None)
+        stats = fused_statistics(result, "full")
+        dout = torch.empty_like(result.out)
+    with account(compute=False) as backward:
+        torch.autograd.backward((result.out, stats.importance), (dout, torch.ones(())))
+    gradients = sum(t.numel() * t.element_size() for t in [x] + parameters)
+    return backward.bytes_allocated - gradients, dout.numel() * dout.element_size(), x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("shape", WORKSPACE_SHAPES)
+def test_fused_backward_workspace_is_bounded(shape):
+    """The backward's temporary memory (bounded partial sums, [tokens, r] and [tokens, E] buffers) is at
+    most 1/8 of the larger activation it reads (dout or x), whatever the length."""
+    workspace, dout_bytes, x_bytes = backward_workspace(*shape)
+    assert 0 < workspace <= max(dout_bytes, x_bytes) / 8, (shape, workspace / max(dout_bytes, x_bytes))

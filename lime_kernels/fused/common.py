@@ -75,6 +75,13 @@ class _Recorder:
 
 
 _recorders: List[_Recorder] = []
+_kernels_running = [0]
+
+
+def kernel_running() -> bool:
+    """Whether a Triton kernel is executing (under the interpreter, its own tensor operations are not
+    the caller's)."""
+    return _kernels_running[0] > 0
 
 
 @contextlib.contextmanager
@@ -103,7 +110,11 @@ def launch(kernel, grid: Sequence[int], *args, reads: Sequence[Traffic] = (), wr
             recorder.launches.append(record)
             execute = execute and recorder.execute
     if execute:
-        kernel[grid](*args, **options)
+        _kernels_running[0] += 1
+        try:
+            kernel[grid](*args, **options)
+        finally:
+            _kernels_running[0] -= 1
 
 
 __all__ = [

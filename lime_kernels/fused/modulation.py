@@ -67,7 +67,7 @@ def _row_inputs(z_ptr, weights_ptr, rows, row_ok, ranks, lanes, rank, num_expert
 @triton.jit
 def _modulation_forward_kernel(
     frozen_ptr, out_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, bias_ptr, weights_ptr,
-    stat_partials_ptr, stats_ptr, histogram_ptr,
+    stat_partials_ptr, importance_ptr, kl_ptr, stats_ptr, histogram_ptr,
     num_tokens, out_features, rank, num_experts, sliced_rows, num_stat_blocks, stride_frozen, stride_out, scaling,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_DOT: tl.constexpr, LANES: tl.constexpr,
     HIST_LANES: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SHARED: tl.constexpr,
@@ -106,20 +106,20 @@ def _modulation_forward_kernel(
         out = tl.where(valid[:, None], out, base)  # exactly the frozen output: it round-trips
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
     if (pid_m == 0) & (pid_n == 0):
-        finish_statistics(stat_partials_ptr, num_stat_blocks, stats_ptr, histogram_ptr, num_experts, LANES,
-                          HIST_LANES)
+        finish_statistics(stat_partials_ptr, num_stat_blocks, importance_ptr, kl_ptr, stats_ptr, histogram_ptr,
+                          num_experts, LANES, HIST_LANES)
 
 
 @triton.jit
 def _modulation_backward_kernel(
     dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, features_ptr, selected_ptr,
-    jitter_ptr, stats_ptr, dstats_ptr, scales_ptr,
+    jitter_ptr, stats_ptr, dimportance_ptr, dkl_ptr, scales_ptr,
     dz_ptr, dpooled_ptr, dgamma_partials_ptr, max_partials_ptr,
     num_tokens, out_features, rank, num_experts, top_k, scaling, temperature, gamma_routing, theta, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_DOT: tl.constexpr, LANES: tl.constexpr,
     PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_SCALE: tl.constexpr,
-    ROUTING: tl.constexpr, HAS_JITTER: tl.constexpr, HAS_DSTATS: tl.constexpr, MAXABS: tl.constexpr,
-    SELECTION: tl.constexpr,
+    ROUTING: tl.constexpr, HAS_JITTER: tl.constexpr, HAS_DIMPORTANCE: tl.constexpr, HAS_DKL: tl.constexpr,
+    MAXABS: tl.constexpr, SELECTION: tl.constexpr,
 ):
     """One block of tokens over all of Dout: dz, and with ROUTING the gradients w.r.t. the pooled
     routing features (the raw ones when routing is per token)."""
@@ -168,8 +168,9 @@ def _modulation_backward_kernel(
             u_scale = tl.load(scales_ptr)
             v_scale = tl.load(scales_ptr + 1)
         du, dv, u_along, v_along = route_rows_backward(
-            dw, stats_ptr, dstats_ptr, active, u, v, probs, w, selected, jitter_ptr, rows, lanes, row_ok, num_experts,
-            u_scale, v_scale, top_k, temperature, gamma_routing, theta, tau, HAS_JITTER, HAS_DSTATS, MAXABS, SELECTION)
+            dw, stats_ptr, dimportance_ptr, dkl_ptr, active, u, v, probs, w, selected, jitter_ptr, rows, lanes, row_ok,
+            num_experts, u_scale, v_scale, top_k, temperature, gamma_routing, theta, tau, HAS_JITTER,
+            HAS_DIMPORTANCE, HAS_DKL, MAXABS, SELECTION)
         tl.store(dpooled_ptr + offsets, du, mask=tile)
         tl.store(dpooled_ptr + plane + offsets, dv, mask=tile)
         if MAXABS:
@@ -350,8 +351,10 @@ def finish_blocks(rank: int) -> dict:
 
 
 def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, valid, scaling: float,
-                       stat_partials, stats, histogram, channel_scale=None, bias=None, sliced_rows: int = 0) -> None:
-    """Writes `out` (which may be `frozen` itself) and finishes the statistics into `stats`, `histogram`.
+                       stat_partials, importance, kl_uniform, stats, histogram, channel_scale=None, bias=None,
+                       sliced_rows: int = 0) -> None:
+    """Writes `out` (which may be `frozen` itself) and finishes the statistics into `importance`,
+    `kl_uniform`, `stats`, `histogram`.
 
     With `channel_scale` (DoRA), `frozen` is the product without bias and base' = `scale * frozen +
     bias`; otherwise its first `sliced_rows` channels become the bias (SliceFine).
@@ -365,20 +368,20 @@ def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, va
         _modulation_forward_kernel, grid,
         frozen, out, z, B, LiMEs, LiME_shared if has_shared else LiMEs, gamma if has_shared else LiMEs,
         valid if valid is not None else frozen, channel_scale if channel_scale is not None else LiMEs,
-        bias if bias is not None else LiMEs, weights, stat_partials, stats, histogram,
+        bias if bias is not None else LiMEs, weights, stat_partials, importance, kl_uniform, stats, histogram,
         num_tokens, out_features, rank, num_experts, int(sliced_rows), stat_partials.shape[0], frozen.stride(0),
         out.stride(0), float(scaling),
         RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), HIST_LANES=histogram_lanes(num_experts),
         PRECISION=dot_precision(frozen.dtype), HAS_MASK=valid is not None, HAS_SHARED=has_shared,
         HAS_SCALE=channel_scale is not None, HAS_BIAS=bias is not None, enable_fp_fusion=False, **blocks,
         reads=[frozen, z, weights, B, LiMEs, LiME_shared, valid, channel_scale, stat_partials],
-        writes=[out, stats, histogram],
+        writes=[out, importance, kl_uniform, stats, histogram],
         flops=2 * num_tokens * out_features * (rank + num_experts + 1),
     )
 
 
 def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_scale, state: RoutingState, jitter,
-                        stats, dstats, scaling: float, config: RoutingConfig, routing: bool):
+                        stats, dimportance, dkl, scaling: float, config: RoutingConfig, routing: bool):
     """Returns (dz (tokens, r), d(pooled features) (2, tokens, E) or None, d gamma partials per block
     or None, maxabs partial sums per block or None), all float32; dz includes the scaling."""
     num_tokens, out_features = dout.shape
@@ -397,14 +400,16 @@ def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sc
         dout, z, B, LiMEs, LiME_shared if has_shared else any_tensor, gamma if has_shared else any_tensor,
         valid if valid is not None else any_tensor, channel_scale if channel_scale is not None else any_tensor,
         state.features, state.selected, jitter if jitter is not None else any_tensor, stats,
-        dstats if dstats is not None else any_tensor, state.part("scales"),
+        dimportance if dimportance is not None else any_tensor, dkl if dkl is not None else any_tensor,
+        state.part("scales"),
         dz, dpooled if dpooled is not None else any_tensor,
         dgamma_partials if dgamma_partials is not None else any_tensor,
         max_partials if max_partials is not None else any_tensor,
         num_tokens, out_features, rank, num_experts, config.top_k, float(scaling), **config.kernel_options(),
         RANK_DOT=dot_width(rank), LANES=config.lanes, PRECISION=dot_precision(dout.dtype),
         HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=channel_scale is not None, ROUTING=routing,
-        HAS_JITTER=jitter is not None, HAS_DSTATS=dstats is not None, MAXABS=config.maxabs,
+        HAS_JITTER=jitter is not None, HAS_DIMPORTANCE=dimportance is not None, HAS_DKL=dkl is not None,
+        MAXABS=config.maxabs,
         SELECTION=config.selection, **blocks,
         reads=[dout, z, state.features if routing else state.weights, state.selected if routing else None, jitter,
                valid],

@@ -43,8 +43,6 @@ from .routing import (
     RoutingConfig,
     RoutingState,
     STAT_ACTIVE,
-    STAT_IMPORTANCE,
-    STAT_KL,
     STAT_LOAD,
     STAT_USAGE,
     pooling_backward,
@@ -91,30 +89,29 @@ def _valid_bytes(valid: Optional[Tensor]) -> Optional[Tensor]:
     return None if valid is None else valid.view(torch.uint8)
 
 
-def _empty_statistics(num_experts: int, device) -> Tuple[Tensor, Tensor]:
+def _empty_statistics(num_experts: int, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The statistics of a batch without tokens, from the reference's formulas."""
     zeros = torch.zeros(num_experts, device=device, dtype=torch.float32)
     stats = balance_statistics(zeros, zeros, torch.zeros((), device=device), "full")
-    vector = torch.cat([torch.stack([stats.importance, stats.kl_uniform, stats.load, stats.active_experts,
-                                     torch.zeros((), device=device)]), stats.usage])
-    return vector, torch.zeros(num_experts + 1, device=device, dtype=torch.int64)
+    vector = torch.cat([torch.stack([stats.load, stats.active_experts, torch.zeros((), device=device)]), stats.usage])
+    histogram = torch.zeros(num_experts + 1, device=device, dtype=torch.int64)
+    return stats.importance, stats.kl_uniform, vector, histogram
 
 
-@torch.library.custom_op("lime::fused_lime", mutates_args=())
-def fused_lime(
+def fused_lime_impl(
     x: Optional[Tensor], x_adapter: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
     base: Optional[Tensor], z: Optional[Tensor], A: Optional[Tensor], B: Tensor, LiMEs: Tensor,
     LiME_shared: Optional[Tensor], gamma: Optional[Tensor], channel_scale: Optional[Tensor], valid: Optional[Tensor],
     jitter: Optional[Tensor], seq_len: int, sliced_rows: int, scaling: float, top_k: int, temperature: float,
     gamma_routing: float, router: str, rep_mode: str, n_gram: int, ngram_mode: str, selection: int,
     soft_topk_temperature: float, auto_topk_threshold: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The frozen output is `F.linear(x, weight, bias)` (no bias inside with `channel_scale`) when
     `weight` is given, else `base`; the adapter reads `x_adapter`, or `x`, unless `z` is given.
 
-    Returns (out, stats, histogram, z, features, selected, extra, frozen): `stats` is
-    [importance, kl_uniform, load, active_experts, valid tokens, usage (E)] (differentiable in its
-    first two entries), `histogram` the valid tokens by number of selected experts (E + 1); the last
+    Returns (out, importance, kl_uniform, stats, histogram, z, features, selected, extra, frozen):
+    `out`, `importance` and `kl_uniform` are differentiable; `stats` is [load, active_experts, valid
+    tokens, usage (E)], `histogram` the valid tokens by number of selected experts (E + 1); the last
     five are saved for the backward (`z` and `frozen` empty when not computed here).
     """
     source = next(t for t in (x, x_adapter, base) if t is not None)
@@ -123,6 +120,9 @@ def fused_lime(
                         jitter, seq_len, sliced_rows, scaling,
                         _config(LiMEs.shape[0], seq_len, top_k, temperature, gamma_routing, router, rep_mode, n_gram,
                                 ngram_mode, selection, soft_topk_temperature, auto_topk_threshold))
+
+
+fused_lime = torch.library.custom_op("lime::fused_lime", fused_lime_impl, mutates_args=())
 
 
 def _forward(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
@@ -140,9 +140,10 @@ def _forward(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamm
     state = RoutingState.allocate(num_tokens, config, device)
     if num_tokens == 0:
         out = frozen if computes_base and scale is None else frozen.clone()
-        stats, histogram = _empty_statistics(num_experts, device)
+        importance, kl_uniform, stats, histogram = _empty_statistics(num_experts, device)
         saved_z = torch.empty((0, B.shape[1]) if z is None else (0,), device=device, dtype=torch.float32)
-        return out, stats, histogram, saved_z, state.features, state.selected, state.extra, saved_frozen
+        return (out, importance, kl_uniform, stats, histogram, saved_z, state.features, state.selected, state.extra,
+                saved_frozen)
     valid_bytes = _valid_bytes(valid)
     sliced = sliced_rows if computes_base else 0
     # The kernels add the bias after DoRA's scale, and put it alone in SliceFine's sliced channels;
@@ -158,12 +159,16 @@ def _forward(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamm
         route_pooled(raw, valid_bytes, jitter, state, stat_partials, config)
     # The output overwrites the frozen product when nothing else needs it (plain linear, no DoRA).
     out = frozen if computes_base and scale is None else torch.empty_like(frozen)
+    importance = torch.empty((), device=device, dtype=torch.float32)
+    kl_uniform = torch.empty((), device=device, dtype=torch.float32)
     stats = torch.empty(statistics_length(num_experts), device=device, dtype=torch.float32)
     histogram = torch.empty(num_experts + 1, device=device, dtype=torch.int64)
     modulation_forward(frozen, out, z_used, B, state.weights, LiMEs, LiME_shared, gamma, valid_bytes, scaling,
-                       stat_partials, stats, histogram, channel_scale=scale, bias=kernel_bias, sliced_rows=sliced)
+                       stat_partials, importance, kl_uniform, stats, histogram, channel_scale=scale, bias=kernel_bias,
+                       sliced_rows=sliced)
     saved_z = z_used if z is None else z_used.new_empty(0)
-    return out, stats, histogram, saved_z, state.features, state.selected, state.extra, saved_frozen
+    return (out, importance, kl_uniform, stats, histogram, saved_z, state.features, state.selected, state.extra,
+            saved_frozen)
 
 
 @fused_lime.register_fake
@@ -181,6 +186,8 @@ def _(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, chan
                      selection, soft_topk_temperature, auto_topk_threshold)
     return (
         source.new_empty(num_tokens, out_features, dtype=activation),
+        source.new_empty((), **floats),
+        source.new_empty((), **floats),
         source.new_empty(statistics_length(num_experts), **floats),
         source.new_empty(num_experts + 1, dtype=torch.int64),
         source.new_empty((num_tokens, rank) if z is None else (0,), **floats),
@@ -192,9 +199,9 @@ def _(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, chan
     )
 
 
-@torch.library.custom_op("lime::fused_lime_backward", mutates_args=())
-def fused_lime_backward(
-    dout: Optional[Tensor], dstats: Optional[Tensor], x: Optional[Tensor], x_adapter: Optional[Tensor],
+def fused_lime_backward_impl(
+    dout: Optional[Tensor], dimportance: Optional[Tensor], dkl: Optional[Tensor], x: Optional[Tensor],
+    x_adapter: Optional[Tensor],
     weight: Optional[Tensor], bias: Optional[Tensor], A: Optional[Tensor], B: Tensor, LiMEs: Tensor,
     LiME_shared: Optional[Tensor], gamma: Optional[Tensor], channel_scale: Optional[Tensor], valid: Optional[Tensor],
     jitter: Optional[Tensor], z: Tensor, features: Tensor, selected: Tensor, extra: Tensor, stats: Tensor,
@@ -203,22 +210,26 @@ def fused_lime_backward(
     soft_topk_temperature: float, auto_topk_threshold: float, needs_input_grad: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for `_DIFFERENTIABLE` (x, x_adapter, base, A, B, LiMEs, LiME_shared, gamma,
-    channel_scale); those `needs_input_grad` does not ask for are empty tensors. `dout` or `dstats`
-    may be None (the output or the statistics took no gradient). `frozen` is the saved frozen output
+    channel_scale); those `needs_input_grad` does not ask for are empty tensors. `dout`,
+    `dimportance`, `dkl` may be None (that output took no gradient). `frozen` is the saved frozen output
     for DoRA, else `base` as given (or empty)."""
     source = next(t for t in (z, x, x_adapter, frozen) if t is not None)
     config = _config(LiMEs.shape[0], seq_len, top_k, temperature, gamma_routing, router, rep_mode, n_gram,
                      ngram_mode, selection, soft_topk_temperature, auto_topk_threshold)
     with on_device_of(source), torch.autocast(source.device.type, enabled=False):
-        grads = _backward_impl(dout, dstats, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale,
+        grads = _backward_impl(dout, dimportance, dkl, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale,
                                valid, jitter, z, features, selected, extra, stats, frozen, sliced_rows, scaling,
                                config, needs_input_grad)
     # A custom op returns tensors only, none aliasing another: an empty one stands for "not asked for".
-    reference = dout if dout is not None else stats
-    return tuple(grad if grad is not None else reference.new_empty(0) for grad in grads)
+    return tuple(grad if grad is not None else stats.new_empty(0) for grad in grads)
 
 
-def _backward_impl(dout, dstats, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
+fused_lime_backward = torch.library.custom_op("lime::fused_lime_backward", fused_lime_backward_impl, mutates_args=())
+# The Python implementations behind the ops (for accounting that follows a call into them).
+IMPLEMENTATIONS = {"lime::fused_lime": fused_lime_impl, "lime::fused_lime_backward": fused_lime_backward_impl}
+
+
+def _backward_impl(dout, dimportance, dkl, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
                    z, features, selected, extra, stats, frozen, sliced_rows, scaling, config: RoutingConfig,
                    needs_input_grad):
     need_x, need_adapter, need_base, need_A, need_B, need_P, need_shared, need_gamma, need_scale = needs_input_grad
@@ -226,15 +237,13 @@ def _backward_impl(dout, dstats, x, x_adapter, weight, A, B, LiMEs, LiME_shared,
     num_tokens = features.shape[1]
     out_features = B.shape[0]
     num_experts = config.num_experts
-    activation_source = x if x is not None else (x_adapter if x_adapter is not None else frozen)
     device = features.device
     if num_tokens == 0:
         return _empty_grads(x, x_adapter, frozen, A, B, LiMEs, LiME_shared, gamma, channel_scale, needs_input_grad)
-    if dout is None:  # only the statistics took a gradient
-        dout = torch.zeros(num_tokens, out_features, device=device, dtype=activation_source.dtype)
+    if dout is None:  # only the statistics took a gradient; `frozen` has the output's dtype, even when empty
+        dout = torch.zeros(num_tokens, out_features, device=device, dtype=frozen.dtype)
     # Autograd may hand over expanded (stride 0) gradients; the kernels index them densely.
     dout = dout.contiguous()
-    dstats = None if dstats is None else dstats.contiguous()
     x, x_adapter, frozen = _rows(x), _rows(x_adapter), _rows(frozen)
     A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter, z = _contiguous(
         A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter, z)
@@ -245,7 +254,8 @@ def _backward_impl(dout, dstats, x, x_adapter, weight, A, B, LiMEs, LiME_shared,
     # What depends on the routing's gradients: everything upstream of u = base'[:E] and v = delta'[:E].
     routing = need_x or need_adapter or need_base or need_A or need_B or need_scale
     dz, dpooled, dgamma_partials, max_partials = modulation_backward(
-        dout, z, B, LiMEs, LiME_shared, gamma, valid_bytes, scale, state, jitter, stats, dstats, scaling, config,
+        dout, z, B, LiMEs, LiME_shared, gamma, valid_bytes, scale, state, jitter, stats, dimportance, dkl, scaling,
+        config,
         routing)
     draw = None
     if routing:
@@ -305,28 +315,27 @@ def _base_grad(dout: Tensor, du: Tensor, scale: Optional[Tensor], num_experts: i
 
 
 def _empty_grads(x, x_adapter, frozen, A, B, LiMEs, LiME_shared, gamma, channel_scale, needs_input_grad):
-    """Gradients of a batch without tokens: empty activations' gradients, zero parameters' gradients."""
-    like = (x, x_adapter, frozen, A, B, LiMEs, LiME_shared, gamma, channel_scale)
+    """Gradients of a batch without tokens: empty activations' gradients, zero parameters' gradients.
+    The frozen output's is (0, Dout) in its dtype (`frozen` has that dtype, even when empty)."""
+    base_like = frozen.new_empty(0, B.shape[0])
+    like = (x, x_adapter, base_like, A, B, LiMEs, LiME_shared, gamma, channel_scale)
     return tuple(torch.zeros_like(tensor) if need else None for tensor, need in zip(like, needs_input_grad))
 
 
 @fused_lime_backward.register_fake
-def _(dout, dstats, x, x_adapter, weight, bias, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter, z,
-      features, selected, extra, stats, frozen, *args):
+def _(dout, dimportance, dkl, x, x_adapter, weight, bias, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
+      jitter, z, features, selected, extra, stats, frozen, *args):
     needs_input_grad = args[-1]
     num_tokens = features.shape[1]
-    reference = dout if dout is not None else stats
-    base_like = reference.new_empty(num_tokens, B.shape[0], dtype=(frozen if frozen.numel() else reference).dtype)
-    if dout is not None:
-        base_like = dout
+    base_like = dout if dout is not None else frozen.new_empty(num_tokens, B.shape[0])
     like = (x, x_adapter, base_like, A, B, LiMEs, LiME_shared, gamma, channel_scale)
-    return tuple(t.new_empty(t.shape) if need else reference.new_empty(0) for t, need in zip(like, needs_input_grad))
+    return tuple(t.new_empty(t.shape) if need else stats.new_empty(0) for t, need in zip(like, needs_input_grad))
 
 
 def _setup_context(ctx, inputs, output):
     named = dict(zip(_INPUTS, inputs[: len(_INPUTS)]))
     ctx.options = inputs[len(_INPUTS):]
-    _, stats, _, z, features, selected, extra, frozen = output
+    _, _, _, stats, _, z, features, selected, extra, frozen = output
     z_saved = z if named["z"] is None else named["z"]
     # DoRA's magnitude needs the product without bias: computed here, or the base given.
     frozen_saved = frozen
@@ -337,16 +346,16 @@ def _setup_context(ctx, inputs, output):
         named["LiME_shared"], named["gamma"], named["channel_scale"], named["valid"], named["jitter"], z_saved,
         features, selected, extra, stats, frozen_saved,
     )
-    ctx.mark_non_differentiable(*output[2:])
+    ctx.mark_non_differentiable(*output[3:])
     # Gradients of outputs nothing used arrive as None instead of materialized zeros.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dstats, *unused):
+def _backward(ctx, dout, dimportance, dkl, *unused):
     needs = [ctx.needs_input_grad[_INPUTS.index(name)] for name in _DIFFERENTIABLE]
-    if dout is None and dstats is None:
+    if dout is None and dimportance is None and dkl is None:
         return (None,) * (len(_INPUTS) + len(ctx.options))
-    grads = fused_lime_backward(dout, dstats, *ctx.saved_tensors, *ctx.options, needs)
+    grads = fused_lime_backward(dout, dimportance, dkl, *ctx.saved_tensors, *ctx.options, needs)
     by_name = {name: (grad if need else None) for name, grad, need in zip(_DIFFERENTIABLE, grads, needs)}
     return tuple(by_name.get(name) for name in _INPUTS) + (None,) * len(ctx.options)
 
@@ -355,9 +364,12 @@ fused_lime.register_autograd(_backward, setup_context=_setup_context)
 
 
 class FusedResult(NamedTuple):
-    """`fused_lime_linear`'s result: the output `(B, T, Dout)`, the statistics vector and histogram."""
+    """`fused_lime_linear`'s result: the output `(B, T, Dout)`, the two differentiable statistics, the
+    detached statistics vector ([load, active_experts, valid tokens, usage (E)]) and the histogram."""
 
     out: Tensor
+    importance: Tensor
+    kl_uniform: Tensor
     stats: Tensor
     histogram: Tensor
 
@@ -406,7 +418,7 @@ def fused_lime_linear(
         return None if tensor is None else tensor.reshape(batch * tokens, tensor.shape[-1])
 
     with torch.autocast(shaped.device.type, enabled=False):
-        out, stats, histogram, *_ = fused_lime(
+        out, importance, kl_uniform, stats, histogram, *_ = fused_lime(
             flat(x), flat(adapter_input), weight, bias, flat(base), flat(z), A, B, LiMEs, LiME_shared, gamma,
             channel_scale, None if valid is None else valid.reshape(-1), None if jitter is None else jitter.float(),
             max(tokens, 1), int(sliced_rows), float(scaling), options.top_k, float(options.temperature),
@@ -414,20 +426,20 @@ def fused_lime_linear(
             selection_code(options.auto_topk, options.soft_topk, options.sparse_mode),
             float(options.soft_topk_temperature), float(options.auto_topk_threshold),
         )
-    return FusedResult(out.reshape(batch, tokens, -1), stats, histogram)
+    return FusedResult(out.reshape(batch, tokens, out.shape[-1]), importance, kl_uniform, stats, histogram)
 
 
 def fused_statistics(result: FusedResult, aux: str) -> Optional[RoutingStats]:
-    """`RoutingStats` from the fused statistics vector (views of it: no launch): `importance` and
+    """`RoutingStats` from the fused statistics (views of the vector: no launch): `importance` and
     `kl_uniform` with gradients, the rest detached; eval mode ('usage') keeps only the usage."""
     if aux == "none":
         return None
     stats = result.stats
-    usage = stats[STAT_USAGE:].detach()
+    usage = stats[STAT_USAGE:]
     if aux == "usage":
         return RoutingStats(None, None, None, usage, None)
-    return RoutingStats(stats[STAT_IMPORTANCE], stats[STAT_KL], stats[STAT_LOAD].detach(), usage,
-                        stats[STAT_ACTIVE].detach(), result.histogram)
+    return RoutingStats(result.importance, result.kl_uniform, stats[STAT_LOAD], usage, stats[STAT_ACTIVE],
+                        result.histogram)
 
 
 __all__: Sequence[str] = ["FusedResult", "fused_lime", "fused_lime_backward", "fused_lime_linear", "fused_statistics"]

@@ -39,9 +39,10 @@ _LOG_EPS: tl.constexpr = tl.constexpr(LOG_EPS)
 REP_CODES = {"token": 0, "mean": 1, "last": 2}
 AUTO_DENSE, SOFT_DENSE, HARD, AUTO_SPARSE = 0, 1, 2, 3
 
-# The statistics vector the forward returns: these entries, then `usage` (E values).
-STAT_IMPORTANCE, STAT_KL, STAT_LOAD, STAT_ACTIVE, STAT_VALID = range(5)
-STAT_USAGE = 5
+# The detached statistics vector the forward returns beside importance and kl_uniform: these entries,
+# then `usage` (E values).
+STAT_LOAD, STAT_ACTIVE, STAT_VALID = range(3)
+STAT_USAGE = 3
 
 
 def selection_code(auto_topk: bool, soft_topk: bool, sparse_mode: bool) -> int:
@@ -266,11 +267,11 @@ def store_route(features_ptr, selected_ptr, stats_ptr, block, u, v, probs, weigh
 
 
 @triton.jit
-def finish_statistics(partials_ptr, num_blocks, stats_ptr, histogram_ptr, num_experts,
+def finish_statistics(partials_ptr, num_blocks, importance_ptr, kl_ptr, stats_ptr, histogram_ptr, num_experts,
                       LANES: tl.constexpr, HIST_LANES: tl.constexpr):
-    """Sums the blocks' partial statistics in block order and writes the statistics vector
-    [importance, kl_uniform, load, active_experts, valid tokens, usage (E)] and the histogram.
-    The formulas are `lime_kernels.reference.balance_statistics`'."""
+    """Sums the blocks' partial statistics in block order and writes importance, kl_uniform, the
+    statistics vector [load, active_experts, valid tokens, usage (E)] and the histogram. The formulas
+    are `lime_kernels.reference.balance_statistics`'."""
     lanes = tl.arange(0, LANES)
     bins = tl.arange(0, HIST_LANES)
     lane_ok = lanes < num_experts
@@ -294,34 +295,36 @@ def finish_statistics(partials_ptr, num_blocks, stats_ptr, histogram_ptr, num_ex
     total_count = tl.sum(counts, axis=0)
     share = counts / tl.maximum(total_count, 1.0)
     load = experts * tl.sum(share * share, axis=0) - 1.0
-    tl.store(stats_ptr + 0, importance)
-    tl.store(stats_ptr + 1, kl_uniform)
-    tl.store(stats_ptr + 2, load)
-    tl.store(stats_ptr + 3, total_count / valid_clamped)
-    tl.store(stats_ptr + 4, num_valid)
-    tl.store(stats_ptr + 5 + lanes, mean_probs, mask=lane_ok)
+    tl.store(importance_ptr, importance)
+    tl.store(kl_ptr, kl_uniform)
+    tl.store(stats_ptr + 0, load)
+    tl.store(stats_ptr + 1, total_count / valid_clamped)
+    tl.store(stats_ptr + 2, num_valid)
+    tl.store(stats_ptr + 3 + lanes, mean_probs, mask=lane_ok)
     tl.store(histogram_ptr + bins, histogram.to(tl.int64), mask=bins <= num_experts)
 
 
 @triton.jit
-def route_rows_backward(dweights, stats_ptr, dstats_ptr, valid, u, v, probs, weights, selected, jitter_ptr,
-                        rows, lanes, row_ok, num_experts, u_scale, v_scale, top_k, temperature, gamma_routing,
-                        theta, tau, HAS_JITTER: tl.constexpr, HAS_DSTATS: tl.constexpr, MAXABS: tl.constexpr,
-                        SELECTION: tl.constexpr):
+def route_rows_backward(dweights, stats_ptr, dimportance_ptr, dkl_ptr, valid, u, v, probs, weights, selected,
+                        jitter_ptr, rows, lanes, row_ok, num_experts, u_scale, v_scale, top_k, temperature,
+                        gamma_routing, theta, tau, HAS_JITTER: tl.constexpr, HAS_DIMPORTANCE: tl.constexpr,
+                        HAS_DKL: tl.constexpr, MAXABS: tl.constexpr, SELECTION: tl.constexpr):
     """Back through steps 5-9 (and the statistics) for rows: (du, dv) w.r.t. the pooled features,
     and for maxabs the rows' sums of d(u_hat) * u and d(v_hat) * v (the batch-wide max's gradient)."""
     lane_ok = lanes < num_experts
     dprobs = _mixing_weights_backward(dweights, probs, weights, selected, lanes, lane_ok, top_k, theta, tau,
                                       SELECTION)
-    if HAS_DSTATS:
+    if HAS_DIMPORTANCE or HAS_DKL:
         # importance = E sum(p^2) - 1 and kl = sum(p (log max(p, eps) + log E)), p = probs_sum / valid.
         experts = tl.sum(lane_ok.to(tl.float32), axis=0)
-        mean_probs = tl.load(stats_ptr + 5 + lanes, mask=lane_ok, other=0.0)
-        valid_clamped = tl.maximum(tl.load(stats_ptr + 4), 1.0)
-        dimportance = tl.load(dstats_ptr)
-        dkl = tl.load(dstats_ptr + 1)
-        dlog = tl.log(tl.maximum(mean_probs, _LOG_EPS)) + tl.log(experts) + (mean_probs >= _LOG_EPS).to(tl.float32)
-        dmean = dimportance * 2.0 * experts * mean_probs + dkl * dlog
+        mean_probs = tl.load(stats_ptr + 3 + lanes, mask=lane_ok, other=0.0)
+        valid_clamped = tl.maximum(tl.load(stats_ptr + 2), 1.0)
+        dmean = tl.zeros(mean_probs.shape, tl.float32)
+        if HAS_DIMPORTANCE:
+            dmean += tl.load(dimportance_ptr) * 2.0 * experts * mean_probs
+        if HAS_DKL:
+            dlog = tl.log(tl.maximum(mean_probs, _LOG_EPS)) + tl.log(experts) + (mean_probs >= _LOG_EPS).to(tl.float32)
+            dmean += tl.load(dkl_ptr) * dlog
         dprobs += tl.where(valid[:, None] & lane_ok[None, :], (dmean / valid_clamped)[None, :], 0.0)
     dlogits = probs * (dprobs - tl.sum(dprobs * probs, axis=1)[:, None])
     if HAS_JITTER:
