@@ -35,7 +35,7 @@ SYNC_OPS = {
 # Operators that only allocate memory, and those that only describe tensors: no kernel.
 ALLOCATION_OPS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
                   "aten::new_empty_strided"}
-METADATA_OPS = {"aten::lift_fresh", "aten::sym_size", "aten::sym_stride", "aten::sym_numel",
+METADATA_OPS = {"aten::lift_fresh", "aten::_unsafe_view", "aten::_reshape_alias", "aten::sym_size", "aten::sym_stride", "aten::sym_numel",
                 "aten::sym_storage_offset", "aten::is_same_size", "aten::_has_compatible_shallow_copy_type"}
 # Operators that fill a tensor with a constant (a zero-filled gradient, say).
 FILL_OPS = {"aten::zeros", "aten::zeros_like", "aten::new_zeros", "aten::zero_", "aten::fill_", "aten::full",

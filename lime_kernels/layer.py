@@ -37,6 +37,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _kernels_execute() -> bool:
+    """False inside `lime_kernels.accounting.account(compute=False)`, which starts no kernel (so the
+    fused path can be accounted for on any device)."""
+    from .fused.common import kernels_execute
+
+    return kernels_execute()
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_reference():
     return torch.compile(reference.lime_linear)
@@ -148,7 +156,7 @@ class LiMEModule(nn.Module):
             return "triton" if x.is_cuda and unsupported is None else "reference"
         if unsupported is not None:
             raise ValueError(f"backend='triton' cannot run this layer: {unsupported}")
-        if not x.is_cuda and not triton_interpreting():
+        if not x.is_cuda and not triton_interpreting() and _kernels_execute():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got an input on {x.device}); on CPU it runs only "
                 "under Triton's interpreter (TRITON_INTERPRET=1). Use backend='reference' or 'auto'."

@@ -89,3 +89,37 @@ def test_moe_lora_baseline_equals_a_per_token_loop():
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     layer(x).sum().backward()
     assert layer.router.weight.grad.abs().sum() > 0 and layer.linear.weight.grad is None
+
+
+def test_cost_model_matches_a_hand_count_of_the_fused_layer():
+    """The 7B q_proj (8,192 tokens, 3,584 -> 3,584, bf16, r = 2, E = 4): the accounted launches, bytes
+    and FLOPs of one fused training step against a count by hand. With P = one [tokens, 3,584] bf16
+    pass and W the weight: forward: jitter draw, frozen GEMM (x, W, out: 2P + W), projection (x: P),
+    epilogue (frozen in, out: 2P); backward: token-block pass (dout: P), column-block pass (dout: P),
+    input pass (x in, dx out: 2P), cuBLAS dx += dout W (dout, W, dx in and out: 3P + W), finishing
+    kernel: 12P + 2W, plus [tokens, r], [tokens, E] and parameter-sized traffic (under 2%); two GEMMs
+    of 2 x 8,192 x 3,584^2 FLOPs plus the rank-16 tensor-core products that rebuild delta and mod in the
+    epilogue and the two backward passes (under 5%). The frozen linear alone: two GEMMs, 4P + 2W."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.cost_model import account_step, modelled
+
+    tokens, features = 8192, 3584
+    P, W = tokens * features * 2, features * features * 2
+    gemm = 2 * tokens * features * features
+    launches, moved, flops, _ = modelled(account_step("lime-fused", tokens, features, features, 2, 4))
+    assert launches == 9
+    assert abs(moved - (12 * P + 2 * W)) / (12 * P + 2 * W) < 0.02, moved / (12 * P + 2 * W)
+    assert 2 * gemm <= flops < 1.05 * 2 * gemm
+    launches, moved, flops, _ = modelled(account_step("frozen-linear", tokens, features, features, 2, 4))
+    assert (launches, moved, flops) == (2, 4 * P + 2 * W, 2 * gemm)
+
+
+def test_cost_model_and_host_overhead_report(tmp_path):
+    """`python -m benchmarks.cost_model` prints and writes both tables (its numbers are not asserted:
+    they are the report)."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.cost_model", "--shapes", "0.5b-q", "--out",
+                             str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / "cost_model.md").read_text()
+    assert "| 0.5b-q 8192x896->896 | 2, 4 | lime-fused |" in text and "| lime-fused |" in text.split("## Host")[1]

@@ -14,12 +14,20 @@ from dataclasses import dataclass
 from typing import Iterable, List, Sequence, Union
 
 import torch
-import triton
+
+
+def cdiv(numerator: int, denominator: int) -> int:
+    """Ceiling division on the host (plain Python: `triton.cdiv` costs a JIT dispatch per call)."""
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(size: int) -> int:
+    return 1 << max(0, size - 1).bit_length()
 
 
 def dot_width(size: int) -> int:
     """A `tl.dot` dimension for `size` values: a power of two, at least 16 (padding is masked)."""
-    return max(16, triton.next_power_of_2(size))
+    return max(16, next_power_of_2(size))
 
 
 def dot_precision(activation_dtype: torch.dtype) -> str:
@@ -65,7 +73,7 @@ def traffic_bytes(items: Iterable[Traffic]) -> int:
 
 def strided_rows_bytes(num_rows: int, row_bytes: int) -> int:
     """Bytes moved when reading `row_bytes` from each of `num_rows` rows far apart: whole 32-byte sectors."""
-    return num_rows * triton.cdiv(row_bytes, 32) * 32
+    return num_rows * cdiv(row_bytes, 32) * 32
 
 
 class _Recorder:
@@ -76,6 +84,11 @@ class _Recorder:
 
 _recorders: List[_Recorder] = []
 _kernels_running = [0]
+
+
+def kernels_execute() -> bool:
+    """False while a `record_launches(execute=False)` block is open (launches are only recorded)."""
+    return all(recorder.execute for recorder in _recorders)
 
 
 def kernel_running() -> bool:

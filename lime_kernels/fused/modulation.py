@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, dot_width, launch
+from .common import cdiv, dot_precision, dot_width, launch
 from .projection import token_splits
 from .routing import (
     RoutingConfig,
@@ -362,7 +362,7 @@ def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, va
     num_tokens, out_features = frozen.shape
     rank, num_experts = z.shape[1], LiMEs.shape[0]
     blocks = FORWARD_BLOCKS
-    grid = (triton.cdiv(num_tokens, blocks["BLOCK_M"]), triton.cdiv(out_features, blocks["BLOCK_N"]))
+    grid = (cdiv(num_tokens, blocks["BLOCK_M"]), cdiv(out_features, blocks["BLOCK_N"]))
     has_shared = LiME_shared is not None
     launch(
         _modulation_forward_kernel, grid,
@@ -388,7 +388,7 @@ def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sc
     rank, num_experts = z.shape[1], config.num_experts
     device = dout.device
     blocks = backward_blocks(rank, config.lanes, dout.dtype)
-    num_blocks = triton.cdiv(num_tokens, blocks["BLOCK_M"])
+    num_blocks = cdiv(num_tokens, blocks["BLOCK_M"])
     has_shared = LiME_shared is not None
     dz = torch.empty(num_tokens, rank, device=device, dtype=torch.float32)
     dpooled = torch.empty(2, num_tokens, num_experts, device=device, dtype=torch.float32) if routing else None
@@ -425,11 +425,11 @@ def parameter_partials(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sca
     num_tokens, out_features = dout.shape
     rank, num_experts = z.shape[1], LiMEs.shape[0]
     blocks = partials_blocks(rank, dot_width(num_experts), dout.dtype)
-    column_blocks = triton.cdiv(out_features, blocks["BLOCK_N"])
+    column_blocks = cdiv(out_features, blocks["BLOCK_N"])
     width = rank + num_experts + 3
     splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * out_features * width, budget_bytes)
-    tokens_per_split = triton.cdiv(triton.cdiv(num_tokens, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
-    splits = triton.cdiv(num_tokens, tokens_per_split)
+    tokens_per_split = cdiv(cdiv(num_tokens, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
+    splits = cdiv(num_tokens, tokens_per_split)
     partials = torch.empty(splits, out_features, width, device=dout.device, dtype=torch.float32)
     has_shared = LiME_shared is not None
     has_scale = channel_scale is not None
@@ -467,7 +467,7 @@ def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Option
         channel_scale, need_scale)
     blocks = finish_blocks(rank)
     # Programs: every block of Dout columns (program 0 also sums d gamma), then the blocks of dA's columns.
-    grid = (triton.cdiv(out_features, blocks["BLOCK_N"]) + (triton.cdiv(in_features, blocks["BLOCK_K"]) if need_A else 0),)
+    grid = (cdiv(out_features, blocks["BLOCK_N"]) + (cdiv(in_features, blocks["BLOCK_K"]) if need_A else 0),)
     placeholder = torch.empty(1, device=device, dtype=torch.float32)
 
     def arg(tensor):

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, dot_width, launch, strided_rows_bytes
+from .common import cdiv, dot_precision, dot_width, launch, next_power_of_2, strided_rows_bytes
 from .routing import RoutingConfig, RoutingState, histogram_lanes, route_rows, routing_rows, store_route, valid_rows
 
 
@@ -249,7 +249,7 @@ def projection_blocks(num_tokens: int, rank: int, config: RoutingConfig, activat
     if routes_inline(config, rank):
         rows = min(rows, routing_rows(config.lanes))
     else:
-        rows = min(rows, max(16, triton.next_power_of_2(triton.cdiv(num_tokens, 256))))
+        rows = min(rows, max(16, next_power_of_2(cdiv(num_tokens, 256))))
     return dict(BLOCK_T=rows, BLOCK_K=step, num_warps=warps)
 
 
@@ -277,7 +277,7 @@ def project(x: Optional[torch.Tensor], A: Optional[torch.Tensor], z_given: Optio
     lanes = config.lanes
     any_tensor = frozen
     launch(
-        _project_kernel, (triton.cdiv(num_tokens, blocks["BLOCK_T"]),),
+        _project_kernel, (cdiv(num_tokens, blocks["BLOCK_T"]),),
         x if has_a else any_tensor, A if has_a else any_tensor, any_tensor if has_a else z_given, B, frozen,
         channel_scale if channel_scale is not None else any_tensor, bias if bias is not None else any_tensor,
         valid if valid is not None else any_tensor, jitter if jitter is not None else any_tensor,
@@ -301,7 +301,7 @@ def token_splits(num_tokens: int, column_blocks: int, block_m: int, partial_byte
     """How many token splits reduce a [tokens, ...] pass into per-split partial sums: enough programs
     to fill a large GPU (~512 with the column blocks), at least 4 blocks of tokens per split, and
     partial sums within `budget_bytes`. A function of the shape only, so results are repeatable."""
-    by_occupancy = triton.cdiv(512, max(1, column_blocks))
+    by_occupancy = cdiv(512, max(1, column_blocks))
     by_length = max(1, num_tokens // (4 * block_m))
     by_memory = max(1, budget_bytes // max(1, partial_bytes_per_split))
     return max(1, min(by_occupancy, by_length, by_memory))
@@ -324,11 +324,11 @@ def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, froze
     routed_width = max(num_experts, sliced_rows)
     blocks = input_grad_blocks(rank, routed_width, dot_width(num_experts), activation)
     writes_columns = routed_into_dx is not None or adapter_grad is not None or need_A
-    column_blocks = triton.cdiv(in_features, blocks["BLOCK_K"]) if writes_columns else 1
+    column_blocks = cdiv(in_features, blocks["BLOCK_K"]) if writes_columns else 1
     splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * (rank * in_features + num_experts * rank
                                                                            + num_experts), budget_bytes)
-    tokens_per_split = triton.cdiv(triton.cdiv(num_tokens, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
-    splits = triton.cdiv(num_tokens, tokens_per_split)
+    tokens_per_split = cdiv(cdiv(num_tokens, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
+    splits = cdiv(num_tokens, tokens_per_split)
     da_partials = torch.empty(splits, rank, in_features, device=device, dtype=torch.float32) if need_A else None
     routing_out = (torch.empty(splits, num_experts * rank + num_experts, device=device, dtype=torch.float32)
                    if routing_partials else None)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..reference import LOG_EPS, NORM_EPS, WEIGHT_EPS
-from .common import dot_width, launch
+from .common import cdiv, dot_width, launch, next_power_of_2
 
 # The reference's clamps, as compile-time constants of the kernels.
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)
@@ -69,7 +69,7 @@ def absmax_rows(lanes: int) -> int:
 
 def histogram_lanes(num_experts: int) -> int:
     """Bins 0..E of the number of selected experts per token."""
-    return triton.next_power_of_2(num_experts + 1)
+    return next_power_of_2(num_experts + 1)
 
 
 def statistics_width(lanes: int, num_experts: int) -> int:
@@ -644,7 +644,7 @@ def state_layout(num_tokens: int, config: RoutingConfig) -> dict:
     (so that every entry is written): window counts (one per token), per-sequence state (two per
     sequence: valid count, last valid position), maxabs scales (u scale, v scale, u max, v max) and
     tie counts of the maxima (two per routing block)."""
-    num_blocks = triton.cdiv(num_tokens, routing_rows(config.lanes))
+    num_blocks = cdiv(num_tokens, routing_rows(config.lanes))
     return dict(
         window_count=num_tokens if config.window else 0,
         seq_state=2 * (num_tokens // config.seq_len) if config.rep != 0 else 0,
@@ -705,7 +705,7 @@ def route_pooled(raw: torch.Tensor, valid, jitter, state: RoutingState, stat_par
     device = raw.device
     lanes = config.lanes
     block_t = routing_rows(lanes)
-    num_blocks = triton.cdiv(num_tokens, block_t)
+    num_blocks = cdiv(num_tokens, block_t)
     num_seqs = num_tokens // config.seq_len
     common = dict(BLOCK_T=block_t, LANES=lanes, HAS_MASK=valid is not None, num_warps=ROUTING_WARPS)
     valid_arg = valid if valid is not None else raw
@@ -718,7 +718,7 @@ def route_pooled(raw: torch.Tensor, valid, jitter, state: RoutingState, stat_par
     absmax = raw
     if config.maxabs:
         rows = absmax_rows(lanes)
-        absmax = torch.empty(triton.cdiv(num_tokens, rows), 2, device=device, dtype=torch.float32)
+        absmax = torch.empty(cdiv(num_tokens, rows), 2, device=device, dtype=torch.float32)
         launch(_pooled_absmax_kernel, (absmax.shape[0],), raw, valid_arg, summaries, state.part("seq_state"), absmax,
                num_tokens, num_experts, config.seq_len, config.n_gram, **_pooling_options(config),
                **dict(common, BLOCK_T=rows, num_warps=4), reads=[raw, valid], writes=[absmax])
@@ -755,7 +755,7 @@ def pooling_backward(dpooled: torch.Tensor, max_partials: torch.Tensor, valid, s
                num_tokens, num_experts, config.seq_len, *maxabs_sizes, REP=config.rep, **common,
                reads=reads, writes=[draw])
     else:
-        launch(_pooling_backward_kernel, (triton.cdiv(num_tokens, block_t), 2),
+        launch(_pooling_backward_kernel, (cdiv(num_tokens, block_t), 2),
                dpooled, state.features, state.part("window_count"), valid_arg, *maxabs_args, draw,
                num_tokens, num_experts, config.seq_len, config.n_gram, *maxabs_sizes,
                WINDOW=config.window, ANCHOR=config.anchor, **common, reads=reads, writes=[draw])
@@ -764,7 +764,7 @@ def pooling_backward(dpooled: torch.Tensor, max_partials: torch.Tensor, valid, s
 
 def statistics_partials(num_tokens: int, block_rows: int, config: RoutingConfig, device) -> torch.Tensor:
     """The per-block partial statistics of the routing pass over blocks of `block_rows` tokens."""
-    num_blocks = triton.cdiv(num_tokens, block_rows)
+    num_blocks = cdiv(num_tokens, block_rows)
     return torch.empty(num_blocks, statistics_width(config.lanes, config.num_experts), device=device,
                        dtype=torch.float32)
 
