@@ -49,9 +49,11 @@ demo: venv
 	$(RUN) -m lime demo --out demo-output
 
 # The benchmarks: on a CPU-only machine the quick sweep; BENCH_ARGS overrides (e.g. "--device cuda").
+# Then the cost model (modelled H100 ratios from the accounted launches) and the host overhead per step.
 BENCH_ARGS ?= --quick --device cpu
 bench: venv
 	$(RUN) benchmarks/run.py $(BENCH_ARGS) --out benchmark-results
+	$(RUN) -m benchmarks.cost_model --out benchmark-results
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,6 +6,7 @@ and extra leading dimensions are folded into B. Masks become a `(B, T)` bool ten
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -33,6 +34,15 @@ def autocast_cast(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if not tensor.is_floating_point() or tensor.dtype == torch.float64:
         return tensor
     return tensor.to(torch.get_autocast_dtype(tensor.device.type))
+
+
+def full_precision(device: torch.device):
+    """LiME's own math runs in float32 (or float64) whatever autocast would make of it. Autocast is
+    switched off only where it is on: entering `torch.autocast` costs host time on every call."""
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_mask_dtype(mask: torch.Tensor) -> None:

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference
-from .inputs import ContextMask, as_sequences, autocast_cast, context_valid_mask, explicit_valid_mask
+from .inputs import (ContextMask, as_sequences, autocast_cast, context_valid_mask, explicit_valid_mask,
+                     full_precision)
 from .options import AdapterOptions, RoutingOptions
 from .quantized import frozen_weight
 from .reference import RoutingStats
@@ -25,11 +26,6 @@ MaskProvider = Callable[[], Optional[ContextMask]]
 # tl.dot width of at most 128; the routing keeps [tokens, E] tiles of at most 64 lanes in registers.
 MAX_FUSED_RANK = 128
 MAX_FUSED_EXPERTS = 64
-
-
-def full_precision(device: torch.device):
-    """LiME's own math runs in float32 (or float64) whatever autocast would make of it."""
-    return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
 def triton_interpreting() -> bool:

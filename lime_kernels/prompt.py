@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .layer import LiMEModule, full_precision
+from .inputs import full_precision
+from .layer import LiMEModule
 from .options import AdapterOptions, RoutingOptions
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..inputs import autocast_cast
+from ..inputs import autocast_cast, full_precision
 from ..options import RoutingOptions
 from ..reference import RoutingStats, balance_statistics
 from .common import on_device_of
@@ -115,7 +115,7 @@ def fused_lime_impl(
     five are saved for the backward (`z` and `frozen` empty when not computed here).
     """
     source = next(t for t in (x, x_adapter, base) if t is not None)
-    with on_device_of(source), torch.autocast(source.device.type, enabled=False):
+    with on_device_of(source), full_precision(source.device):
         return _forward(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
                         jitter, seq_len, sliced_rows, scaling,
                         _config(LiMEs.shape[0], seq_len, top_k, temperature, gamma_routing, router, rep_mode, n_gram,
@@ -216,7 +216,7 @@ def fused_lime_backward_impl(
     source = next(t for t in (z, x, x_adapter, frozen) if t is not None)
     config = _config(LiMEs.shape[0], seq_len, top_k, temperature, gamma_routing, router, rep_mode, n_gram,
                      ngram_mode, selection, soft_topk_temperature, auto_topk_threshold)
-    with on_device_of(source), torch.autocast(source.device.type, enabled=False):
+    with on_device_of(source), full_precision(source.device):
         grads = _backward_impl(dout, dimportance, dkl, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale,
                                valid, jitter, z, features, selected, extra, stats, frozen, sliced_rows, scaling,
                                config, needs_input_grad)
@@ -352,15 +352,42 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dimportance, dkl, *unused):
+    return _gradients(fused_lime_backward, ctx, dout, dimportance, dkl)
+
+
+def _gradients(backward, ctx, dout, dimportance, dkl):
+    """The forward inputs' gradients, from `backward` (the registered op, or its implementation)."""
     needs = [ctx.needs_input_grad[_INPUTS.index(name)] for name in _DIFFERENTIABLE]
     if dout is None and dimportance is None and dkl is None:
         return (None,) * (len(_INPUTS) + len(ctx.options))
-    grads = fused_lime_backward(dout, dimportance, dkl, *ctx.saved_tensors, *ctx.options, needs)
+    grads = backward(dout, dimportance, dkl, *ctx.saved_tensors, *ctx.options, needs)
     by_name = {name: (grad if need else None) for name, grad, need in zip(_DIFFERENTIABLE, grads, needs)}
     return tuple(by_name.get(name) for name in _INPUTS) + (None,) * len(ctx.options)
 
 
 fused_lime.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFusedLiME(torch.autograd.Function):
+    """The registered op's autograd without torch.library's Python dispatch, which binds the schema and
+    fills the defaults of some thirty arguments on every call (measured: most of the layer's host time
+    per training step). Eager calls take this; traced ones (`torch.compile`) the registered ops."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # ctx in forward: a separate setup_context costs an inspect.signature per call
+        output = fused_lime_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dimportance, dkl, *unused):
+        return _gradients(_call(fused_lime_backward, fused_lime_backward_impl), ctx, dout, dimportance, dkl)
+
+
+def _call(op, eager):
+    """`op` while torch.compile traces (its fake implementation and schema are what tracing needs),
+    else `eager`, which computes the same thing."""
+    return op if torch.compiler.is_compiling() else eager
 
 
 class FusedResult(NamedTuple):
@@ -417,8 +444,8 @@ def fused_lime_linear(
     def flat(tensor):
         return None if tensor is None else tensor.reshape(batch * tokens, tensor.shape[-1])
 
-    with torch.autocast(shaped.device.type, enabled=False):
-        out, importance, kl_uniform, stats, histogram, *_ = fused_lime(
+    with full_precision(shaped.device):
+        out, importance, kl_uniform, stats, histogram, *_ = _call(fused_lime, _EagerFusedLiME.apply)(
             flat(x), flat(adapter_input), weight, bias, flat(base), flat(z), A, B, LiMEs, LiME_shared, gamma,
             channel_scale, None if valid is None else valid.reshape(-1), None if jitter is None else jitter.float(),
             max(tokens, 1), int(sliced_rows), float(scaling), options.top_k, float(options.temperature),
