@@ -92,9 +92,9 @@ def _forward(layer: nn.Module, x: torch.Tensor):
     return [out] if stats is None else [out, stats.importance, stats.kl_uniform]
 
 
-def _step(layer: nn.Module, x: torch.Tensor, dout: torch.Tensor) -> None:
+def _step(layer: nn.Module, x: torch.Tensor, dout: torch.Tensor, balance_grad: torch.Tensor) -> None:
     outputs = _forward(layer, x)
-    torch.autograd.backward(outputs, [dout] + [torch.ones_like(term) for term in outputs[1:]])
+    torch.autograd.backward(outputs, [dout] + [balance_grad] * (len(outputs) - 1))
 
 
 def account_step(provider: str, tokens: int, d_in: int, d_out: int, rank: int, experts: int) -> Account:
@@ -139,15 +139,16 @@ def _host_overhead(provider: str, repeats: int, warmup: int) -> Dict[str, float]
     layer = build_layer(provider, nn.Linear(64, 64), rank=2, experts=4, n_gram=1)
     x = torch.randn(1, 16, 64, requires_grad=True)
     dout = torch.randn(1, 16, 64)
+    balance_grad = torch.ones(())  # the balance terms' weight, made once as a training loop's loss would
     with record_launches(execute=False), account() as recorded:
-        _step(layer, x, dout)
+        _step(layer, x, dout, balance_grad)
     with record_launches(execute=False):
         for _ in range(warmup):
-            _step(layer, x, dout)
+            _step(layer, x, dout, balance_grad)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            _step(layer, x, dout)
+            _step(layer, x, dout, balance_grad)
             times.append(time.perf_counter() - start)
     times.sort()
     return dict(host_us=1e6 * times[0], host_us_median=1e6 * times[len(times) // 2],

@@ -711,6 +711,21 @@ def test_fused_launches_per_training_step():
                                                  "_input_grad_kernel", "aten::addmm_", "_finish_kernel"])
 
 
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_fused_decode_call_launches_three_kernels(tokens):
+    """A generation-sized call (evaluation, no gradient): the frozen GEMM, the projection with routing,
+    the epilogue; no statistics beyond the usage, no host sync."""
+    from lime_kernels.accounting import account
+
+    layer = _step_layer({}).eval()
+    x = torch.randn(1, tokens, 40, device=DEVICE)
+    with torch.no_grad(), account() as recorded:
+        layer(x)
+    launched = [op.name for op in recorded.ops if op.launches] + [launch.name for launch in recorded.launches]
+    assert sorted(launched) == sorted(["aten::addmm", "_project_kernel", "_modulation_forward_kernel"]), launched
+    assert recorded.host_syncs == []
+
+
 # (tokens, Din, Dout, rank, experts): issue 12's shape, then LLaVA-OneVision-7B's q, k/v and down
 # projections and the 0.5B's k/v projection at 8,192 tokens.
 WORKSPACE_SHAPES = [(65536, 3584, 18944, 16, 8), (8192, 3584, 3584, 2, 4), (8192, 3584, 512, 2, 4),
