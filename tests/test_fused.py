@@ -297,30 +297,38 @@ def test_fused_op_registration_opcheck():
         torch.library.opcheck(fused_lime, args + options)
 
 
-def test_fused_layers_compile_without_graph_breaks():
-    """torch.compile(fullgraph=True) traces a model of fused layers whole (the custom ops and their fake
-    implementations; what CUDA graphs need too) and trains as eager does."""
-    def build():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(
-            LiMELinear(torch.nn.Linear(64, 96, device=DEVICE), num_experts=4, n_gram=2, jitter_noise=0.0,
-                       backend="triton"),
-            torch.nn.GELU(),
-            LiMELinear(torch.nn.Linear(96, 64, device=DEVICE), num_experts=4, jitter_noise=0.0, backend="triton"),
-        )
+def _two_fused_layers(n_gram: int) -> torch.nn.Module:
+    """Two fused LiME layers around a GELU, seeded: two calls build the same model."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        LiMELinear(torch.nn.Linear(64, 96, device=DEVICE), num_experts=4, n_gram=n_gram, jitter_noise=0.0,
+                   backend="triton"),
+        torch.nn.GELU(),
+        LiMELinear(torch.nn.Linear(96, 64, device=DEVICE), num_experts=4, jitter_noise=0.0, backend="triton"),
+    )
 
-    eager, compiled_model = build(), build()
-    compiled = torch.compile(compiled_model, fullgraph=True)
-    x = torch.randn(4, 8, 64, device=DEVICE)
-    for _ in range(2):
+
+def _compiled_steps_equal_eager(n_gram: int, x: torch.Tensor, steps: int, **compile_options) -> None:
+    """Training steps (output, balance term, every gradient) of `torch.compile(fullgraph=True)` over two
+    fused layers equal eager ones."""
+    eager, compiled_model = _two_fused_layers(n_gram), _two_fused_layers(n_gram)
+    compiled = torch.compile(compiled_model, fullgraph=True, **compile_options)
+    for _ in range(steps):
         results = []
         for model, call in ((eager, eager), (compiled_model, compiled)):
             model.zero_grad(set_to_none=True)
             out = call(x)
             (out.square().mean() + sum(layer.last_stats.importance for layer in model[::2])).backward()
-            results.append([out.detach()] + [p.grad for p in model.parameters() if p.grad is not None])
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            results.append([out.detach().clone()] + grads)
         for a, b in zip(*results):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_layers_compile_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces a model of fused layers whole (the custom ops and their fake
+    implementations; what CUDA graphs need too) and trains as eager does."""
+    _compiled_steps_equal_eager(n_gram=2, x=torch.randn(4, 8, 64, device=DEVICE), steps=2)
 
 
 def test_tiny_llava_onevision_trains_the_same_on_both_backends():
@@ -923,23 +931,4 @@ def test_gpu_backward_peak_memory_within_the_bound():
 def test_gpu_model_of_fused_layers_under_cuda_graphs():
     """torch.compile(mode="reduce-overhead") captures a model of fused layers in CUDA graphs: no host
     synchronization or data-dependent shape stops it; its training steps equal eager ones."""
-    def build():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(
-            LiMELinear(torch.nn.Linear(64, 96, device=DEVICE), num_experts=4, jitter_noise=0.0, backend="triton"),
-            torch.nn.GELU(),
-            LiMELinear(torch.nn.Linear(96, 64, device=DEVICE), num_experts=4, jitter_noise=0.0, backend="triton"),
-        )
-
-    eager, compiled_model = build(), build()
-    compiled = torch.compile(compiled_model, mode="reduce-overhead", fullgraph=True)
-    x = torch.randn(4, 32, 64, device=DEVICE)
-    for step in range(3):
-        results = []
-        for model, call in ((eager, eager), (compiled_model, compiled)):
-            model.zero_grad(set_to_none=True)
-            out = call(x)
-            out.square().mean().backward()
-            results.append([out.detach().clone()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
-        for a, b in zip(*results):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    _compiled_steps_equal_eager(n_gram=1, x=torch.randn(4, 32, 64, device=DEVICE), steps=3, mode="reduce-overhead")

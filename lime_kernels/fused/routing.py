@@ -370,6 +370,20 @@ def _max_grad_coefficients(scales_ptr, max_partials_ptr, num_max_blocks, tie_par
 
 
 @triton.jit
+def _max_grad_terms(which, scales_ptr, max_partials_ptr, num_max_blocks, tie_partials_ptr, num_tie_blocks,
+                    MAXABS: tl.constexpr):
+    """(max, coefficient) of `_max_grad_coefficients` for u (which = 0) or v; zeros for cosine."""
+    largest = 0.0
+    coefficient = 0.0
+    if MAXABS:
+        u_coefficient, v_coefficient, u_max, v_max = _max_grad_coefficients(
+            scales_ptr, max_partials_ptr, num_max_blocks, tie_partials_ptr, num_tie_blocks)
+        largest = tl.where(which == 0, u_max, v_max)
+        coefficient = tl.where(which == 0, u_coefficient, v_coefficient)
+    return largest, coefficient
+
+
+@triton.jit
 def _total_grad(dpooled_ptr, pooled_ptr, rows, lanes, row_ok, num_experts, largest, coefficient,
                 MAXABS: tl.constexpr):
     """d(pooled features) including, for maxabs, the batch-wide max's share at its arg-max entries."""
@@ -515,13 +529,8 @@ def _pooling_backward_kernel(
     lanes = tl.arange(0, LANES)
     row_ok = rows < num_tokens
     pos = rows % seq_len
-    largest = 0.0
-    coefficient = 0.0
-    if MAXABS:
-        u_coefficient, v_coefficient, u_max, v_max = _max_grad_coefficients(
-            scales_ptr, max_partials_ptr, num_max_blocks, ties_ptr, num_tie_blocks)
-        largest = tl.where(which == 0, u_max, v_max)
-        coefficient = tl.where(which == 0, u_coefficient, v_coefficient)
+    largest, coefficient = _max_grad_terms(which, scales_ptr, max_partials_ptr, num_max_blocks, ties_ptr,
+                                           num_tie_blocks, MAXABS)
     if WINDOW:
         # A valid token s feeds the windows of the valid tokens t = s .. s+n-1 of its sequence.
         total = tl.zeros((BLOCK_T, LANES), tl.float32)
@@ -564,13 +573,8 @@ def _sequence_summary_backward_kernel(
     dpooled = dpooled_ptr + offset_uv
     pooled = features_ptr + offset_uv
     lanes = tl.arange(0, LANES)
-    largest = 0.0
-    coefficient = 0.0
-    if MAXABS:
-        u_coefficient, v_coefficient, u_max, v_max = _max_grad_coefficients(
-            scales_ptr, max_partials_ptr, num_max_blocks, ties_ptr, num_tie_blocks)
-        largest = tl.where(which == 0, u_max, v_max)
-        coefficient = tl.where(which == 0, u_coefficient, v_coefficient)
+    largest, coefficient = _max_grad_terms(which, scales_ptr, max_partials_ptr, num_max_blocks, ties_ptr,
+                                           num_tie_blocks, MAXABS)
     count = tl.load(seq_state_ptr + seq * 2)
     last = tl.load(seq_state_ptr + seq * 2 + 1).to(tl.int64)
     dsummary = tl.zeros((LANES,), tl.float32)
