@@ -3,6 +3,7 @@ against a single-process run of the same global batch, saves interrupted on one 
 under FSDP2 resuming exactly, `lime eval` split across processes, and a model placed over several
 devices (`device_map`)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -21,8 +22,10 @@ SHARDED_ATOL = 3e-5
 
 
 def torchrun(script, *arguments, port, interpret=False, check=True, timeout=600):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               os.path.join(HERE, script), *map(str, arguments)]
+    """Two processes of `script` (a file in tests/, or `-m module`) under torch.distributed.run."""
+    target = ["-m", script[3:]] if script.startswith("-m ") else [os.path.join(HERE, script)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *target,
+               *map(str, arguments)]
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]), OMP_NUM_THREADS="1")
     if interpret:
         environment["TRITON_INTERPRET"] = "1"
@@ -85,3 +88,35 @@ def test_a_save_interrupted_on_one_rank_keeps_the_previous_adapter(tmp_path, mod
     else:
         assert result.returncode != 0, "the job fails when a rank dies"
         assert not any(name.startswith(".adapter.") for name in os.listdir(tmp_path)), os.listdir(tmp_path)
+
+
+def test_lime_eval_on_two_processes_writes_the_single_process_results(tmp_path):
+    from lime import cli
+    from lime.demo import write_demo_dataset
+    from lime.tiny import build_tiny_llava_onevision
+
+    model, processor = build_tiny_llava_onevision(seed=0)
+    model_dir = str(tmp_path / "model")
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    lime.apply_peft(model, targets=["q_proj", "k_proj", "v_proj", "o_proj"], tokenizer=processor.tokenizer)
+    with torch.no_grad():  # an adapter that changes the answers (B starts at zero)
+        for name, parameter in model.named_parameters():
+            if name.endswith(".B"):
+                parameter.normal_(0.0, 0.5)
+    adapter = lime.save_adapter(model, str(tmp_path / "adapter"))
+    data_dir, root = write_demo_dataset(str(tmp_path / "data"))
+    # 5 rows in batches of 2: 3 batches per split, so the two processes get unequal shares.
+    options = ["--model", model_dir, "--adapter", adapter, "--data", data_dir, "--data-root", root, "--num-samples", "5",
+               "--batch-size", "2", "--max-new-tokens", "4", "--num-video-frames", "4", "--max-length", "512"]
+    assert cli.main(["eval", *options, "--out", str(tmp_path / "one")]) == 0
+    result = torchrun("-m lime", "eval", *options, "--out", tmp_path / "two", port=29623)
+    assert result.stdout.count("overall: accuracy") == 1, "only rank 0 reports"
+    assert "(2 processes shared the batches)" in result.stdout
+    for name in ("results.csv", "results.json"):
+        assert read(tmp_path / "two" / name) == read(tmp_path / "one" / name), name
+    predictions = json.loads(read(tmp_path / "one" / "results.json"))["predictions"]
+    assert all(len(rows) == 5 for rows in predictions.values()) and len(predictions) > 1
+    answers = [row["prediction"] for rows in predictions.values() for row in rows]
+    assert len(set(answers)) > 1, "the answers differ from row to row, so their order is checked"
