@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from transformers import Trainer, TrainingArguments
 
-from .adapter import TRAINER_ADAPTER_DIR, load_adapter, save_adapter
+from .adapter import TRAINER_ADAPTER_DIR, is_sharded, load_adapter, save_adapter
 from .balance import compute_balance_loss
 from .injection import lime_layers
 from .summary import MOE_PARAMETERS, PEFT_PARAMETERS
@@ -185,12 +185,27 @@ class LiMETrainer(Trainer):
 
     # --- checkpoints ------------------------------------------------------------------------------
 
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_sharded(model):
+            return super().save_model(output_dir, _internal_call)
+        # Sharded (FSDP2): every process joins save_adapter's gathers, whatever the Trainer's own
+        # FSDP saving would do with the whole model's state dict; rank 0 writes.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_adapter(model, os.path.join(output_dir, TRAINER_ADAPTER_DIR))
+        if self.args.should_save:
+            self._save_alongside(output_dir)
+
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         save_adapter(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, TRAINER_ADAPTER_DIR))
+        self._save_alongside(output_dir)
+
+    def _save_alongside(self, output_dir: str) -> None:
+        """What a checkpoint holds beside the adapter: the processor and the arguments."""
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -6,8 +6,9 @@ on a global batch split across the ranks, saved and loaded both ways.
 
 MODE train: 3 steps of AdamW; writes `sharded.safetensors` (the gathered LiME tensors after training),
 `adapter/` (save_adapter from the sharded model), `loaded-unsharded.safetensors` /
-`loaded-sharded.safetensors` (the adapter loaded into a fresh model before / after sharding) and
-`resaved/` (save_adapter again from the model sharded and then loaded).
+`loaded-sharded.safetensors` (the adapter loaded into a fresh model before / after sharding),
+`resaved/` (save_adapter again from the model sharded and then loaded), `trainer/` (LiMETrainer's
+save_model from it) and `resumed.safetensors` (1 step, a checkpoint, 2 steps resumed from it).
 MODE failing-save: saves `adapter/` once, changes the parameters, then saves again with rank 0's write
 failing: every rank must raise, and writes `rank{r}.error`.
 MODE killed-save: saves `adapter/` once, changes the parameters, then rank 1 dies as the second save
@@ -21,6 +22,8 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 from llava_helpers import LIME_PARAMETER_NAMES, README_TARGETS, TinyCollator, TinyConversations
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -64,25 +67,50 @@ def global_batches(processor):
     return [[data[i] for i in range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)] for s in range(STEPS)], collate
 
 
-def train(model, processor, rank=0, world=1):
+def make_optimizer(model):
+    moe = [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] in ("LiMEs", "LiME_shared", "gamma")]
+    peft = [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] in ("A", "B")]
+    return torch.optim.AdamW([{"params": moe, "lr": 2e-2, "weight_decay": 0.0},
+                              {"params": peft, "lr": 1e-2, "weight_decay": 0.01}])
+
+
+def train(model, processor, rank=0, world=1, steps=range(STEPS), optimizer=None):
     """AdamW on the sum of the token losses over the global batch divided by its token count; each of
     `world` processes takes its contiguous share of the rows. FSDP averages the gradients over the
     ranks, so each rank's loss is scaled by `world`: the sharded gradient is the global batch's."""
-    moe = [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] in ("LiMEs", "LiME_shared", "gamma")]
-    peft = [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] in ("A", "B")]
-    optimizer = torch.optim.AdamW([{"params": moe, "lr": 2e-2, "weight_decay": 0.0},
-                                   {"params": peft, "lr": 1e-2, "weight_decay": 0.01}])
+    optimizer = optimizer if optimizer is not None else make_optimizer(model)
     batches, collate = global_batches(processor)
     share = GLOBAL_BATCH // world
     model.train()
-    for rows in batches:
+    for step in steps:
+        rows = batches[step]
         tokens = int((collate(rows)["labels"][:, 1:] != -100).sum())  # the model shifts the labels by one
         batch = collate(rows[rank * share:(rank + 1) * share])
         loss = model(**batch, num_items_in_batch=tokens).loss * world
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return model
+    return optimizer
+
+
+def resumed_run(output, backend, rank, world):
+    """The first step, a checkpoint (the adapter, and the sharded optimizer state through
+    torch.distributed.checkpoint), then a new model and optimizer resuming from it for the others."""
+    model, processor = wrapped(backend)
+    optimizer = train(shard(model), processor, rank, world, steps=range(1))
+    checkpoint = os.path.join(output, "checkpoint")
+    lime.save_adapter(model, checkpoint)
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(checkpoint, "optimizer"))
+    del model, optimizer
+
+    model = shard(wrapped(backend, seed=123)[0])
+    lime.load_adapter(model, checkpoint)
+    optimizer = make_optimizer(model)
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=os.path.join(checkpoint, "optimizer"))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    train(model, processor, rank, world, steps=range(1, STEPS), optimizer=optimizer)
+    return lime_tensors(model)
 
 
 def main(mode, output, backend):
@@ -99,7 +127,12 @@ def main(mode, output, backend):
         lime.load_adapter(after, os.path.join(output, "adapter"))
         loaded_after = lime_tensors(after)
         lime.save_adapter(after, os.path.join(output, "resaved"))
+        # LiMETrainer's own save from a sharded model (collective, like save_adapter).
+        lime.LiMETrainer(model=after, args=lime.LiMEArguments(output_dir=os.path.join(output, "trainer"), report_to=[],
+                                                             use_cpu=True, ddp_backend="gloo")).save_model()
+        resumed = resumed_run(output, backend, rank, world)
         if rank == 0:
+            safetensors.torch.save_file(resumed, os.path.join(output, "resumed.safetensors"))
             safetensors.torch.save_file(trained, os.path.join(output, "sharded.safetensors"))
             safetensors.torch.save_file(lime_tensors(before), os.path.join(output, "loaded-unsharded.safetensors"))
             safetensors.torch.save_file(loaded_after, os.path.join(output, "loaded-sharded.safetensors"))
