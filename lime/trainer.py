@@ -12,6 +12,7 @@
   see `lime.save_adapter`), and `resume_from_checkpoint` reloads it: resuming continues exactly.
 - Multi-device: run under `torchrun` / `accelerate launch` (DDP). Each rank adds the balance loss of
   its own batch; DDP averages the gradients, so the effective balance term is the mean over ranks.
+  A model sharded by FSDP2 is saved by every process together (see `lime.save_adapter`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ class LiMETrainer(Trainer):
         if model is not None and not any(True for _ in lime_layers(model)):
             raise ValueError(f"{type(model).__name__} has no LiME layer; call lime.apply_peft first")
         super().__init__(model=model, args=args, **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            # accelerate (1.15) turns FSDP on for accelerator processes only; CPU processes would
+            # quietly train with DDP instead.
+            raise ValueError(
+                f"fsdp={self.args.fsdp!r} was asked for, but accelerate did not enable FSDP for distributed type "
+                f"{self.accelerator.distributed_type.value}: its FSDP runs on GPUs (or other accelerators) only. On CPU "
+                "processes, shard the model with torch.distributed.fsdp.fully_shard and train it with torch's own loop")
         self._metric_sums = torch.zeros(len(METRICS), dtype=torch.float64)
         self._metric_count = 0
 

@@ -8,7 +8,8 @@ MODE train: 3 steps of AdamW; writes `sharded.safetensors` (the gathered LiME te
 `adapter/` (save_adapter from the sharded model), `loaded-unsharded.safetensors` /
 `loaded-sharded.safetensors` (the adapter loaded into a fresh model before / after sharding),
 `resaved/` (save_adapter again from the model sharded and then loaded), `trainer/` (LiMETrainer's
-save_model from it) and `resumed.safetensors` (1 step, a checkpoint, 2 steps resumed from it).
+save_model from it), `resumed.safetensors` (1 step, a checkpoint, 2 steps resumed from it) and
+`trainer-fsdp-rank{r}.error` (LiMETrainer refusing the Trainer's FSDP config on CPU processes).
 MODE failing-save: saves `adapter/` once, changes the parameters, then saves again with rank 0's write
 failing: every rank must raise, and writes `rank{r}.error`.
 MODE killed-save: saves `adapter/` once, changes the parameters, then rank 1 dies as the second save
@@ -131,6 +132,14 @@ def main(mode, output, backend):
         lime.LiMETrainer(model=after, args=lime.LiMEArguments(output_dir=os.path.join(output, "trainer"), report_to=[],
                                                              use_cpu=True, ddp_backend="gloo")).save_model()
         resumed = resumed_run(output, backend, rank, world)
+        # The Trainer's FSDP config on CPU processes: accelerate would quietly use DDP; LiMETrainer refuses.
+        try:
+            lime.LiMETrainer(model=wrapped(backend)[0], args=lime.LiMEArguments(
+                output_dir=os.path.join(output, "unused"), report_to=[], use_cpu=True, ddp_backend="gloo", fsdp=True,
+                fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}))
+        except ValueError as error:
+            with open(os.path.join(output, f"trainer-fsdp-rank{rank}.error"), "w") as handle:
+                handle.write(str(error))
         if rank == 0:
             safetensors.torch.save_file(resumed, os.path.join(output, "resumed.safetensors"))
             safetensors.torch.save_file(trained, os.path.join(output, "sharded.safetensors"))

@@ -76,6 +76,9 @@ def test_fsdp2_trains_like_one_process_saves_loads_and_resumes(tmp_path, backend
     resumed = safetensors.torch.load_file(str(tmp_path / "resumed.safetensors"))
     assert resumed.keys() == sharded.keys()
     assert all(torch.equal(resumed[k], sharded[k]) for k in sharded), "resumed != straight"
+    for rank in (0, 1):
+        assert "accelerate did not enable FSDP for distributed type MULTI_CPU" in read(
+            tmp_path / f"trainer-fsdp-rank{rank}.error").decode()
 
 
 @pytest.mark.parametrize("mode", ["failing-save", "killed-save"])
