@@ -28,7 +28,10 @@ def as_sequences(x: torch.Tensor, in_features: int) -> torch.Tensor:
 def autocast_cast(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """`tensor` as autocast would hand it to a linear layer: cast to autocast's dtype when autocast is
     on for its device and it is a floating tensor other than float64; otherwise unchanged."""
-    if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+    # Devices autocast has no mode for (meta, where a device_map may park layers) are never autocast.
+    if tensor is None or not torch.amp.is_autocast_available(tensor.device.type):
+        return tensor
+    if not torch.is_autocast_enabled(tensor.device.type):
         return tensor
     if not tensor.is_floating_point() or tensor.dtype == torch.float64:
         return tensor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -29,7 +30,10 @@ MAX_FUSED_EXPERTS = 64
 
 def full_precision(device: torch.device):
     """LiME's own math runs in float32 (or float64) whatever autocast would make of it."""
-    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+    device_type = torch.device(device).type
+    if not torch.amp.is_autocast_available(device_type):  # meta (a device_map's parking place): no autocast
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def triton_interpreting() -> bool:

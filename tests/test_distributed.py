@@ -131,3 +131,81 @@ def test_lime_eval_on_two_processes_writes_the_single_process_results(tmp_path):
     assert all(len(rows) == 5 for rows in predictions.values()) and len(predictions) > 1
     answers = [row["prediction"] for rows in predictions.values() for row in rows]
     assert len(set(answers)) > 1, "the answers differ from row to row, so their order is checked"
+
+
+def _placed_model():
+    """The tiny model with LiME layers whose adapter changes the outputs (B starts at zero)."""
+    from llava_helpers import README_TARGETS
+    from lime.tiny import build_tiny_llava_onevision
+
+    model, processor = build_tiny_llava_onevision(seed=0)
+    torch.manual_seed(0)
+    lime.apply_peft(model, targets=README_TARGETS, tokenizer=processor.tokenizer)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".B"):
+                parameter.normal_(0.0, 0.5)
+    return model.eval(), processor
+
+
+def _device_map(second_layer):
+    """Everything on the CPU but the second decoder layer (and what follows it, for "meta")."""
+    language = "model.language_model"
+    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "model.image_newline": "cpu",
+                  f"{language}.embed_tokens": "cpu", f"{language}.rotary_emb": "cpu", f"{language}.layers.0": "cpu",
+                  f"{language}.layers.1": second_layer, f"{language}.norm": "cpu", "lm_head": "cpu"}
+    if second_layer == "meta":  # nothing computed on meta can come back
+        device_map.update({f"{language}.norm": "meta", "lm_head": "meta"})
+    return device_map
+
+
+def _padded_batch(processor):
+    from llava_helpers import make_batch
+
+    batch = make_batch(processor, ["What is shown?", "Which option is correct? A B C D"], padding_side="left")
+    assert (batch["attention_mask"] == 0).any(), "the mask has padding to route around"
+    return batch
+
+
+def test_device_map_with_an_offloaded_layer_computes_like_one_device(tmp_path):
+    """accelerate's device_map dispatch with one decoder layer offloaded: its weights (LiME's
+    included) wait on the meta device and come to the CPU for its forward; outputs are bit-identical."""
+    from accelerate import dispatch_model
+
+    model, processor = _placed_model()
+    batch = _padded_batch(processor)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    dispatch_model(model, _device_map("disk"), main_device="cpu", offload_dir=str(tmp_path / "offload"))
+    offloaded = [(name, layer) for name, layer in lime.lime_layers(model) if ".language_model.layers.1." in name]
+    assert offloaded and all(layer.LiMEs.device.type == "meta" for _, layer in offloaded), "weights wait on meta"
+    with torch.no_grad():
+        placed = model(**batch).logits
+    assert torch.equal(placed, expected)
+
+
+def test_device_map_each_lime_layer_computes_on_its_weights_device():
+    """A decoder layer (and the rest after it) placed on the meta device: its LiME layers compute
+    there, with the padding mask recorded on the CPU moved to them (a CPU mask would fail there)."""
+    from accelerate import dispatch_model
+
+    model, processor = _placed_model()
+    batch = _padded_batch(processor)
+    dispatch_model(model, _device_map("meta"), main_device="cpu")
+    seen = {}
+
+    def record(layer, inputs, output):
+        seen[layer] = (inputs[0].device.type, output.device.type, layer.LiMEs.device.type)
+
+    for _, layer in lime.lime_layers(model):
+        layer.register_forward_hook(record)
+    with torch.no_grad():  # the inner model: the outer one's hook would bring the output back to the CPU
+        hidden = model.model(**batch).last_hidden_state
+    assert hidden.device.type == "meta" and hidden.shape[:2] == batch["input_ids"].shape
+    names = {layer: name for name, layer in lime.lime_layers(model)}
+    assert set(seen) == set(names)
+    for layer, devices in seen.items():
+        device = "meta" if ".language_model.layers.1." in names[layer] else "cpu"
+        assert devices == (device, device, device), (names[layer], devices)
+        # The routing statistics over the valid tokens were computed where the layer computes.
+        assert layer.last_stats.usage.device.type == device
