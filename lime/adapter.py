@@ -8,10 +8,11 @@ of the layer it wraps and every hyperparameter, so `load_adapter` re-creates the
 fresh base model and the outputs are bit-identical. A save is written to a temporary directory and
 renamed into place, so a save that fails half-way never replaces a good one.
 
-A model sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`: its parameters are DTensors) is saved
-by every process together: each LiME tensor is gathered in full (a collective), rank 0 alone writes,
-and every process learns whether the write succeeded. `load_adapter` loads into a model before it is
-sharded and into a sharded one (each process keeps its own shard of the saved tensors).
+A model sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`: its parameters are DTensors) or by
+DeepSpeed ZeRO-3 is saved by every process together: each LiME tensor is gathered in full (a
+collective), rank 0 alone writes, and every process learns whether the write succeeded. `load_adapter`
+loads into a model before it is sharded and into an FSDP2-sharded one (each process keeps its own
+shard of the saved tensors); into a ZeRO-3-partitioned one it does not.
 """
 
 from __future__ import annotations
@@ -95,9 +96,28 @@ def _own_tensors(layer: LiMEModule) -> Dict[str, torch.Tensor]:
     return tensors
 
 
+def _zero3_partitioned(value: torch.Tensor) -> bool:
+    """A parameter DeepSpeed ZeRO-3 has partitioned (its own attribute; the tensor itself is empty)."""
+    return hasattr(value, "ds_id")
+
+
 def is_sharded(model: nn.Module) -> bool:
-    """Whether any LiME tensor of `model` is a DTensor (FSDP2 / tensor parallel): saving is then collective."""
-    return any(isinstance(value, DTensor) for _, layer in lime_layers(model) for value in _own_tensors(layer).values())
+    """Whether any LiME tensor of `model` is a DTensor (FSDP2 / tensor parallel) or partitioned by
+    DeepSpeed ZeRO-3: saving is then collective."""
+    return any(isinstance(value, DTensor) or _zero3_partitioned(value)
+               for _, layer in lime_layers(model) for value in _own_tensors(layer).values())
+
+
+def _gathered_tensors(layers) -> Dict[str, torch.Tensor]:
+    """Every LiME tensor in full, on CPU (collective gathers for sharded tensors)."""
+    owned = [(f"{name}.{key}", value) for name, layer in layers for key, value in _own_tensors(layer).items()]
+    partitioned = [value for _, value in owned if _zero3_partitioned(value)]
+    if not partitioned:
+        return {key: _full_cpu(value) for key, value in owned}
+    import deepspeed  # only a model that DeepSpeed partitioned gets here
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        return {key: _full_cpu(value) for key, value in owned}
 
 
 def _full_cpu(value: torch.Tensor) -> torch.Tensor:
@@ -123,7 +143,7 @@ def save_adapter(model: nn.Module, directory: str) -> str:
         "layers": {name: _layer_record(layer) for name, layer in layers},
     }
     sharded = is_sharded(model)
-    tensors = {f"{name}.{key}": _full_cpu(value) for name, layer in layers for key, value in _own_tensors(layer).items()}
+    tensors = _gathered_tensors(layers)
     directory = os.path.abspath(directory)
     if not sharded:
         return _write(config, tensors, directory)

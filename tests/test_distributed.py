@@ -133,6 +133,34 @@ def test_lime_eval_on_two_processes_writes_the_single_process_results(tmp_path):
     assert len(set(answers)) > 1, "the answers differ from row to row, so their order is checked"
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_like_one_process_and_saves_the_adapter(tmp_path, stage):
+    """ZeRO-2 / ZeRO-3 through LiMETrainer on DeepSpeed's CPU accelerator (gloo). DeepSpeed is no
+    dependency of this project: the test runs where it is installed."""
+    pytest.importorskip("deepspeed")
+    from lime.tiny import build_tiny_llava_onevision
+
+    torchrun("deepspeed_train.py", tmp_path / "zero", stage, port=29624 + stage)
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    single = subprocess.run([sys.executable, os.path.join(HERE, "deepspeed_train.py"), str(tmp_path / "one"), "0"],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    zero = safetensors.torch.load_file(str(tmp_path / "zero" / "final.safetensors"))
+    one = safetensors.torch.load_file(str(tmp_path / "one" / "final.safetensors"))
+    assert zero.keys() == one.keys() and zero
+    difference = max(float((zero[k] - one[k]).abs().max()) for k in one)
+    print(f"ZeRO-{stage} vs one process: max |difference| {difference:.3g}")
+    assert difference <= SHARDED_ATOL
+    # LiMETrainer.save_model wrote exactly the trained tensors, in the file one process writes for them.
+    adapter = tmp_path / "zero" / "saved" / "lime_adapter"
+    saved = safetensors.torch.load_file(str(adapter / "adapter_model.safetensors"))
+    assert saved.keys() == zero.keys() and all(torch.equal(saved[k], zero[k]) for k in zero)
+    fresh = lime.load_adapter(build_tiny_llava_onevision(seed=0)[0], str(adapter))
+    lime.save_adapter(fresh, str(tmp_path / "one-process"))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert read(adapter / name) == read(tmp_path / "one-process" / name), name
+
+
 def _placed_model():
     """The tiny model with LiME layers whose adapter changes the outputs (B starts at zero)."""
     from llava_helpers import README_TARGETS
