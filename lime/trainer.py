@@ -88,6 +88,11 @@ class LiMETrainer(Trainer):
                 f"fsdp={self.args.fsdp!r} was asked for, but accelerate did not enable FSDP for distributed type "
                 f"{self.accelerator.distributed_type.value}: its FSDP runs on GPUs (or other accelerators) only. On CPU "
                 "processes, shard the model with torch.distributed.fsdp.fully_shard and train it with torch's own loop")
+        if self.is_deepspeed_enabled and "optimizer" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
+            # DeepSpeed would build that optimizer over all parameters with one learning rate.
+            raise ValueError(
+                "the DeepSpeed config has an \"optimizer\" section, which would replace LiMETrainer's parameter "
+                "groups (moe_lr, peft_lr): remove it, and DeepSpeed takes the optimizer LiMETrainer builds (optim=...)")
         self._metric_sums = torch.zeros(len(METRICS), dtype=torch.float64)
         self._metric_count = 0
 

@@ -26,6 +26,7 @@ GLOBAL_BATCH = 4
 
 
 def main(output, stage):
+    os.makedirs(output, exist_ok=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model, processor = build_tiny_llava_onevision(seed=0)
     torch.manual_seed(0)
@@ -35,6 +36,14 @@ def main(output, stage):
         extra = dict(ddp_backend="gloo", deepspeed={
             "zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"})
+    if stage:  # a config with its own optimizer would drop LiME's two learning rates: refused
+        refused = dict(extra["deepspeed"], optimizer={"type": "AdamW", "params": {"lr": "auto"}})
+        try:
+            lime.LiMETrainer(model=model, args=lime.LiMEArguments(output_dir=output, report_to=[], use_cpu=True,
+                                                                  ddp_backend="gloo", deepspeed=refused))
+        except ValueError as error:
+            with open(os.path.join(output, f"optimizer-section-rank{os.environ['RANK']}.error"), "w") as handle:
+                handle.write(str(error))
     args = lime.LiMEArguments(
         output_dir=output, per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=3, moe_lr=2e-2, peft_lr=1e-2,
         importance_coef=0.0, kl_coef=0.0, logging_steps=1, save_strategy="no", report_to=[], seed=0,

@@ -145,6 +145,9 @@ def test_deepspeed_zero_trains_like_one_process_and_saves_the_adapter(tmp_path, 
     single = subprocess.run([sys.executable, os.path.join(HERE, "deepspeed_train.py"), str(tmp_path / "one"), "0"],
                             capture_output=True, text=True, env=environment, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
+    for rank in (0, 1):
+        error = read(tmp_path / "zero" / f"optimizer-section-rank{rank}.error").decode()
+        assert "has an \"optimizer\" section" in error and "moe_lr, peft_lr" in error
     zero = safetensors.torch.load_file(str(tmp_path / "zero" / "final.safetensors"))
     one = safetensors.torch.load_file(str(tmp_path / "one" / "final.safetensors"))
     assert zero.keys() == one.keys() and zero
