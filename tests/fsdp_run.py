@@ -9,7 +9,8 @@ MODE train: 3 steps of AdamW; writes `sharded.safetensors` (the gathered LiME te
 `loaded-sharded.safetensors` (the adapter loaded into a fresh model before / after sharding),
 `resaved/` (save_adapter again from the model sharded and then loaded), `trainer/` (LiMETrainer's
 save_model from it), `resumed.safetensors` (1 step, a checkpoint, 2 steps resumed from it) and
-`trainer-fsdp-rank{r}.error` (LiMETrainer refusing the Trainer's FSDP config on CPU processes).
+`trainer-fsdp-rank{r}.error` (LiMETrainer refusing the Trainer's FSDP config on CPU processes) and
+`load-into-bare-sharded-rank{r}.error` (load_adapter refusing a model sharded without LiME layers).
 MODE failing-save: saves `adapter/` once, changes the parameters, then saves again with rank 0's write
 failing: every rank must raise, and writes `rank{r}.error`.
 MODE killed-save: saves `adapter/` once, changes the parameters, then rank 1 dies as the second save
@@ -127,6 +128,12 @@ def main(mode, output, backend):
         after = shard(wrapped(backend, seed=123)[0])
         lime.load_adapter(after, os.path.join(output, "adapter"))
         loaded_after = lime_tensors(after)
+        # A model sharded before it had LiME layers cannot take new ones (FSDP would not manage them).
+        try:
+            lime.load_adapter(shard(build_tiny_llava_onevision(seed=0)[0]), os.path.join(output, "adapter"))
+        except ValueError as error:
+            with open(os.path.join(output, f"load-into-bare-sharded-rank{rank}.error"), "w") as handle:
+                handle.write(str(error))
         lime.save_adapter(after, os.path.join(output, "resaved"))
         # LiMETrainer's own save from a sharded model (collective, like save_adapter).
         lime.LiMETrainer(model=after, args=lime.LiMEArguments(output_dir=os.path.join(output, "trainer"), report_to=[],

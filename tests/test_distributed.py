@@ -77,6 +77,8 @@ def test_fsdp2_trains_like_one_process_saves_loads_and_resumes(tmp_path, backend
     assert resumed.keys() == sharded.keys()
     assert all(torch.equal(resumed[k], sharded[k]) for k in sharded), "resumed != straight"
     for rank in (0, 1):
+        assert "is sharded (DTensor parameters) but lacks the adapter's LiME layers" in read(
+            tmp_path / f"load-into-bare-sharded-rank{rank}.error").decode()
         assert "accelerate did not enable FSDP for distributed type MULTI_CPU" in read(
             tmp_path / f"trainer-fsdp-rank{rank}.error").decode()
 
