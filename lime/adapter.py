@@ -7,6 +7,12 @@ The config records every LiME layer by its qualified name: its class (the PEFT v
 of the layer it wraps and every hyperparameter, so `load_adapter` re-creates the same layers on a
 fresh base model and the outputs are bit-identical. A save is written to a temporary directory and
 renamed into place, so a save that fails half-way never replaces a good one.
+
+A model sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`: its parameters are DTensors) or by
+DeepSpeed ZeRO-3 is saved by every process together: each LiME tensor is gathered in full (a
+collective), rank 0 alone writes, and every process learns whether the write succeeded. `load_adapter`
+loads into a model before it is sharded and into an FSDP2-sharded one (each process keeps its own
+shard of the saved tensors); into a ZeRO-3-partitioned one it does not.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from typing import Dict, Tuple
 
 import safetensors.torch
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lime_kernels import (
     LiMEDoRALinear,
@@ -46,6 +54,12 @@ FORMAT = "lime-adapter"
 VERSION = 1
 
 LINEAR_CLASSES = {cls.__name__: cls for cls in (LiMELinear, LiMELoRAFALinear, LiMEDoRALinear, LiMESliceFineLinear)}
+SAVED_CLASSES = {*LINEAR_CLASSES.values(), LiMEEmbedding, LiMEPromptEncoder}
+
+
+def _class_name(layer: LiMEModule) -> str:
+    """The LiME class of `layer`: `fully_shard` on a layer swaps its class for a subclass (FSDP<name>)."""
+    return next(cls.__name__ for cls in type(layer).__mro__ if cls in SAVED_CLASSES)
 
 
 def _adapter_options(options: AdapterOptions) -> dict:
@@ -56,7 +70,7 @@ def _adapter_options(options: AdapterOptions) -> dict:
 
 
 def _layer_record(layer: LiMEModule) -> dict:
-    record = {"class": type(layer).__name__, "peft": layer.peft, "routing": asdict(layer.routing),
+    record = {"class": _class_name(layer), "peft": layer.peft, "routing": asdict(layer.routing),
               "adapter": _adapter_options(layer.adapter)}
     if isinstance(layer, LiMELinear):
         record["base"] = {"type": type(layer.linear).__name__, "in_features": layer.in_features,
@@ -82,8 +96,43 @@ def _own_tensors(layer: LiMEModule) -> Dict[str, torch.Tensor]:
     return tensors
 
 
+def _zero3_partitioned(value: torch.Tensor) -> bool:
+    """A parameter DeepSpeed ZeRO-3 has partitioned (its own attribute; the tensor itself is empty)."""
+    return hasattr(value, "ds_id")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any LiME tensor of `model` is a DTensor (FSDP2 / tensor parallel) or partitioned by
+    DeepSpeed ZeRO-3: saving is then collective."""
+    return any(isinstance(value, DTensor) or _zero3_partitioned(value)
+               for _, layer in lime_layers(model) for value in _own_tensors(layer).values())
+
+
+def _gathered_tensors(layers) -> Dict[str, torch.Tensor]:
+    """Every LiME tensor in full, on CPU (collective gathers for sharded tensors)."""
+    owned = [(f"{name}.{key}", value) for name, layer in layers for key, value in _own_tensors(layer).items()]
+    partitioned = [value for _, value in owned if _zero3_partitioned(value)]
+    if not partitioned:
+        return {key: _full_cpu(value) for key, value in owned}
+    import deepspeed  # only a model that DeepSpeed partitioned gets here
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        return {key: _full_cpu(value) for key, value in owned}
+
+
+def _full_cpu(value: torch.Tensor) -> torch.Tensor:
+    # full_tensor() is a collective: every process of the tensor's mesh must reach it, in the same order.
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.detach().to("cpu", copy=True).contiguous()
+
+
 def save_adapter(model: nn.Module, directory: str) -> str:
-    """Write the LiME layers of `model` to `directory` (replaced atomically); returns the directory."""
+    """Write the LiME layers of `model` to `directory` (replaced atomically); returns the directory.
+
+    For a sharded model every process must call it: the tensors are gathered on all of them, rank 0
+    writes, and a failed write raises on every process (the previous adapter stays in place).
+    """
     layers = list(lime_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LiME layer to save")
@@ -93,9 +142,28 @@ def save_adapter(model: nn.Module, directory: str) -> str:
         "lime_config": model.lime_config.to_dict() if isinstance(getattr(model, "lime_config", None), LiMEConfig) else None,
         "layers": {name: _layer_record(layer) for name, layer in layers},
     }
-    tensors = {f"{name}.{key}": value.detach().to("cpu", copy=True).contiguous()
-               for name, layer in layers for key, value in _own_tensors(layer).items()}
+    sharded = is_sharded(model)
+    tensors = _gathered_tensors(layers)
     directory = os.path.abspath(directory)
+    if not sharded:
+        return _write(config, tensors, directory)
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            _write(config, tensors, directory)
+        except BaseException as error:  # re-raised below, after the other processes have heard of it
+            failure = error
+    outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise RuntimeError(f"saving the LiME adapter to {directory} failed on rank 0: {outcome[0]}")
+    return directory
+
+
+def _write(config: dict, tensors: Dict[str, torch.Tensor], directory: str) -> str:
+    """Write config and tensors to a staging directory beside `directory`, then rename it into place."""
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.saving-", dir=parent)
@@ -199,6 +267,13 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     try:
         plan = _plan(model, config, by_layer)
+        if any(new for _, new in plan.values()) and any(isinstance(p, DTensor) for p, _ in flags):
+            # FSDP manages the parameters it saw when it sharded the model: layers added later would
+            # be neither sharded nor gathered.
+            raise ValueError(
+                f"{type(model).__name__} is sharded (DTensor parameters) but lacks the adapter's LiME layers "
+                f"({sorted(name for name, (_, new) in plan.items() if new)[:3]}...): load the adapter before "
+                "sharding, or shard a model that apply_peft has wrapped the same way")
     except Exception:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
@@ -207,7 +282,12 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     for name, (layer, new) in plan.items():
         with torch.no_grad():
             for key, value in _own_tensors(layer).items():
-                value.copy_(by_layer[name][key])
+                saved_value = by_layer[name][key]
+                if isinstance(value, DTensor):
+                    # Every process read the whole file; each keeps its own shard of it.
+                    saved_value = distribute_tensor(saved_value.to(value.device, value.dtype), value.device_mesh,
+                                                    value.placements, src_data_rank=None)
+                value.copy_(saved_value)
         if not new:
             continue
         if isinstance(layer, LiMEPromptEncoder):
@@ -243,10 +323,10 @@ def _plan(model: nn.Module, config: dict, by_layer: Dict[str, Dict[str, torch.Te
             except AttributeError:
                 raise ValueError(f"adapter layer {name}: {type(model).__name__} has no module at that path") from None
             if isinstance(module, LiMEModule):
-                if type(module).__name__ != record["class"] or module.peft != record["peft"]:
+                if _class_name(module) != record["class"] or module.peft != record["peft"]:
                     raise ValueError(
                         f"adapter layer {name} is a {record['class']} (peft={record['peft']!r}); the model's is a "
-                        f"{type(module).__name__} (peft={module.peft!r})"
+                        f"{_class_name(module)} (peft={module.peft!r})"
                     )
                 layer, new = module, False
             else:

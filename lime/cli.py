@@ -6,8 +6,9 @@
 
 `--model` is a local LLaVA-OneVision checkpoint directory (weights, config, processor); `--data` a
 local MMT-47 copy (`save_to_disk` directory or data files), whose media paths are relative to
-`--data-root` (default: the data directory). A bad path or option is a one-line error (`--debug`
-shows the traceback).
+`--data-root` (default: the data directory). `lime eval` under `torchrun` / `accelerate launch` shares
+the batches among the processes and writes the single-process results. A bad path or option is a
+one-line error (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -175,26 +176,34 @@ def _train(args) -> None:
 
 
 def _evaluate(args) -> None:
+    from accelerate import PartialState
+
     from .adapter import load_adapter
     from .data import load_mmt47
     from .evaluation import run_full_evaluation
 
     data_root = _directory(args.data_root or args.data, "--data-root")
     _directory(args.adapter, "--adapter")
+    # Under torchrun / accelerate launch, accelerate joins the process group (gloo on CPU, NCCL on GPUs)
+    # and gives each process its device; run_full_evaluation then splits the batches among them.
+    # (accelerate starts CPU processes only when told that there is no GPU.)
+    state = PartialState(cpu=not torch.cuda.is_available())
     data = load_mmt47(args.data)
     model, processor = _load_model(args.model, args.dtype)
     load_adapter(model, args.adapter)
-    if torch.cuda.is_available():
-        model.cuda()
+    model.to(state.device)
     summary = run_full_evaluation(
         model, processor, data, data_root, num_samples_per_split=args.num_samples, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, num_video_frames=args.num_video_frames, max_length=args.max_length,
         splits=args.splits, skip_bad_rows=args.skip_bad_rows, save_csv=os.path.join(args.out, "results.csv"),
         save_json=os.path.join(args.out, "results.json"),
     )
+    if not state.is_main_process:
+        return
     for name, metrics in summary["splits"].items():
         print(f"{name}: accuracy {metrics['accuracy']:.4f} ({metrics['samples']} samples)")
-    print(f"overall: accuracy {summary['overall']['accuracy']:.4f}; results in {args.out}")
+    print(f"overall: accuracy {summary['overall']['accuracy']:.4f}; results in {args.out}"
+          + (f" ({state.num_processes} processes shared the batches)" if state.num_processes > 1 else ""))
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} bad row(s):\n" + "\n".join(f"  {row}" for row in summary["skipped"]))
 

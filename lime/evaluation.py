@@ -9,6 +9,11 @@ equivalent, entailment, acceptable / their negations); option letters ("B", "(b)
 B"); numbers within a tolerance ("3." and "3.0" match "3"); multi-word answers as a word sequence at
 the start of the prediction or anywhere in it. Guards: a negated or prefixed label ("not_duplicate",
 "not duplicate", "unacceptable") never matches the plain one, nor the other way round.
+
+Under several processes (`torch.distributed` initialized, as `lime eval` does under `torchrun` or
+`accelerate launch`) each process generates every world-size-th batch of a split, the answers are
+gathered in the rows' order, and rank 0 alone writes the files: since every batch holds the same
+rows as in a single-process run, the results are the same.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 
@@ -144,8 +150,11 @@ def generate_answers(model, processor, dataset, data_root: str, split: str, batc
                                 split=split)
     collate = MultiModalCollator(processor, max_length=max_length, padding_side="left")
     device = next(model.parameters()).device
-    answers: List[str] = []
-    for start in tqdm(range(0, len(samples), batch_size), desc=split, leave=False):
+    rank, world = _process_rank_and_count()
+    # Whole batches per process (not rows): each batch is the single-process run's, padding included.
+    starts = list(range(0, len(samples), batch_size))
+    own: Dict[int, List[str]] = {}
+    for start in tqdm(starts[rank::world], desc=split, leave=False, disable=rank != 0):
         rows = list(range(start, min(start + batch_size, len(samples))))
         try:
             batch = collate([samples[i] for i in rows])
@@ -158,8 +167,18 @@ def generate_answers(model, processor, dataset, data_root: str, split: str, batc
         except Exception as error:  # re-raised with the rows it concerns, never swallowed
             raise RuntimeError(f"evaluation of split {split!r} failed on rows {rows[0]}..{rows[-1]}: {error}") from error
         new_tokens = output[:, batch["input_ids"].shape[1]:]
-        answers += processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return answers
+        own[start] = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    if world > 1:
+        gathered: List[Optional[Dict[int, List[str]]]] = [None] * world
+        dist.all_gather_object(gathered, own)
+        own = {start: answers for part in gathered for start, answers in part.items()}
+    return [answer for start in starts for answer in own[start]]
+
+
+def _process_rank_and_count() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samples_per_split: Optional[int] = None,
@@ -171,7 +190,8 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
 
     Returns {"splits": {name: metrics}, "groups": {group: metrics}, "overall": metrics,
     "predictions": {name: [{row, question, answer, prediction, correct, how}]}, "skipped": [...]};
-    writes `save_csv` (one row per split, group and overall) and `save_json` (everything) if given.
+    writes `save_csv` (one row per split, group and overall) and `save_json` (everything) if given
+    (on rank 0 only when several processes share the work; every process returns the summary).
     """
     names = list(splits) if splits is not None else test_splits(dataset)
     if not names:
@@ -217,9 +237,10 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
         "predictions": predictions,
         "skipped": skipped,
     }
-    if save_csv:
+    writing = _process_rank_and_count()[0] == 0
+    if save_csv and writing:
         write_csv(summary, save_csv)
-    if save_json:
+    if save_json and writing:
         os.makedirs(os.path.dirname(os.path.abspath(save_json)), exist_ok=True)
         with open(save_json, "w", encoding="utf-8") as handle:
             json.dump(_without_nan(summary), handle, indent=2, allow_nan=False)

@@ -12,6 +12,7 @@
   see `lime.save_adapter`), and `resume_from_checkpoint` reloads it: resuming continues exactly.
 - Multi-device: run under `torchrun` / `accelerate launch` (DDP). Each rank adds the balance loss of
   its own batch; DDP averages the gradients, so the effective balance term is the mean over ranks.
+  A model sharded by FSDP2 is saved by every process together (see `lime.save_adapter`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 from transformers import Trainer, TrainingArguments
 
-from .adapter import TRAINER_ADAPTER_DIR, load_adapter, save_adapter
+from .adapter import TRAINER_ADAPTER_DIR, is_sharded, load_adapter, save_adapter
 from .balance import compute_balance_loss
 from .injection import lime_layers
 from .summary import MOE_PARAMETERS, PEFT_PARAMETERS
@@ -80,6 +81,18 @@ class LiMETrainer(Trainer):
         if model is not None and not any(True for _ in lime_layers(model)):
             raise ValueError(f"{type(model).__name__} has no LiME layer; call lime.apply_peft first")
         super().__init__(model=model, args=args, **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            # accelerate (1.15) turns FSDP on for accelerator processes only; CPU processes would
+            # quietly train with DDP instead.
+            raise ValueError(
+                f"fsdp={self.args.fsdp!r} was asked for, but accelerate did not enable FSDP for distributed type "
+                f"{self.accelerator.distributed_type.value}: its FSDP runs on GPUs (or other accelerators) only. On CPU "
+                "processes, shard the model with torch.distributed.fsdp.fully_shard and train it with torch's own loop")
+        if self.is_deepspeed_enabled and "optimizer" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
+            # DeepSpeed would build that optimizer over all parameters with one learning rate.
+            raise ValueError(
+                "the DeepSpeed config has an \"optimizer\" section, which would replace LiMETrainer's parameter "
+                "groups (moe_lr, peft_lr): remove it, and DeepSpeed takes the optimizer LiMETrainer builds (optim=...)")
         self._metric_sums = torch.zeros(len(METRICS), dtype=torch.float64)
         self._metric_count = 0
 
@@ -185,12 +198,27 @@ class LiMETrainer(Trainer):
 
     # --- checkpoints ------------------------------------------------------------------------------
 
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_sharded(model):
+            return super().save_model(output_dir, _internal_call)
+        # Sharded (FSDP2): every process joins save_adapter's gathers, whatever the Trainer's own
+        # FSDP saving would do with the whole model's state dict; rank 0 writes.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_adapter(model, os.path.join(output_dir, TRAINER_ADAPTER_DIR))
+        if self.args.should_save:
+            self._save_alongside(output_dir)
+
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         save_adapter(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, TRAINER_ADAPTER_DIR))
+        self._save_alongside(output_dir)
+
+    def _save_alongside(self, output_dir: str) -> None:
+        """What a checkpoint holds beside the adapter: the processor and the arguments."""
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

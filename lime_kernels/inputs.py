@@ -26,10 +26,15 @@ def as_sequences(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.reshape(x.shape[:-2].numel(), x.shape[-2], x.shape[-1])  # explicit sizes: 0 tokens is valid
 
 
+def _autocast_on(device_type: str) -> bool:
+    # Devices autocast has no mode for (meta, where a device_map may park layers) are never autocast.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_cast(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """`tensor` as autocast would hand it to a linear layer: cast to autocast's dtype when autocast is
     on for its device and it is a floating tensor other than float64; otherwise unchanged."""
-    if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+    if tensor is None or not _autocast_on(tensor.device.type):
         return tensor
     if not tensor.is_floating_point() or tensor.dtype == torch.float64:
         return tensor
@@ -40,7 +45,7 @@ def full_precision(device: torch.device):
     """LiME's own math runs in float32 (or float64) whatever autocast would make of it. Autocast is
     switched off only where it is on: entering `torch.autocast` costs host time on every call."""
     device_type = torch.device(device).type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_on(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
