@@ -153,5 +153,5 @@ def attach_prompt_encoder(model: nn.Module, encoder: LiMEPromptEncoder) -> nn.Mo
         )
     freeze_base(model)
     model.lime_prompt_encoder = encoder
-    model.register_forward_pre_hook(PromptInjector(model, encoder), with_kwargs=True)
+    model._lime_prompt_hook = model.register_forward_pre_hook(PromptInjector(model, encoder), with_kwargs=True)
     return model
