@@ -36,7 +36,7 @@ from lime_kernels.bases import is_wrappable_linear, linear_features
 from lime_kernels.options import AdapterOptions
 
 from .config import LiMEConfig, _dtype_from_name, _dtype_name
-from .injection import _install_mask_scopes, freeze_base, lime_layers
+from .injection import _install_mask_scopes, freeze_base, lime_layers, record_base_flags
 from .prompt_tuning import attach_prompt_encoder
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -202,6 +202,10 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
         raise
+    if not hasattr(model, "_lime_base_requires_grad"):  # the flags before the new layers froze their bases
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        record_base_flags(model)
 
     for name, (layer, new) in plan.items():
         with torch.no_grad():

@@ -175,6 +175,17 @@ def _refuse_lime_layers(model: nn.Module) -> None:
         )
 
 
+def record_base_flags(model: nn.Module) -> None:
+    """Remember which base parameters trained before LiME froze them (once), for `remove_lime`."""
+    if not hasattr(model, "_lime_base_requires_grad"):
+        model._lime_base_requires_grad = {name: p.requires_grad for name, p in _base_parameters(model)}
+
+
+def _base_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    lime_parameters = {id(p) for _, layer in lime_layers(model) for p in layer.parameters(recurse=False)}
+    return ((name, p) for name, p in model.named_parameters() if id(p) not in lime_parameters)
+
+
 def freeze_base(model: nn.Module) -> None:
     """Freeze every parameter that is not a LiME layer's own (its frozen base included)."""
     lime_parameters = {id(p) for _, layer in lime_layers(model) for p in layer.parameters(recurse=False)}
@@ -320,6 +331,7 @@ def apply_peft(
         warnings.warn(f"left unwrapped: {', '.join(bypassed[:4])}{more}: {multihead_reason}", stacklevel=2)
 
     # Validated: from here on the model is changed.
+    record_base_flags(model)
     freeze_base(model)
 
     layer_kwargs = config.layer_kwargs()
@@ -347,9 +359,9 @@ def apply_peft(
 def remove_lime(model: nn.Module) -> nn.Module:
     """Undo `apply_peft` / `load_adapter` in place and return the model: every LiME layer is replaced
     by the very module it wraps, the prompt encoder and every hook LiME installed are removed, and
-    `lime_config` is dropped. The outputs are then the base model's, bit for bit (the adapters are
-    discarded, not merged; `save_adapter` first to keep them). The base parameters stay frozen, as
-    LiME left them (PEFT's `unload()` does the same).
+    `lime_config` is dropped; the base parameters that trained before LiME froze them train again.
+    The outputs are then the base model's, bit for bit (the adapters are discarded, not merged;
+    `save_adapter` first to keep them).
     """
     layers = list(lime_layers(model))
     if not layers:
@@ -368,7 +380,10 @@ def remove_lime(model: nn.Module) -> nn.Module:
     for scope in getattr(model, "_lime_mask_scopes", {}).values():
         for handle in scope.handles:
             handle.remove()
-    for attribute in ("_lime_mask_scopes", "lime_config"):
+    flags = getattr(model, "_lime_base_requires_grad", {})
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+    for attribute in ("_lime_mask_scopes", "lime_config", "_lime_base_requires_grad"):
         if hasattr(model, attribute):
             delattr(model, attribute)
     return model

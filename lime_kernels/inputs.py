@@ -83,11 +83,19 @@ def context_valid_mask(context: ContextMask, input_shape: torch.Size) -> Tuple[O
     """Align a model-level padding mask with a layer input `(..., T, Din)`.
 
     Returns `(valid, True)` when the mask describes the input and `(None, False)` when it does not
-    (an input that is not that token sequence, such as image features or a pooled 2-D input).
+    (an input that is not that token sequence, such as image features or a pooled 2-D input). In the
+    sequence model, a 2-D input with one row per token of the mask is the flattened sequence.
     """
     mask = context.mask
     _check_mask_dtype(mask)
-    if len(input_shape) < 3 or mask.dim() != 2:
+    if mask.dim() != 2:
+        return None, False
+    if len(input_shape) == 2 and context.in_sequence_model and input_shape[0] == mask.numel():
+        # The whole token sequence flattened to (B * T, Din), as MoE blocks (Qwen2-MoE's shared expert)
+        # hand it to their layers: one row per token, in the mask's order. A 2-D input of any other
+        # length (a pooled (B, Din) vector, a decoding step) is not matched.
+        return (mask != 0).reshape(-1, 1), True
+    if len(input_shape) < 3:
         return None, False
     tokens = input_shape[-2]
     batch = input_shape[:-2].numel()

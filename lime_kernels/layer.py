@@ -291,6 +291,8 @@ class LiMELinear(LiMEModule):
             parameter.requires_grad_(False)
         self._init_adapter(linear.weight.device, peft_dtype or torch.float32)
         self._init_experts(out_features, linear.weight.device)
+        # The mode of the model it joins: wrapping (or loading into) an eval model adds no jitter or dropout.
+        self.train(linear.training)
 
     # --- what the variants change -----------------------------------------------------------------
 

@@ -282,3 +282,7 @@ def test_context_mask_alignment_rules():
     assert context_valid_mask(ContextMask(mask, True), torch.Size([3, 4, 8])) == (None, False)
     assert context_valid_mask(ContextMask(mask, True), torch.Size([2, 5, 8])) == (None, False)
     assert context_valid_mask(ContextMask(mask, True), torch.Size([2, 8])) == (None, False)
+    # The flattened sequence (B * T, Din) of an MoE block: one row per token, in the mask's order.
+    valid, matched = context_valid_mask(ContextMask(mask, True), torch.Size([8, 8]))
+    assert matched and torch.equal(valid, mask.reshape(8, 1).bool())
+    assert context_valid_mask(ContextMask(mask, False), torch.Size([8, 8])) == (None, False)
