@@ -182,16 +182,15 @@ def record_base_flags(model: nn.Module) -> None:
 
 
 def _base_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """Every parameter that is not a LiME layer's own (a wrapped layer's included)."""
     lime_parameters = {id(p) for _, layer in lime_layers(model) for p in layer.parameters(recurse=False)}
     return ((name, p) for name, p in model.named_parameters() if id(p) not in lime_parameters)
 
 
 def freeze_base(model: nn.Module) -> None:
     """Freeze every parameter that is not a LiME layer's own (its frozen base included)."""
-    lime_parameters = {id(p) for _, layer in lime_layers(model) for p in layer.parameters(recurse=False)}
-    for parameter in model.parameters():
-        if id(parameter) not in lime_parameters:
-            parameter.requires_grad_(False)
+    for _, parameter in _base_parameters(model):
+        parameter.requires_grad_(False)
 
 
 def _install_mask_scopes(model: nn.Module) -> None:
