@@ -48,8 +48,8 @@ class MaskScope:
         self.owner_name = owner_name or type(owner).__name__
         self.in_sequence_model = in_sequence_model
         self._mask_position = self._positional_index(owner)
-        self._active: List[Optional[torch.Tensor]] = []
-        self._latest_with_grad: Optional[torch.Tensor] = None
+        self._active: List[Optional[ContextMask]] = []
+        self._latest_with_grad: Optional[ContextMask] = None
         self._warned = False
         self.handles: list = []  # the owner's hooks, removed by `remove_lime`
 
@@ -78,23 +78,35 @@ class MaskScope:
             )
         return None
 
-    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _context_of_call(self, args: tuple, kwargs: dict) -> Optional[ContextMask]:
+        """The call's mask and, for a decoder, the encoder's states and their padding mask (given by
+        keyword, as encoder-decoder models pass them): cross-attention layers read those states."""
         mask = self._mask_of_call(args, kwargs)
-        self._active.append(mask)
+        encoder_states = kwargs.get("encoder_hidden_states")
+        encoder_mask = kwargs.get("encoder_attention_mask")
+        if not isinstance(encoder_states, torch.Tensor):
+            encoder_states = None
+        if not (isinstance(encoder_mask, torch.Tensor) and encoder_mask.dim() == 2):
+            encoder_mask = None
+        if mask is None and encoder_states is None:
+            return None
+        return ContextMask(mask, self.in_sequence_model, encoder_states, encoder_mask)
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = self._context_of_call(args, kwargs)
+        self._active.append(context)
         if torch.is_grad_enabled():
-            self._latest_with_grad = mask
+            self._latest_with_grad = context
 
     def exit(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         self._active.pop()
 
     def current(self) -> Optional[ContextMask]:
         if self._active:
-            mask = self._active[-1]
-        elif torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
-            mask = self._latest_with_grad
-        else:
-            mask = None
-        return None if mask is None else ContextMask(mask, self.in_sequence_model)
+            return self._active[-1]
+        if torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
+            return self._latest_with_grad
+        return None
 
 
 def is_target_type(module: nn.Module) -> bool:

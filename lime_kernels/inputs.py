@@ -73,10 +73,16 @@ class ContextMask(NamedTuple):
     and an input the mask does not fit is unexpected. Otherwise (layers of a composite model beside
     its sub-models: a projector on image features, a head on the kept positions) the mask applies
     only to an input of exactly its shape.
+
+    A decoder's call also offers the encoder's states and their padding mask (or None): a layer whose
+    input is that very tensor (a cross-attention key or value projection) takes the encoder's mask,
+    never the decoder's. `mask` is None when the call has no padding mask of its own.
     """
 
-    mask: torch.Tensor
+    mask: Optional[torch.Tensor]
     in_sequence_model: bool
+    encoder_states: Optional[torch.Tensor] = None
+    encoder_mask: Optional[torch.Tensor] = None
 
 
 def context_valid_mask(context: ContextMask, input_shape: torch.Size) -> Tuple[Optional[torch.Tensor], bool]:

@@ -128,7 +128,12 @@ class LiMEModule(nn.Module):
         if attention_mask is not None:
             return explicit_valid_mask(attention_mask, x.shape)
         context = self.mask_provider() if self.mask_provider is not None else None
-        if context is None:
+        if context is not None and context.encoder_states is not None and x is context.encoder_states:
+            # Cross-attention reading the encoder's states: their padding mask is the encoder's.
+            if context.encoder_mask is None:
+                return None
+            return context_valid_mask(ContextMask(context.encoder_mask, False), x.shape)[0]
+        if context is None or context.mask is None:
             return None
         valid, matched = context_valid_mask(context, x.shape)
         if not matched and context.in_sequence_model and not self._warned_unmatched_mask:

@@ -299,3 +299,28 @@ def test_mixtral_experts_are_refused_with_their_type():
     with pytest.raises(ValueError, match=r"mlp.experts is a MixtralExperts, not a layer LiME wraps"):
         lime.apply_peft(model, targets=["experts"])
     assert not list(lime.lime_layers(model))
+
+
+def test_cross_attention_reads_the_encoder_mask_not_the_decoders():
+    """T5's decoder gets its own mask; its cross-attention k/v read the encoder's states, whose padding
+    is the encoder's mask (the decoder's mask is longer here, so its tail would fit them by shape)."""
+    family = FAMILIES[[f.name for f in FAMILIES].index("t5")]
+    model = _apply(_build(family), family)
+    batch = _text_batch(lengths=(5, 3), labels=False)
+    decoder_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+    resolved = {}
+
+    def hook(layer, args, kwargs):
+        resolved[layer.qualified_name] = layer._valid_tokens(args[0], None)
+
+    for name, layer in lime.lime_layers(model):
+        layer.qualified_name = name
+        layer.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(**batch, decoder_input_ids=torch.full((2, 7), 5), decoder_attention_mask=decoder_mask)
+    encoder_mask = batch["attention_mask"].bool()
+    assert torch.equal(resolved["encoder.block.0.layer.0.SelfAttention.k"], encoder_mask)
+    assert torch.equal(resolved["decoder.block.0.layer.0.SelfAttention.k"], decoder_mask.bool())
+    assert torch.equal(resolved["decoder.block.0.layer.1.EncDecAttention.q"], decoder_mask.bool())
+    for projection in ("k", "v"):
+        assert torch.equal(resolved[f"decoder.block.0.layer.1.EncDecAttention.{projection}"], encoder_mask)
