@@ -136,7 +136,10 @@ class LiMEModule(nn.Module):
         if context is None or context.mask is None:
             return None
         valid, matched = context_valid_mask(context, x.shape)
-        if not matched and context.in_sequence_model and not self._warned_unmatched_mask:
+        # One row per sequence (a pooled vector, a flattened decoding step): one valid token each, as
+        # expected; any other mismatch is worth a warning.
+        one_row_per_sequence = x.dim() == 2 and x.shape[0] == context.mask.shape[0]
+        if not matched and context.in_sequence_model and not one_row_per_sequence and not self._warned_unmatched_mask:
             self._warned_unmatched_mask = True
             warnings.warn(
                 f"{type(self).__name__}: the model's attention_mask of shape {tuple(context.mask.shape)} does not "
