@@ -37,11 +37,11 @@ venv: $(VENV)/.complete
 # and run against the reference under Triton's CPU interpreter (float32).
 test: venv
 	$(RUN) -m lime_kernels.compile_check
-	$(RUN) -m pytest -q -m "not slow" $(PYTEST_ARGS) --ignore=tests/test_fused.py tests
-	TRITON_INTERPRET=1 $(RUN) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests/test_fused.py
+	$(RUN) -m pytest -q -m "not slow" $(PYTEST_ARGS) --ignore=tests/test_fused.py --ignore=tests/test_fused_conv1d.py tests
+	TRITON_INTERPRET=1 $(RUN) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests/test_fused.py tests/test_fused_conv1d.py
 
 test-slow: venv
-	$(RUN) -m pytest -q -m slow $(PYTEST_ARGS) --ignore=tests/test_fused.py tests
+	$(RUN) -m pytest -q -m slow $(PYTEST_ARGS) --ignore=tests/test_fused.py --ignore=tests/test_fused_conv1d.py tests
 
 test-all: test test-slow
 

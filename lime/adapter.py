@@ -40,10 +40,11 @@ from lime_kernels import (
     LiMEPromptEncoder,
     LiMESliceFineLinear,
 )
+from lime_kernels.bases import is_wrappable_linear, linear_features
 from lime_kernels.options import AdapterOptions
 
 from .config import LiMEConfig, _dtype_from_name, _dtype_name
-from .injection import _install_mask_scopes, freeze_base, lime_layers
+from .injection import _install_mask_scopes, freeze_base, lime_layers, record_base_flags
 from .prompt_tuning import attach_prompt_encoder
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -208,9 +209,11 @@ def _build_layer(name: str, record: dict, module: nn.Module) -> LiMEModule:
     cls_name = record["class"]
     base = record["base"]
     if cls_name in LINEAR_CLASSES:
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"adapter layer {name} wraps a Linear; the model's {name} is {type(module).__name__}")
-        shape, saved = (module.in_features, module.out_features), (base["in_features"], base["out_features"])
+        if not is_wrappable_linear(module):
+            raise ValueError(
+                f"adapter layer {name} wraps a linear layer ({base['type']}); the model's {name} is {type(module).__name__}"
+            )
+        shape, saved = linear_features(module), (base["in_features"], base["out_features"])
         if shape != saved:
             raise ValueError(f"adapter layer {name}: (in_features, out_features) is {saved} in the adapter and {shape} in the model")
         if cls_name == "LiMEDoRALinear":
@@ -249,12 +252,8 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     path, a module of another type or shape, a model already wrapped with another variant.
     """
     directory = _adapter_directory(directory)
-    with open(os.path.join(directory, ADAPTER_CONFIG), encoding="utf-8") as handle:
-        config = json.load(handle)
-    if config.get("format") != FORMAT or config.get("version") != VERSION:
-        raise ValueError(f"{directory} holds no LiME adapter of format {FORMAT} version {VERSION}: {config.get('format')!r} "
-                         f"version {config.get('version')!r}")
-    saved = safetensors.torch.load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+    config = _read_config(os.path.join(directory, ADAPTER_CONFIG))
+    saved = _read_weights(os.path.join(directory, ADAPTER_WEIGHTS))
     by_layer: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in config["layers"]}
     for key, value in saved.items():
         owner, _, tensor_name = key.rpartition(".")
@@ -278,6 +277,10 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
         raise
+    if not hasattr(model, "_lime_base_requires_grad"):  # the flags before the new layers froze their bases
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        record_base_flags(model)
 
     for name, (layer, new) in plan.items():
         with torch.no_grad():
@@ -300,6 +303,34 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     if config.get("lime_config") is not None:
         model.lime_config = LiMEConfig.from_dict(config["lime_config"])
     return model
+
+
+def _read_config(path: str) -> dict:
+    """The adapter's config, or a ValueError naming the file and what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a valid LiME adapter config (corrupt or truncated JSON: {error})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
+        found = (config.get("format"), config.get("version")) if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path} holds no LiME adapter of format {FORMAT} version {VERSION}; found {found!r}")
+    if not isinstance(config.get("layers"), dict) or not config["layers"]:
+        raise ValueError(f"{path} lists no LiME layers (its 'layers' entry is missing or empty)")
+    return config
+
+
+def _read_weights(path: str) -> Dict[str, torch.Tensor]:
+    """The adapter's tensors, or a ValueError naming the file and what is wrong with it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the LiME adapter's weights are missing: {path}")
+    try:
+        return safetensors.torch.load_file(path)
+    except safetensors.SafetensorError as error:
+        size = os.path.getsize(path)
+        raise ValueError(
+            f"{path} ({size} bytes) is not a readable safetensors file, corrupt or truncated: {error}"
+        ) from None
 
 
 def _plan(model: nn.Module, config: dict, by_layer: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Tuple[LiMEModule, bool]]:

@@ -32,7 +32,7 @@ class LiMEConfig:
     """The hyperparameters of `lime.apply_peft` (defaults: the LiME README's recommended values).
 
     Validates on construction: an invalid value raises a ValueError naming the field and its value.
-    `targets` is a list of module-name suffixes or None (every `nn.Linear`); a callable target is
+    `targets` is a list of module-name suffixes or None (every linear layer); a callable target is
     accepted by `apply_peft` but is not part of a serializable config.
     """
 

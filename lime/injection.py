@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
-from lime_kernels import LINEAR_VARIANTS, LiMEEmbedding, LiMEModule
+from lime_kernels import LINEAR_VARIANTS, LiMEEmbedding, LiMEModule, LiMEPromptEncoder
+from lime_kernels.bases import is_wrappable_linear, linear_features
 from lime_kernels.embedding import EMBEDDING_VARIANTS
 from lime_kernels.inputs import ContextMask
 
@@ -47,9 +48,10 @@ class MaskScope:
         self.owner_name = owner_name or type(owner).__name__
         self.in_sequence_model = in_sequence_model
         self._mask_position = self._positional_index(owner)
-        self._active: List[Optional[torch.Tensor]] = []
-        self._latest_with_grad: Optional[torch.Tensor] = None
+        self._active: List[Optional[ContextMask]] = []
+        self._latest_with_grad: Optional[ContextMask] = None
         self._warned = False
+        self.handles: list = []  # the owner's hooks, removed by `remove_lime`
 
     @staticmethod
     def _positional_index(owner: nn.Module) -> Optional[int]:
@@ -76,68 +78,131 @@ class MaskScope:
             )
         return None
 
-    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _context_of_call(self, args: tuple, kwargs: dict) -> Optional[ContextMask]:
+        """The call's mask and, for a decoder, the encoder's states and their padding mask (given by
+        keyword, as encoder-decoder models pass them): cross-attention layers read those states."""
         mask = self._mask_of_call(args, kwargs)
-        self._active.append(mask)
+        encoder_states = kwargs.get("encoder_hidden_states")
+        encoder_mask = kwargs.get("encoder_attention_mask")
+        if not isinstance(encoder_states, torch.Tensor):
+            encoder_states = None
+        if not (isinstance(encoder_mask, torch.Tensor) and encoder_mask.dim() == 2):
+            encoder_mask = None
+        if mask is None and encoder_states is None:
+            return None
+        return ContextMask(mask, self.in_sequence_model, encoder_states, encoder_mask)
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = self._context_of_call(args, kwargs)
+        self._active.append(context)
         if torch.is_grad_enabled():
-            self._latest_with_grad = mask
+            self._latest_with_grad = context
 
     def exit(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         self._active.pop()
 
     def current(self) -> Optional[ContextMask]:
         if self._active:
-            mask = self._active[-1]
-        elif torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
-            mask = self._latest_with_grad
-        else:
-            mask = None
-        return None if mask is None else ContextMask(mask, self.in_sequence_model)
+            return self._active[-1]
+        if torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
+            return self._latest_with_grad
+        return None
 
 
-TARGET_TYPES = (nn.Linear, nn.Embedding)
+def is_target_type(module: nn.Module) -> bool:
+    """What LiME wraps: `nn.Linear` (and subclasses, bitsandbytes' included), transformers' `Conv1D`
+    (GPT-2), `nn.Embedding`."""
+    return is_wrappable_linear(module) or isinstance(module, nn.Embedding)
+
+
+def _suffix_matcher(targets: Union[str, Sequence[str]]) -> Callable[[str], bool]:
+    suffixes = [targets] if isinstance(targets, str) else list(targets)
+    return lambda path: any(path == s or path.endswith("." + s) for s in suffixes)
 
 
 def _target_matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
-    """None: every nn.Linear; names or a callable: the matching nn.Linear and nn.Embedding modules."""
+    """None: every linear layer (nn.Linear, Conv1D); names or a callable: the matching linear and
+    nn.Embedding modules."""
     if targets is None:
-        return lambda path, module: isinstance(module, nn.Linear)
+        return lambda path, module: is_wrappable_linear(module)
     if callable(targets):
-        return lambda path, module: isinstance(module, TARGET_TYPES) and bool(targets(path, module))
-    suffixes = [targets] if isinstance(targets, str) else list(targets)
-
-    def matches(path: str, module: nn.Module) -> bool:
-        return isinstance(module, TARGET_TYPES) and any(path == s or path.endswith("." + s) for s in suffixes)
-
-    return matches
+        return lambda path, module: is_target_type(module) and bool(targets(path, module))
+    named = _suffix_matcher(targets)
+    return lambda path, module: is_target_type(module) and named(path)
 
 
-def _describe_target_names(model: nn.Module, limit: int = 12) -> str:
+def _base_modules(model: nn.Module, remove_duplicate: bool = True) -> Iterator[Tuple[str, nn.Module]]:
+    """The model's modules outside LiME's layers (a LiME layer's wrapped layer is not a candidate)."""
+    inside_lime = []
+    for path, module in model.named_modules(remove_duplicate=remove_duplicate):
+        if any(path.startswith(prefix) for prefix in inside_lime):
+            continue
+        if isinstance(module, LiMEModule):
+            inside_lime.append(path + ".")
+            continue
+        yield path, module
+
+
+def _describe_target_names(model: nn.Module, targets: Targets, limit: int = 12) -> str:
+    """What exists instead: modules the names match that LiME cannot wrap, and the wrappable layers' names."""
+    unwrappable = []
+    if targets is not None and not callable(targets):
+        named = _suffix_matcher(targets)
+        unwrappable = [f"{path} is a {type(module).__name__}" for path, module in _base_modules(model)
+                       if path and named(path) and not is_target_type(module)]
     names = []
-    for path, module in model.named_modules():
+    for path, module in _base_modules(model):
         leaf = path.rsplit(".", 1)[-1]
-        if isinstance(module, TARGET_TYPES) and not isinstance(module, LiMEModule) and leaf not in names:
+        if is_target_type(module) and leaf not in names:
             names.append(leaf)
+    text = ""
+    if unwrappable:
+        more = f" (and {len(unwrappable) - 4} more)" if len(unwrappable) > 4 else ""
+        text = (f"{'; '.join(unwrappable[:4])}{more}, not a layer LiME wraps (nn.Linear, transformers Conv1D, "
+                "nn.Embedding); ")
     if not names:
-        return "the model has no nn.Linear or nn.Embedding layer"
+        return text + "the model has no nn.Linear, Conv1D or nn.Embedding layer"
     more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
-    return "layers that exist: " + ", ".join(names[:limit]) + more
+    return text + "layers that exist: " + ", ".join(names[:limit]) + more
 
 
 def _tied_with_a_linear(embedding: nn.Embedding, model: nn.Module) -> Optional[str]:
     """The name of a linear layer that shares the embedding's weight (tied input/output embeddings)."""
     for path, module in model.named_modules():
-        if isinstance(module, nn.Linear) and getattr(module, "weight", None) is embedding.weight:
+        if is_wrappable_linear(module) and getattr(module, "weight", None) is embedding.weight:
             return path
     return None
 
 
+def _refuse_lime_layers(model: nn.Module) -> None:
+    """LiME layers are not stacked: a second `apply_peft` would wrap nothing new or wrap LiME's own
+    internals."""
+    present = [name for name, layer in lime_layers(model) if not isinstance(layer, LiMEPromptEncoder)]
+    if present:
+        more = f" (and {len(present) - 3} more)" if len(present) > 3 else ""
+        raise ValueError(
+            f"{type(model).__name__} already has {len(present)} LiME layer(s): {', '.join(present[:3])}{more}. "
+            "LiME is applied once per model: call lime.remove_lime(model) to get the base model back (then "
+            "apply_peft again), or lime.load_adapter(model, directory) to load saved LiME weights into these layers."
+        )
+
+
+def record_base_flags(model: nn.Module) -> None:
+    """Remember which base parameters trained before LiME froze them (once), for `remove_lime`."""
+    if not hasattr(model, "_lime_base_requires_grad"):
+        model._lime_base_requires_grad = {name: p.requires_grad for name, p in _base_parameters(model)}
+
+
+def _base_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """Every parameter that is not a LiME layer's own (a wrapped layer's included)."""
+    lime_parameters = {id(p) for _, layer in lime_layers(model) for p in layer.parameters(recurse=False)}
+    return ((name, p) for name, p in model.named_parameters() if id(p) not in lime_parameters)
+
+
 def freeze_base(model: nn.Module) -> None:
     """Freeze every parameter that is not a LiME layer's own (its frozen base included)."""
-    lime_parameters = {id(p) for _, layer in lime_layers(model) for p in layer.parameters(recurse=False)}
-    for parameter in model.parameters():
-        if id(parameter) not in lime_parameters:
-            parameter.requires_grad_(False)
+    for _, parameter in _base_parameters(model):
+        parameter.requires_grad_(False)
 
 
 def _install_mask_scopes(model: nn.Module) -> None:
@@ -153,8 +218,10 @@ def _install_mask_scopes(model: nn.Module) -> None:
         if scope is None:
             composite = any(o != owner_name and (owner_name == "" or o.startswith(owner_name + ".")) for o in owners)
             scope = scopes[id(owner)] = MaskScope(owner_name, owner, in_sequence_model=not composite)
-            owner.register_forward_pre_hook(scope.enter, with_kwargs=True)
-            owner.register_forward_hook(scope.exit, with_kwargs=True, always_call=True)
+            scope.handles = [
+                owner.register_forward_pre_hook(scope.enter, with_kwargs=True),
+                owner.register_forward_hook(scope.exit, with_kwargs=True, always_call=True),
+            ]
         layer.mask_provider = scope.current
 
 
@@ -194,10 +261,14 @@ def apply_peft(
     """Wrap the target layers of `model` with LiME, in place, and return the model.
 
     `targets`: module-name suffixes (`"q_proj"` matches `...self_attn.q_proj`), a callable
-    `(qualified_name, module) -> bool`, or None for every `nn.Linear`. Names and callables also
-    match `nn.Embedding` layers, which get `LiMEEmbedding` (an embedding tied to a linear layer is left
-    alone with `preserve_tying=True`, the default). bitsandbytes' `Linear8bitLt` / `Linear4bit`
-    are linear layers too (QLoRA-style LiME).
+    `(qualified_name, module) -> bool`, or None for every linear layer. Linear layers are `nn.Linear`
+    (bitsandbytes' `Linear8bitLt` / `Linear4bit` too: QLoRA-style LiME) and transformers' `Conv1D`
+    (GPT-2's transposed linear layers). Names and callables also match `nn.Embedding` layers, which get
+    `LiMEEmbedding` (an embedding tied to a linear layer is left alone with `preserve_tying=True`, the
+    default). The `out_proj` of a `torch.nn.MultiheadAttention` is left alone (with a warning): that
+    module's forward reads `out_proj.weight` directly, so an adapter there would never run.
+
+    A model that already has LiME layers is refused (`remove_lime` gives the base model back).
 
     `peft`: the shared adapter, 'lora' (default), 'dora' (`dora_detach_norm=True` for HF PEFT's
     detached norm), 'lora_fa' (A frozen) or 'slicefine' (the first `rank` rows of each weight
@@ -221,16 +292,18 @@ def apply_peft(
         peft_dtype=peft_dtype, moe_dtype=moe_dtype, use_compile=use_compile, sparse_mode=sparse_mode,
         router=router, ngram_mode=ngram_mode, backend=backend, peft=peft, dora_detach_norm=dora_detach_norm,
     )
+    _refuse_lime_layers(model)
     wants = _target_matcher(targets)
 
     replacements = []
-    inside_lime = set()
     tied_skipped = []
-    for path, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, LiMEModule):
-            inside_lime.update(f"{path}.{child}" for child, _ in module.named_children())
+    bypassed = []
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    for path, module in _base_modules(model, remove_duplicate=False):
+        if not path or not wants(path, module):
             continue
-        if path in inside_lime or not path or not wants(path, module):
+        if isinstance(parents.get(id(module)), nn.MultiheadAttention):
+            bypassed.append(path)
             continue
         if isinstance(module, nn.Embedding) and preserve_tying:
             tied = _tied_with_a_linear(module, model)
@@ -238,12 +311,18 @@ def apply_peft(
                 tied_skipped.append(f"{path} (tied to {tied})")
                 continue
         replacements.append((path, module))
+    multihead_reason = (
+        "torch.nn.MultiheadAttention reads out_proj.weight directly in its forward, so a LiME adapter there "
+        "would never run"
+    )
     if not replacements:
+        bypass = f"; {', '.join(bypassed[:4])} left alone: {multihead_reason}" if bypassed else ""
         raise ValueError(
-            f"targets={targets!r} match no wrappable layer of {type(model).__name__}; {_describe_target_names(model)}"
+            f"targets={targets!r} match no wrappable layer of {type(model).__name__}{bypass}; "
+            f"{_describe_target_names(model, targets)}"
         )
     for path, module in replacements:
-        width = module.out_features if isinstance(module, nn.Linear) else module.embedding_dim
+        width = module.embedding_dim if isinstance(module, nn.Embedding) else linear_features(module)[1]
         if width < num_experts:
             raise ValueError(
                 f"num_experts must be <= the output size of every target: {path} has {width}; "
@@ -258,13 +337,16 @@ def apply_peft(
             f"preserve_tying=True leaves embeddings tied to a linear layer unwrapped: {', '.join(tied_skipped)}",
             stacklevel=2,
         )
+    if bypassed:
+        more = f" (and {len(bypassed) - 4} more)" if len(bypassed) > 4 else ""
+        warnings.warn(f"left unwrapped: {', '.join(bypassed[:4])}{more}: {multihead_reason}", stacklevel=2)
 
     # Validated: from here on the model is changed.
+    record_base_flags(model)
     freeze_base(model)
 
     layer_kwargs = config.layer_kwargs()
     wrapped: Dict[int, LiMEModule] = {}
-    bypassed = []
     for path, module in replacements:
         parent_path, _, child_name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
@@ -276,18 +358,43 @@ def apply_peft(
             else:
                 wrapped[id(module)] = LINEAR_VARIANTS[peft](module, **layer_kwargs)
         setattr(parent, child_name, wrapped[id(module)])
-        if isinstance(parent, nn.MultiheadAttention):
-            bypassed.append(path)
-    if bypassed:
-        warnings.warn(
-            f"{len(bypassed)} wrapped layer(s) belong to nn.MultiheadAttention, which reads out_proj.weight "
-            f"directly: {', '.join(bypassed[:4])}. They keep working but their LiME adapters are never applied.",
-            stacklevel=2,
-        )
 
     _install_mask_scopes(model)
     if use_compile:
         for _, layer in lime_layers(model):
             layer.compile_reference()
     model.lime_config = config
+    return model
+
+
+def remove_lime(model: nn.Module) -> nn.Module:
+    """Undo `apply_peft` / `load_adapter` in place and return the model: every LiME layer is replaced
+    by the very module it wraps, the prompt encoder and every hook LiME installed are removed, and
+    `lime_config` is dropped; the base parameters that trained before LiME froze them train again.
+    The outputs are then the base model's, bit for bit (the adapters are discarded, not merged;
+    `save_adapter` first to keep them).
+    """
+    layers = list(lime_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LiME layer to remove")
+    # Every parent, so that a layer shared by several parents is unwrapped under each of them.
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, LiMEEmbedding):
+                setattr(parent, child_name, child.embedding)
+            elif isinstance(child, LiMEModule) and not isinstance(child, LiMEPromptEncoder):
+                setattr(parent, child_name, child.linear)
+    if getattr(model, "lime_prompt_encoder", None) is not None:
+        model._lime_prompt_hook.remove()
+        del model._lime_prompt_hook
+        del model.lime_prompt_encoder
+    for scope in getattr(model, "_lime_mask_scopes", {}).values():
+        for handle in scope.handles:
+            handle.remove()
+    flags = getattr(model, "_lime_base_requires_grad", {})
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+    for attribute in ("_lime_mask_scopes", "lime_config", "_lime_base_requires_grad"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
     return model

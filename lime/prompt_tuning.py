@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from lime_kernels import LiMEPromptEncoder
 
-from .injection import freeze_base
+from .injection import freeze_base, record_base_flags
 
 
 class PromptInjector:
@@ -151,7 +151,8 @@ def attach_prompt_encoder(model: nn.Module, encoder: LiMEPromptEncoder) -> nn.Mo
             f"the prompt encoder's hidden size {encoder.hidden_size} does not match the model's input embeddings "
             f"({embeddings.embedding_dim})"
         )
+    record_base_flags(model)
     freeze_base(model)
     model.lime_prompt_encoder = encoder
-    model.register_forward_pre_hook(PromptInjector(model, encoder), with_kwargs=True)
+    model._lime_prompt_hook = model.register_forward_pre_hook(PromptInjector(model, encoder), with_kwargs=True)
     return model

@@ -85,6 +85,8 @@ class LiMEEmbedding(LiMEModule):
         if peft == "lora_fa":
             self.A.requires_grad_(False)
         self._init_experts(dim, device)
+        # The mode of the model it joins: wrapping (or loading into) an eval model adds no jitter or dropout.
+        self.train(embedding.training)
 
     @property
     def weight(self) -> torch.Tensor:

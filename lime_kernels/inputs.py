@@ -88,21 +88,35 @@ class ContextMask(NamedTuple):
     and an input the mask does not fit is unexpected. Otherwise (layers of a composite model beside
     its sub-models: a projector on image features, a head on the kept positions) the mask applies
     only to an input of exactly its shape.
+
+    A decoder's call also offers the encoder's states and their padding mask (or None): a layer whose
+    input is that very tensor (a cross-attention key or value projection) takes the encoder's mask,
+    never the decoder's. `mask` is None when the call has no padding mask of its own.
     """
 
-    mask: torch.Tensor
+    mask: Optional[torch.Tensor]
     in_sequence_model: bool
+    encoder_states: Optional[torch.Tensor] = None
+    encoder_mask: Optional[torch.Tensor] = None
 
 
 def context_valid_mask(context: ContextMask, input_shape: torch.Size) -> Tuple[Optional[torch.Tensor], bool]:
     """Align a model-level padding mask with a layer input `(..., T, Din)`.
 
     Returns `(valid, True)` when the mask describes the input and `(None, False)` when it does not
-    (an input that is not that token sequence, such as image features or a pooled 2-D input).
+    (an input that is not that token sequence, such as image features or a pooled 2-D input). In the
+    sequence model, a 2-D input with one row per token of the mask is the flattened sequence.
     """
     mask = context.mask
     _check_mask_dtype(mask)
-    if len(input_shape) < 3 or mask.dim() != 2:
+    if mask.dim() != 2:
+        return None, False
+    if len(input_shape) == 2 and context.in_sequence_model and input_shape[0] == mask.numel():
+        # The whole token sequence flattened to (B * T, Din), as MoE blocks (Qwen2-MoE's shared expert)
+        # hand it to their layers: one row per token, in the mask's order. A 2-D input of any other
+        # length (a pooled (B, Din) vector, a decoding step) is not matched.
+        return (mask != 0).reshape(-1, 1), True
+    if len(input_shape) < 3:
         return None, False
     tokens = input_shape[-2]
     batch = input_shape[:-2].numel()

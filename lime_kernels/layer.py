@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference
+from .bases import computes_plain_product, is_wrappable_linear, linear_features
 from .inputs import (ContextMask, as_sequences, autocast_cast, context_valid_mask, explicit_valid_mask,
                      full_precision)
 from .options import AdapterOptions, RoutingOptions
@@ -123,10 +124,18 @@ class LiMEModule(nn.Module):
         if attention_mask is not None:
             return explicit_valid_mask(attention_mask, x.shape)
         context = self.mask_provider() if self.mask_provider is not None else None
-        if context is None:
+        if context is not None and context.encoder_states is not None and x is context.encoder_states:
+            # Cross-attention reading the encoder's states: their padding mask is the encoder's.
+            if context.encoder_mask is None:
+                return None
+            return context_valid_mask(ContextMask(context.encoder_mask, False), x.shape)[0]
+        if context is None or context.mask is None:
             return None
         valid, matched = context_valid_mask(context, x.shape)
-        if not matched and context.in_sequence_model and not self._warned_unmatched_mask:
+        # One row per sequence (a pooled vector, a flattened decoding step): one valid token each, as
+        # expected; any other mismatch is worth a warning.
+        one_row_per_sequence = x.dim() == 2 and x.shape[0] == context.mask.shape[0]
+        if not matched and context.in_sequence_model and not one_row_per_sequence and not self._warned_unmatched_mask:
             self._warned_unmatched_mask = True
             warnings.warn(
                 f"{type(self).__name__}: the model's attention_mask of shape {tuple(context.mask.shape)} does not "
@@ -224,7 +233,9 @@ class LiMELinear(LiMEModule):
     original LiME code; `router`, `ngram_mode` and `backend` are new. The exact function is
     `shared/lime-semantics.md`; `lime_kernels.reference` is its readable implementation. The
     wrapped layer is any `nn.Linear`, bitsandbytes' `Linear8bitLt` / `Linear4bit` included (their
-    own kernels then compute the frozen output).
+    own kernels then compute the frozen output), or a transformers `Conv1D` (GPT-2: the weight
+    stored as `(in, out)`; `weight` below is that parameter as stored, the fused path reads its
+    transpose as a view).
 
     `forward(x, attention_mask=None)`: tokens whose mask is 0 return the frozen output exactly. With
     no mask given, a `mask_provider` (installed by `lime.apply_peft`) may supply the padding mask of
@@ -261,8 +272,11 @@ class LiMELinear(LiMEModule):
         backend: str = "auto",
     ):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{type(self).__name__} wraps an nn.Linear; got {type(linear).__name__}")
+        if not is_wrappable_linear(linear):
+            raise ValueError(
+                f"{type(self).__name__} wraps an nn.Linear or a transformers Conv1D; got {type(linear).__name__}"
+            )
+        out_features = linear_features(linear)[1]
         routing = RoutingOptions(
             num_experts=num_experts, top_k=top_k, temperature=temperature, gamma_routing=gamma_routing,
             router=router, rep_mode=rep_mode, n_gram=n_gram, ngram_mode=ngram_mode,
@@ -275,12 +289,14 @@ class LiMELinear(LiMEModule):
             moe_dtype=moe_dtype, backend=backend,
         )
         self._check_variant(linear, adapter)
-        self._init_lime(linear.out_features, routing, adapter)
+        self._init_lime(out_features, routing, adapter)
         self.linear = linear
         for parameter in linear.parameters():
             parameter.requires_grad_(False)
         self._init_adapter(linear.weight.device, peft_dtype or torch.float32)
-        self._init_experts(linear.out_features, linear.weight.device)
+        self._init_experts(out_features, linear.weight.device)
+        # The mode of the model it joins: wrapping (or loading into) an eval model adds no jitter or dropout.
+        self.train(linear.training)
 
     # --- what the variants change -----------------------------------------------------------------
 
@@ -323,15 +339,15 @@ class LiMELinear(LiMEModule):
 
     @property
     def in_features(self) -> int:
-        return self.linear.in_features
+        return linear_features(self.linear)[0]
 
     @property
     def out_features(self) -> int:
-        return self.linear.out_features
+        return linear_features(self.linear)[1]
 
     def _plain_linear(self) -> bool:
-        """A plain nn.Linear: the fused path computes its product itself (cuBLAS)."""
-        return type(self.linear).forward is nn.Linear.forward
+        """A plain nn.Linear or Conv1D: the fused path computes its product itself (cuBLAS)."""
+        return computes_plain_product(self.linear)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # Under autocast the layer reads its input as the frozen linear layer would (in autocast's
@@ -347,7 +363,7 @@ class LiMELinear(LiMEModule):
         out = self._modulate(
             backend=backend, x=sequences, adapter_input=dropped, A=A, B=B, scaling=scaling, valid=valid,
             jitter=jitter, frozen=lambda: self._frozen_output(sequences),
-            weight=self.linear.weight if fused_computes_base else None, bias=self.linear.bias,
+            weight=frozen_weight(self.linear) if fused_computes_base else None, bias=self.linear.bias,
             channel_scale=channel_scale, sliced_rows=self._sliced_rows(),
         )
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -404,7 +420,7 @@ class LiMEDoRALinear(LiMELinear):
     def _frozen_output(self, sequences: torch.Tensor) -> torch.Tensor:
         """The frozen product `x W^T` without the bias (added after DoRA's scale)."""
         if self._plain_linear():
-            return F.linear(sequences, self.linear.weight)
+            return F.linear(sequences, frozen_weight(self.linear))
         out = self.linear(sequences)
         return out if self.linear.bias is None else out - self.linear.bias.to(out.dtype)
 
@@ -417,19 +433,20 @@ class LiMESliceFineLinear(LiMELinear):
     peft = "slicefine"
 
     def _check_variant(self, linear: nn.Linear, adapter: AdapterOptions) -> None:
-        if adapter.rank > linear.out_features:
+        out_features = linear_features(linear)[1]
+        if adapter.rank > out_features:
             raise ValueError(
-                f"rank must be <= out_features ({linear.out_features}) for SliceFine (the trainable rows); "
+                f"rank must be <= out_features ({out_features}) for SliceFine (the trainable rows); "
                 f"got rank={adapter.rank}"
             )
-        if frozen_weight(linear) is not linear.weight:
+        if not linear.weight.dtype.is_floating_point:
             raise ValueError(
                 f"SliceFine needs the base layer's rows as plain weights; {type(linear).__name__} is quantized"
             )
 
     def _init_adapter(self, device, dtype) -> None:
         rank = self.adapter.rank
-        self.part_T = nn.Parameter(self.linear.weight.detach()[:rank].clone().to(dtype))
+        self.part_T = nn.Parameter(frozen_weight(self.linear).detach()[:rank].clone().to(dtype))
         selector = torch.zeros(self.out_features, rank, device=device, dtype=dtype)
         selector[:rank] = torch.eye(rank, device=device, dtype=dtype)
         self.register_buffer("selector", selector, persistent=False)

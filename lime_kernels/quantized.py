@@ -1,4 +1,5 @@
-"""Frozen weights of quantized base layers (bitsandbytes), as plain floating tensors.
+"""Frozen weights of the base layers as plain floating `(out_features, in_features)` tensors:
+bitsandbytes' quantized layers dequantized, GPT-2's `Conv1D` as a transposed view.
 
 bitsandbytes computes a quantized layer's output with its own kernels; LiME needs the weight itself
 only for DoRA's row norms (and refuses SliceFine on quantized layers).
@@ -11,10 +12,14 @@ import sys
 import torch
 import torch.nn as nn
 
+from .bases import is_conv1d
+
 
 def frozen_weight(linear: nn.Linear) -> torch.Tensor:
     """The layer's weight `(out_features, in_features)`: the parameter itself for a float layer,
-    a dequantized copy for bitsandbytes' 4-bit and 8-bit layers."""
+    a transposed view (no copy) for a `Conv1D`, a dequantized copy for bitsandbytes' 4-bit and 8-bit layers."""
+    if is_conv1d(linear):
+        return linear.weight.t()
     weight = linear.weight
     # Only consult bitsandbytes if the weight already is one of its types (it is imported then).
     bnb = sys.modules.get("bitsandbytes")

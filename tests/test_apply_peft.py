@@ -214,16 +214,19 @@ def test_runtime_switches_reach_every_layer():
         assert layer.adapter.track_aux is False
 
 
-def test_multihead_attention_out_proj_keeps_working():
+def test_multihead_attention_out_proj_is_left_alone_with_its_reason():
+    """nn.MultiheadAttention's forward reads out_proj.weight directly: an adapter there would never run."""
     torch.manual_seed(0)
-    attention = torch.nn.MultiheadAttention(16, 2, batch_first=True)
-    x = torch.randn(2, 5, 16)
-    expected, _ = attention(x, x, x)
-    with pytest.warns(UserWarning, match="MultiheadAttention"):
-        lime.apply_peft(attention, targets=["out_proj"])
-    assert isinstance(attention.out_proj, LiMELinear)
-    out, _ = attention(x, x, x)
-    torch.testing.assert_close(out, expected)
+    model = torch.nn.Module()
+    model.attention = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    model.out_proj = torch.nn.Linear(16, 16)
+    with pytest.raises(ValueError, match=r"reads out_proj.weight directly"):
+        lime.apply_peft(model.attention, targets=["out_proj"])
+    assert not isinstance(model.attention.out_proj, LiMELinear)
+    with pytest.warns(UserWarning, match=r"attention.out_proj: torch.nn.MultiheadAttention reads out_proj.weight"):
+        lime.apply_peft(model, targets=["out_proj"])
+    assert [name for name, _ in lime.lime_layers(model)] == ["out_proj"]
+    assert type(model.attention.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
 
 
 def test_config_round_trips_through_json():
@@ -279,3 +282,7 @@ def test_context_mask_alignment_rules():
     assert context_valid_mask(ContextMask(mask, True), torch.Size([3, 4, 8])) == (None, False)
     assert context_valid_mask(ContextMask(mask, True), torch.Size([2, 5, 8])) == (None, False)
     assert context_valid_mask(ContextMask(mask, True), torch.Size([2, 8])) == (None, False)
+    # The flattened sequence (B * T, Din) of an MoE block: one row per token, in the mask's order.
+    valid, matched = context_valid_mask(ContextMask(mask, True), torch.Size([8, 8]))
+    assert matched and torch.equal(valid, mask.reshape(8, 1).bool())
+    assert context_valid_mask(ContextMask(mask, False), torch.Size([8, 8])) == (None, False)

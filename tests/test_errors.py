@@ -147,3 +147,85 @@ def test_every_entry_point_has_the_same_defaults():
     readme = dict(num_experts=4, rank=2, n_gram=1, top_k=1, temperature=0.5, gamma_routing=0.7,
                   auto_topk_threshold=0.5, jitter_noise=0.1)
     assert {k: layer[k] for k in readme} == readme
+
+
+def _small_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("embed", torch.nn.Embedding(20, 16))
+    model.add_module("encoder", torch.nn.Sequential())
+    model.encoder.add_module("query", torch.nn.Linear(16, 16))
+    model.encoder.add_module("value", torch.nn.Linear(16, 16))
+    return model.eval()
+
+
+def test_applying_lime_twice_says_so_and_how_to_undo_it():
+    model = lime.apply_peft(_small_model(), targets=["query"])
+    with pytest.raises(ValueError) as error:
+        lime.apply_peft(model, targets=["value"])
+    message = str(error.value)
+    assert "already has 1 LiME layer(s): encoder.query" in message
+    assert "lime.remove_lime(model)" in message and "lime.load_adapter" in message
+    assert "linear" not in message.replace("LiME", "")  # LiME's own internals are never offered as targets
+    assert not isinstance(model.encoder.value, LiMELinear)
+
+
+def test_targets_naming_unwrappable_modules_say_what_they_are():
+    model = _small_model()
+    with pytest.raises(ValueError, match=r"encoder is a Sequential, not a layer LiME wraps .*layers that exist: embed, "
+                                         r"query, value"):
+        lime.apply_peft(model, targets=["encoder"])
+
+
+def test_remove_lime_needs_lime_layers():
+    with pytest.raises(ValueError, match="Sequential has no LiME layer to remove"):
+        lime.remove_lime(_small_model())
+
+
+def test_remove_lime_gives_back_the_original_modules_hooks_and_flags():
+    model = _small_model()
+    model.encoder.value.weight.requires_grad_(False)  # the user's own choice, restored as it was
+    originals = {name: module for name, module in model.named_modules()}
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    expected = model(ids)
+    lime.apply_peft(model, targets=["embed", "query", "value"], preserve_tying=False)
+    with torch.no_grad():
+        for _, layer in lime.lime_layers(model):
+            layer.B.normal_()
+    assert not torch.equal(model(ids), expected)
+    assert lime.remove_lime(model) is model
+    assert {name: module for name, module in model.named_modules()} == originals
+    assert torch.equal(model(ids), expected)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not hasattr(model, "lime_config") and not hasattr(model, "_lime_mask_scopes")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert flags == {"embed.weight": True, "encoder.query.weight": True, "encoder.query.bias": True,
+                     "encoder.value.weight": False, "encoder.value.bias": True}
+    lime.apply_peft(model, targets=["query"])  # applied again, from scratch
+    assert [name for name, _ in lime.lime_layers(model)] == ["encoder.query"]
+
+
+def _truncate(path):
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+
+
+def _garbage(path):
+    with open(path, "wb") as handle:
+        handle.write(b"\xff" * 64)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage], ids=["truncated", "garbage"])
+@pytest.mark.parametrize("file_name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_corrupt_adapter_files_are_named_before_the_model_changes(tmp_path, damage, file_name):
+    lime.save_adapter(lime.apply_peft(_small_model(), targets=["query"]), str(tmp_path / "adapter"))
+    path = tmp_path / "adapter" / file_name
+    damage(str(path))
+    fresh = _small_model()
+    flags = [p.requires_grad for p in fresh.parameters()]
+    with pytest.raises(ValueError, match=re.escape(str(path))) as error:
+        lime.load_adapter(fresh, str(tmp_path / "adapter"))
+    assert "corrupt or truncated" in str(error.value)
+    assert not list(lime.lime_layers(fresh)) and [p.requires_grad for p in fresh.parameters()] == flags
