@@ -1,6 +1,8 @@
 """The fused LiME layer as `torch.library` custom ops (forward, backward) with fake implementations,
 so `torch.compile` traces through it without graph breaks and CUDA graphs can capture it (no host
-synchronization, no data-dependent shape). Every PEFT variant runs through them.
+synchronization, no data-dependent shape). Every PEFT variant runs through them. Eager calls run the
+same implementations through a plain `torch.autograd.Function` (`_EagerFusedLiME`), which skips
+torch.library's per-call Python dispatch.
 
 Forward, with the default options 3 launches: the frozen GEMM (`F.linear`, cuBLAS: its output is
 bit-for-bit the frozen layer's, which masked tokens return), the projection pass over `x` (`z = x A^T`,
