@@ -697,8 +697,8 @@ def test_fused_training_step_has_no_host_sync_and_no_zero_fill(variant):
 
 def test_fused_launches_per_training_step():
     """The default layer costs 4 launches forward (the jitter noise drawn from torch's RNG, the frozen
-    GEMM, the projection with routing, the epilogue) and 5 backward (token-block pass, column-block
-    pass, input pass, cuBLAS adding dout W, finishing kernel)."""
+    GEMM, the projection with routing, the epilogue) and 4 backward (the pass over dout by token and
+    column blocks, input pass, cuBLAS adding dout W, finishing kernel)."""
     from lime_kernels.accounting import account
 
     layer = _step_layer({})
@@ -715,8 +715,8 @@ def test_fused_launches_per_training_step():
 
     assert sorted(launched(forward)) == sorted(["aten::uniform_", "aten::addmm", "_project_kernel",
                                                 "_modulation_forward_kernel"])
-    assert sorted(launched(backward)) == sorted(["_modulation_backward_kernel", "_parameter_partials_kernel",
-                                                 "_input_grad_kernel", "aten::addmm_", "_finish_kernel"])
+    assert sorted(launched(backward)) == sorted(["_modulation_backward_kernel", "_input_grad_kernel",
+                                                 "aten::addmm_", "_finish_kernel"])
 
 
 @pytest.mark.parametrize("tokens", [1, 64])
@@ -779,6 +779,7 @@ def test_fused_multi_tile_shapes_reach_every_launcher_branch():
     kernel, the backward's partial sums over several token splits (dB/dLiMEs and dA), against the
     reference."""
     from lime_kernels.fused.common import record_launches
+    from lime_kernels.fused.modulation import backward_blocks
 
     reference, fused = _pair(torch.float32, num_experts=8, rank=16, d_in=96, d_out=144, top_k=2)
     mask = padding_mask("right", 2, 512).to(DEVICE)
@@ -786,7 +787,13 @@ def test_fused_multi_tile_shapes_reach_every_launcher_branch():
     with record_launches() as launches:
         run_both(reference, fused, x, mask)
     grids = {launch.name: launch.grid for launch in launches}
-    assert grids["_parameter_partials_kernel"][0] > 1 and grids["_parameter_partials_kernel"][1] > 1, grids
+    # The pass over dout: token-block programs, then column blocks x token splits.
+    blocks = backward_blocks(16, 16, torch.float32)
+    token_blocks = -(-1024 // blocks["ROW_BLOCK_M"])
+    column_blocks = -(-144 // blocks["COL_BLOCK_N"])
+    column_programs = grids["_modulation_backward_kernel"][0] - token_blocks
+    assert token_blocks > 1 and column_blocks > 1 and column_programs % column_blocks == 0, (grids, blocks)
+    assert column_programs // column_blocks > 1, (grids, blocks)  # several token splits
     assert grids["_input_grad_kernel"][0] > 1 and grids["_input_grad_kernel"][1] > 1, grids
     assert min(grids["_modulation_forward_kernel"]) > 1 and grids["_project_kernel"][0] > 1, grids
 

@@ -7,14 +7,17 @@ E (never stored), and:
   written over the frozen GEMM's output (or into a new tensor), with DoRA's scale and bias or
   SliceFine's bias applied to base' in the same pass. Its first program also finishes the routing
   statistics (`routing.finish_statistics`).
-- backward, pass over token blocks (`modulation_backward`): with `D = dout` on valid rows (times DoRA's
-  scale), `dz = s (D mod) B` and `dw = s (D delta) P^T` reduced over all of Dout inside one program (no
-  partial sums), then the routing backward of those rows (`routing.route_rows_backward`), and per
-  block the sum of `s (D delta) p_shared` (for d gamma).
-- backward, pass over column blocks (`parameter_partials`): `s (D mod)^T z` (dB), `s (D delta)^T w`
-  (dP), the column sums of `s D delta` (d p_shared), and DoRA's `sum dout base + s D delta mod / scale`,
-  per split of the tokens: a bounded number of partial sums, summed in a fixed order by
-  `_finish_kernel` together with dA's and the routing's partials.
+- backward, one launch over `dout` (`modulation_backward`) with two kinds of programs:
+  - token blocks (`_token_block_backward`): with `D = dout` on valid rows (times DoRA's scale),
+    `dz = s (D mod) B` and `dw = s (D delta) P^T` reduced over all of Dout inside one program (no
+    partial sums), then the routing backward of those rows (`routing.route_rows_backward`), and per
+    block the sum of `s (D delta) p_shared` (for d gamma);
+  - column blocks (`_column_block_partials`): `s (D mod)^T z` (dB), `s (D delta)^T w` (dP), the column
+    sums of `s D delta` (d p_shared), and DoRA's `sum dout base + s D delta mod / scale`, per split of
+    the tokens: a bounded number of partial sums, summed in a fixed order by `_finish_kernel` together
+    with dA's and the routing's partials.
+  Neither kind reads what the other writes, so they share the launch: the column programs fill the GPU
+  beside the token programs (tokens / 64 of them, under one wave on an H100 at 8,192 tokens).
 So every reduction runs in an order fixed by the shape: gradients are bit-for-bit repeatable.
 """
 
@@ -111,8 +114,8 @@ def _modulation_forward_kernel(
 
 
 @triton.jit
-def _modulation_backward_kernel(
-    dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, features_ptr, selected_ptr,
+def _token_block_backward(
+    pid, dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, features_ptr, selected_ptr,
     jitter_ptr, stats_ptr, dimportance_ptr, dkl_ptr, scales_ptr,
     dz_ptr, dpooled_ptr, dgamma_partials_ptr, max_partials_ptr,
     num_tokens, out_features, rank, num_experts, top_k, scaling, temperature, gamma_routing, theta, tau,
@@ -121,9 +124,8 @@ def _modulation_backward_kernel(
     ROUTING: tl.constexpr, HAS_JITTER: tl.constexpr, HAS_DIMPORTANCE: tl.constexpr, HAS_DKL: tl.constexpr,
     MAXABS: tl.constexpr, SELECTION: tl.constexpr,
 ):
-    """One block of tokens over all of Dout: dz, and with ROUTING the gradients w.r.t. the pooled
+    """Token block `pid` over all of Dout: dz, and with ROUTING the gradients w.r.t. the pooled
     routing features (the raw ones when routing is per token)."""
-    pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, RANK_DOT)
     lanes = tl.arange(0, LANES)
@@ -179,18 +181,16 @@ def _modulation_backward_kernel(
 
 
 @triton.jit
-def _parameter_partials_kernel(
-    dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, frozen_ptr, weights_ptr,
-    partials_ptr,
+def _column_block_partials(
+    pid_n, split, dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, frozen_ptr,
+    weights_ptr, partials_ptr,
     num_tokens, out_features, rank, num_experts, tokens_per_split, stride_frozen,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_DOT: tl.constexpr, LANES: tl.constexpr,
     PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
-    """One block of Dout columns over one split of the tokens. Partials (splits, Dout, r + E + 3),
-    without the scaling: (D mod)^T z | (D delta)^T w | sum D delta | DoRA: sum dout base, sum D' delta mod
-    (D' without the scale)."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    """Column block `pid_n` over token split `split`. Partials (splits, Dout, r + E + 3), without the
+    scaling: (D mod)^T z | (D delta)^T w | sum D delta | DoRA: sum dout base, sum D' delta mod (D'
+    without the scale)."""
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < out_features
     ranks = tl.arange(0, RANK_DOT)
@@ -234,6 +234,44 @@ def _parameter_partials_kernel(
     if HAS_SCALE:
         tl.store(base + rank + num_experts + 1, dscale_frozen, mask=col_ok)
         tl.store(base + rank + num_experts + 2, dscale_modulated, mask=col_ok)
+
+
+@triton.jit
+def _modulation_backward_kernel(
+    dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, frozen_ptr, features_ptr,
+    selected_ptr, jitter_ptr, stats_ptr, dimportance_ptr, dkl_ptr, scales_ptr,
+    dz_ptr, dpooled_ptr, dgamma_partials_ptr, max_partials_ptr, partials_ptr,
+    num_tokens, out_features, rank, num_experts, top_k, num_token_blocks, column_blocks, tokens_per_split,
+    stride_frozen, scaling, temperature, gamma_routing, theta, tau,
+    ROW_BLOCK_M: tl.constexpr, ROW_BLOCK_N: tl.constexpr, COL_BLOCK_M: tl.constexpr, COL_BLOCK_N: tl.constexpr,
+    RANK_DOT: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SHARED: tl.constexpr, HAS_SCALE: tl.constexpr, ROUTING: tl.constexpr, HAS_JITTER: tl.constexpr,
+    HAS_DIMPORTANCE: tl.constexpr, HAS_DKL: tl.constexpr, MAXABS: tl.constexpr, SELECTION: tl.constexpr,
+    PARTIALS: tl.constexpr,
+):
+    """Both passes over dout in one launch: programs [0, num_token_blocks) take a block of tokens
+    each (`_token_block_backward`), the next ones (with PARTIALS) a block of columns over a split of
+    the tokens each (`_column_block_partials`). Neither reads what the other writes; the column
+    programs fill the GPU beside the few, long token programs."""
+    pid = tl.program_id(0)
+    # The routing weights `w` are the fourth plane of the saved features.
+    weights_ptr = features_ptr + 3 * num_tokens * num_experts
+    if pid < num_token_blocks:
+        _token_block_backward(
+            pid, dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, features_ptr,
+            selected_ptr, jitter_ptr, stats_ptr, dimportance_ptr, dkl_ptr, scales_ptr,
+            dz_ptr, dpooled_ptr, dgamma_partials_ptr, max_partials_ptr,
+            num_tokens, out_features, rank, num_experts, top_k, scaling, temperature, gamma_routing, theta, tau,
+            ROW_BLOCK_M, ROW_BLOCK_N, RANK_DOT, LANES, PRECISION, HAS_MASK, HAS_SHARED, HAS_SCALE, ROUTING,
+            HAS_JITTER, HAS_DIMPORTANCE, HAS_DKL, MAXABS, SELECTION)
+    else:
+        if PARTIALS:
+            column_program = pid - num_token_blocks
+            _column_block_partials(
+                column_program % column_blocks, column_program // column_blocks, dout_ptr, z_ptr, b_ptr, p_ptr,
+                shared_ptr, gamma_ptr, valid_ptr, scale_ptr, frozen_ptr, weights_ptr, partials_ptr,
+                num_tokens, out_features, rank, num_experts, tokens_per_split, stride_frozen,
+                COL_BLOCK_M, COL_BLOCK_N, RANK_DOT, LANES, PRECISION, HAS_MASK, HAS_SHARED, HAS_SCALE)
 
 
 @triton.jit
@@ -327,21 +365,18 @@ FORWARD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
 
 
 def backward_blocks(rank: int, lanes: int, activation: torch.dtype) -> dict:
-    """The pass over token blocks: BLOCK_M tokens, all of Dout in BLOCK_N steps."""
+    """The pass over dout: ROW_BLOCK_M tokens per token-block program (all of Dout in ROW_BLOCK_N
+    steps), COL_BLOCK_N columns per column-block program (its split's tokens in COL_BLOCK_M steps), and
+    one num_warps for both roles (they share a launch). Chosen so that no build spills on sm_80 /
+    sm_90 under Triton 3.6 and 3.8: the shared kernel takes the larger register need of the two roles,
+    and ptxas's allocation of it moves with the tiles in ways only a build shows."""
     if activation == torch.float32:
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8)
+        return dict(ROW_BLOCK_M=16, ROW_BLOCK_N=32, COL_BLOCK_M=16, COL_BLOCK_N=32, num_warps=4)
     if dot_width(rank) >= 64:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
+        return dict(ROW_BLOCK_M=16, ROW_BLOCK_N=16, COL_BLOCK_M=32, COL_BLOCK_N=32, num_warps=8)
     if lanes >= 32:
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)
-
-
-def partials_blocks(rank: int, lanes: int, activation: torch.dtype) -> dict:
-    """The pass over column blocks: BLOCK_N columns, a split's tokens in BLOCK_M steps."""
-    if dot_width(rank) >= 64 or lanes >= 64:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
+        return dict(ROW_BLOCK_M=16, ROW_BLOCK_N=32, COL_BLOCK_M=16, COL_BLOCK_N=32, num_warps=4)
+    return dict(ROW_BLOCK_M=64, ROW_BLOCK_N=32, COL_BLOCK_M=16, COL_BLOCK_N=32, num_warps=8)
 
 
 def finish_blocks(rank: int) -> dict:
@@ -380,72 +415,58 @@ def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, va
     )
 
 
-def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_scale, state: RoutingState, jitter,
-                        stats, dimportance, dkl, scaling: float, config: RoutingConfig, routing: bool):
-    """Returns (dz (tokens, r), d(pooled features) (2, tokens, E) or None, d gamma partials per block
-    or None, maxabs partial sums per block or None), all float32; dz includes the scaling."""
+def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_scale, frozen, state: RoutingState,
+                        jitter, stats, dimportance, dkl, scaling: float, config: RoutingConfig, routing: bool,
+                        partials: bool, budget_bytes: int):
+    """Both passes over dout, one launch. Returns (dz (tokens, r), d(pooled features) (2, tokens, E) or
+    None, d gamma partials per token block or None, maxabs partial sums per block or None, parameter
+    partial sums (splits, Dout, r + E + 3) for dB, dLiMEs, dLiME_shared and DoRA's dscale, or None
+    without `partials`), all float32; dz includes the scaling. The partial sums take at most
+    `budget_bytes`; `frozen` is DoRA's frozen product (else None)."""
     num_tokens, out_features = dout.shape
     rank, num_experts = z.shape[1], config.num_experts
     device = dout.device
     blocks = backward_blocks(rank, config.lanes, dout.dtype)
-    num_blocks = cdiv(num_tokens, blocks["BLOCK_M"])
-    has_shared = LiME_shared is not None
-    dz = torch.empty(num_tokens, rank, device=device, dtype=torch.float32)
-    dpooled = torch.empty(2, num_tokens, num_experts, device=device, dtype=torch.float32) if routing else None
-    dgamma_partials = torch.empty(num_blocks, device=device, dtype=torch.float32) if has_shared else None
-    max_partials = torch.empty(num_blocks, 2, device=device, dtype=torch.float32) if routing and config.maxabs else None
-    any_tensor = dz
-    launch(
-        _modulation_backward_kernel, (num_blocks,),
-        dout, z, B, LiMEs, LiME_shared if has_shared else any_tensor, gamma if has_shared else any_tensor,
-        valid if valid is not None else any_tensor, channel_scale if channel_scale is not None else any_tensor,
-        state.features, state.selected, jitter if jitter is not None else any_tensor, stats,
-        dimportance if dimportance is not None else any_tensor, dkl if dkl is not None else any_tensor,
-        state.part("scales"),
-        dz, dpooled if dpooled is not None else any_tensor,
-        dgamma_partials if dgamma_partials is not None else any_tensor,
-        max_partials if max_partials is not None else any_tensor,
-        num_tokens, out_features, rank, num_experts, config.top_k, float(scaling), **config.kernel_options(),
-        RANK_DOT=dot_width(rank), LANES=config.lanes, PRECISION=dot_precision(dout.dtype),
-        HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=channel_scale is not None, ROUTING=routing,
-        HAS_JITTER=jitter is not None, HAS_DIMPORTANCE=dimportance is not None, HAS_DKL=dkl is not None,
-        MAXABS=config.maxabs,
-        SELECTION=config.selection, **blocks,
-        reads=[dout, z, state.features if routing else state.weights, state.selected if routing else None, jitter,
-               valid],
-        writes=[dz, dpooled, dgamma_partials, max_partials],
-        flops=2 * num_tokens * out_features * 2 * (dot_width(rank) + config.lanes),
-    )
-    return dz, dpooled, dgamma_partials, max_partials
-
-
-def parameter_partials(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_scale, frozen, weights,
-                       budget_bytes: int) -> torch.Tensor:
-    """Partial sums (splits, Dout, r + E + 3) for dB, dLiMEs, dLiME_shared and DoRA's dscale."""
-    num_tokens, out_features = dout.shape
-    rank, num_experts = z.shape[1], LiMEs.shape[0]
-    blocks = partials_blocks(rank, dot_width(num_experts), dout.dtype)
-    column_blocks = cdiv(out_features, blocks["BLOCK_N"])
-    width = rank + num_experts + 3
-    splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * out_features * width, budget_bytes)
-    tokens_per_split = cdiv(cdiv(num_tokens, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
-    splits = cdiv(num_tokens, tokens_per_split)
-    partials = torch.empty(splits, out_features, width, device=dout.device, dtype=torch.float32)
+    token_blocks = cdiv(num_tokens, blocks["ROW_BLOCK_M"])
     has_shared = LiME_shared is not None
     has_scale = channel_scale is not None
-    any_tensor = partials
+    dz = torch.empty(num_tokens, rank, device=device, dtype=torch.float32)
+    dpooled = torch.empty(2, num_tokens, num_experts, device=device, dtype=torch.float32) if routing else None
+    dgamma_partials = torch.empty(token_blocks, device=device, dtype=torch.float32) if has_shared else None
+    max_partials = torch.empty(token_blocks, 2, device=device, dtype=torch.float32) if routing and config.maxabs else None
+    column_blocks = splits = tokens_per_split = 0
+    parameter_partials = None
+    if partials:
+        column_blocks = cdiv(out_features, blocks["COL_BLOCK_N"])
+        width = rank + num_experts + 3
+        splits = token_splits(num_tokens, column_blocks, blocks["COL_BLOCK_M"], 4 * out_features * width,
+                              budget_bytes)
+        tokens_per_split = cdiv(cdiv(num_tokens, splits), blocks["COL_BLOCK_M"]) * blocks["COL_BLOCK_M"]
+        splits = cdiv(num_tokens, tokens_per_split)
+        parameter_partials = torch.empty(splits, out_features, width, device=device, dtype=torch.float32)
+
+    def arg(tensor):
+        return tensor if tensor is not None else dz
+
     launch(
-        _parameter_partials_kernel, (column_blocks, splits),
-        dout, z, B, LiMEs, LiME_shared if has_shared else any_tensor, gamma if has_shared else any_tensor,
-        valid if valid is not None else any_tensor, channel_scale if has_scale else any_tensor,
-        frozen if has_scale else any_tensor, weights, partials,
-        num_tokens, out_features, rank, num_experts, tokens_per_split, frozen.stride(0) if has_scale else 0,
-        RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), PRECISION=dot_precision(dout.dtype),
-        HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=has_scale, **blocks,
-        reads=[dout, frozen if has_scale else None, z, weights, valid], writes=[partials],
-        flops=2 * num_tokens * out_features * 2 * (dot_width(rank) + dot_width(num_experts)),
+        _modulation_backward_kernel, (token_blocks + column_blocks * splits,),
+        dout, z, B, LiMEs, arg(LiME_shared), arg(gamma), arg(valid), arg(channel_scale),
+        frozen if has_scale and partials else dout, state.features, state.selected, arg(jitter), stats,
+        arg(dimportance), arg(dkl), state.part("scales"), dz, arg(dpooled), arg(dgamma_partials), arg(max_partials),
+        arg(parameter_partials),
+        num_tokens, out_features, rank, num_experts, config.top_k, token_blocks, max(column_blocks, 1),
+        tokens_per_split, frozen.stride(0) if has_scale and partials else 0, float(scaling), **config.kernel_options(),
+        RANK_DOT=dot_width(rank), LANES=config.lanes, PRECISION=dot_precision(dout.dtype),
+        HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=has_scale, ROUTING=routing,
+        HAS_JITTER=jitter is not None, HAS_DIMPORTANCE=dimportance is not None, HAS_DKL=dkl is not None,
+        MAXABS=config.maxabs, SELECTION=config.selection, PARTIALS=partials, **blocks,
+        # The token programs read dout once, the column programs once more.
+        reads=[dout, dout if partials else None, frozen if has_scale and partials else None, z,
+               state.features if routing else state.weights, state.selected if routing else None, jitter, valid],
+        writes=[dz, dpooled, dgamma_partials, max_partials, parameter_partials],
+        flops=2 * num_tokens * out_features * 2 * (dot_width(rank) + config.lanes) * (1 + int(partials)),
     )
-    return partials
+    return dz, dpooled, dgamma_partials, max_partials, parameter_partials
 
 
 def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Optional[torch.Tensor],
@@ -490,4 +511,4 @@ def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Option
     return dA, dB, dP, dshared, dgamma, dscale
 
 
-__all__ = ["finish_parameter_grads", "modulation_backward", "modulation_forward", "parameter_partials"]
+__all__ = ["finish_parameter_grads", "modulation_backward", "modulation_forward"]

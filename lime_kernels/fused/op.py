@@ -10,10 +10,11 @@ the routing features, and the routing itself when it is per token), and the epil
 `base' + delta * mod` over the frozen output (and finishes the statistics). Pooled routing (n-gram,
 rep_mode mean / last) and the maxabs router add one or two small `[tokens, E]` kernels.
 
-Backward, 5 launches: a pass over `dout` by token blocks (dz, the mixing weights' gradient, and the
-routing backward of those rows), a pass by column blocks (partial sums for dB, dLiMEs, dLiME_shared,
-DoRA's dscale), the input-side pass (the low-rank part of dx, dA partial sums), cuBLAS adding `dout W`
-to dx in its epilogue, and one kernel that sums the partials into the parameter gradients. Every
+Backward, 4 launches: one over `dout` whose programs take either a block of tokens (dz, the mixing
+weights' gradient, and the routing backward of those rows) or a block of columns over a split of the
+tokens (partial sums for dB, dLiMEs, dLiME_shared, DoRA's dscale), the input-side pass (the low-rank
+part of dx, dA partial sums), cuBLAS adding `dout W` to dx in its epilogue, and one kernel that sums
+the partials into the parameter gradients. Every
 reduction has a fixed order (bit-for-bit repeatable) and the partial sums are bounded by
 `WORKSPACE_FRACTION` of the activations they reduce. Saved for backward: the inputs, `z (tokens, r)`
 and `[tokens, E]` routing state; a `[tokens, Dout]` tensor only for DoRA (the frozen product, which the
@@ -38,7 +39,7 @@ from ..inputs import autocast_cast, full_precision
 from ..options import RoutingOptions
 from ..reference import RoutingStats, balance_statistics
 from .common import on_device_of
-from .modulation import finish_parameter_grads, modulation_backward, modulation_forward, parameter_partials
+from .modulation import finish_parameter_grads, modulation_backward, modulation_forward
 from .projection import input_grads, project, routing_block_rows
 from .routing import (
     REP_CODES,
@@ -257,19 +258,14 @@ def _backward_impl(dout, dimportance, dkl, x, x_adapter, weight, A, B, LiMEs, Li
     adapter_source = x_adapter if x_adapter is not None else x
     # What depends on the routing's gradients: everything upstream of u = base'[:E] and v = delta'[:E].
     routing = need_x or need_adapter or need_base or need_A or need_B or need_scale
-    dz, dpooled, dgamma_partials, max_partials = modulation_backward(
-        dout, z, B, LiMEs, LiME_shared, gamma, valid_bytes, scale, state, jitter, stats, dimportance, dkl, scaling,
-        config,
-        routing)
+    dz, dpooled, dgamma_partials, max_partials, partials = modulation_backward(
+        dout, z, B, LiMEs, LiME_shared, gamma, valid_bytes, scale, frozen if scale is not None else None, state,
+        jitter, stats, dimportance, dkl, scaling, config, routing,
+        partials=need_B or need_P or need_shared or need_scale,
+        budget_bytes=int(WORKSPACE_FRACTION * dout.numel() * dout.element_size()))
     draw = None
     if routing:
         draw = pooling_backward(dpooled, max_partials, valid_bytes, state, config) if config.pooled else dpooled
-
-    partials = None
-    if need_B or need_P or need_shared or need_scale:
-        partials = parameter_partials(dout, z, B, LiMEs, LiME_shared, gamma, valid_bytes, scale,
-                                      frozen if scale is not None else None, state.weights,
-                                      budget_bytes=int(WORKSPACE_FRACTION * dout.numel() * dout.element_size()))
 
     dx = dx_adapter = dbase = None
     da_partials = routing_partials = None
