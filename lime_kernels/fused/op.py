@@ -389,8 +389,11 @@ class _EagerFusedLiME(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
                 jitter, sliced_rows: int, scaling: float, config: RoutingConfig):
-        # The caller (`fused_lime_linear`) has switched autocast off already.
+        # The caller (`fused_lime_linear`) has switched autocast off already. The (B, T, .) sequences
+        # are flattened here, where no autograd node records the views.
         source = x if x is not None else (x_adapter if x_adapter is not None else base)
+        ctx.sequences = source.shape[:2]
+        x, x_adapter, base, z = _flat(x), _flat(x_adapter), _flat(base), _flat(z)
         with on_device_of(source):
             out, importance, kl_uniform, stats, histogram, z_used, features, selected, extra, frozen = _forward(
                 x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
@@ -435,8 +438,23 @@ class _EagerFusedLiME(torch.autograd.Function):
                     dout, dimportance, dkl, x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale,
                     valid, jitter, z, features, selected, extra, stats, frozen, ctx.sliced_rows, ctx.scaling, config,
                     needs)
+        batch, tokens = ctx.sequences
+        if dx is not None:
+            dx = dx.view(batch, tokens, dx.shape[-1])
+        if dx_adapter is not None:
+            dx_adapter = dx_adapter.view(batch, tokens, dx_adapter.shape[-1])
+        if dbase is not None:
+            dbase = dbase.view(batch, tokens, dbase.shape[-1])
         return (dx, dx_adapter, None, None, dbase, None, dA, dB, dP, dshared, dgamma, dscale, None, None, None, None,
                 None)
+
+
+def _flat(sequences: Optional[Tensor]) -> Optional[Tensor]:
+    """(B, T, features) as (B * T, features)."""
+    if sequences is None:
+        return None
+    shape = sequences.shape
+    return sequences.reshape(shape[0] * shape[1], shape[2])
 
 
 _REP_MODES = {code: mode for mode, code in REP_CODES.items()}
@@ -511,18 +529,15 @@ def fused_lime_linear(
     if autocast_on and weight is not None:  # the frozen product as nn.Linear under autocast would compute it
         x, weight, bias = autocast_cast(x), autocast_cast(weight), autocast_cast(bias)
     batch, tokens = shaped.shape[:2]
-
-    def flat(tensor):
-        return None if tensor is None else tensor.reshape(batch * tokens, tensor.shape[-1])
-
-    tensors = (flat(x), flat(adapter_input), weight, bias, flat(base), flat(z), A, B, LiMEs, LiME_shared, gamma,
-               channel_scale, None if valid is None else valid.reshape(-1), None if jitter is None else jitter.float())
+    valid = None if valid is None else valid.reshape(-1)
+    jitter = None if jitter is None else jitter.float()
     seq_len = max(tokens, 1)
     if torch.compiler.is_compiling():
         with full_precision(shaped.device):
             out, importance, kl_uniform, stats, histogram, *_ = fused_lime(
-                *tensors, seq_len, int(sliced_rows), float(scaling), options.top_k, float(options.temperature),
-                float(options.gamma_routing), options.router, options.rep_mode, options.n_gram, options.ngram_mode,
+                _flat(x), _flat(adapter_input), weight, bias, _flat(base), _flat(z), A, B, LiMEs, LiME_shared, gamma,
+                channel_scale, valid, jitter, seq_len, int(sliced_rows), float(scaling), options.top_k,
+                float(options.temperature), float(options.gamma_routing), options.router, options.rep_mode, options.n_gram, options.ngram_mode,
                 selection_code(options.auto_topk, options.soft_topk, options.sparse_mode),
                 float(options.soft_topk_temperature), float(options.auto_topk_threshold),
             )
@@ -531,10 +546,12 @@ def fused_lime_linear(
         if autocast_on:  # LiME's own math in float32 (entering torch.autocast costs host time: only when on)
             with torch.autocast(device_type, enabled=False):
                 out, importance, kl_uniform, stats, histogram = _EagerFusedLiME.apply(
-                    *tensors, int(sliced_rows), float(scaling), config)
+                    x, adapter_input, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
+                    jitter, int(sliced_rows), float(scaling), config)
         else:
             out, importance, kl_uniform, stats, histogram = _EagerFusedLiME.apply(
-                *tensors, int(sliced_rows), float(scaling), config)
+                x, adapter_input, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
+                int(sliced_rows), float(scaling), config)
     return FusedResult(out.reshape(batch, tokens, out.shape[-1]), importance, kl_uniform, stats, histogram)
 
 
