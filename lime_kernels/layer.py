@@ -161,7 +161,7 @@ class LiMEModule(nn.Module):
             return "triton" if x.is_cuda and unsupported is None else "reference"
         if unsupported is not None:
             raise ValueError(f"backend='triton' cannot run this layer: {unsupported}")
-        if not x.is_cuda and not triton_interpreting() and _kernels_execute():
+        if not x.is_cuda and _kernels_execute() and not triton_interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got an input on {x.device}); on CPU it runs only "
                 "under Triton's interpreter (TRITON_INTERPRET=1). Use backend='reference' or 'auto'."
