@@ -21,6 +21,8 @@ def as_sequences(x: torch.Tensor, in_features: int) -> torch.Tensor:
             f"LiME layer expects input of shape (..., {in_features}) with at least 2 dimensions; "
             f"got input of shape {tuple(x.shape)}"
         )
+    if x.dim() == 3:  # already (B, T, Din): a view would add an autograd node for nothing
+        return x
     if x.dim() == 2:
         return x.unsqueeze(1)
     return x.reshape(x.shape[:-2].numel(), x.shape[-2], x.shape[-1])  # explicit sizes: 0 tokens is valid
@@ -44,10 +46,13 @@ def autocast_cast(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def full_precision(device: torch.device):
     """LiME's own math runs in float32 (or float64) whatever autocast would make of it. Autocast is
     switched off only where it is on: entering `torch.autocast` costs host time on every call."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if _autocast_on(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def _check_mask_dtype(mask: torch.Tensor) -> None:

@@ -161,7 +161,7 @@ class LiMEModule(nn.Module):
             return "triton" if x.is_cuda and unsupported is None else "reference"
         if unsupported is not None:
             raise ValueError(f"backend='triton' cannot run this layer: {unsupported}")
-        if not x.is_cuda and not triton_interpreting() and _kernels_execute():
+        if not x.is_cuda and _kernels_execute() and not triton_interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got an input on {x.device}); on CPU it runs only "
                 "under Triton's interpreter (TRITON_INTERPRET=1). Use backend='reference' or 'auto'."
@@ -212,7 +212,9 @@ class LiMEModule(nn.Module):
                 LiME_shared=self.LiME_shared, gamma=self.gamma, options=self.routing, scaling=scaling, valid=valid,
                 jitter=jitter, channel_scale=channel_scale, sliced_rows=sliced_rows if computes_base else 0,
             )
-            self.last_stats = fused_statistics(result, self._aux_mode())
+            # A plain attribute: set without nn.Module.__setattr__'s parameter / buffer / module checks,
+            # which take several µs per call (its isinstance(value, Parameter) runs in Python).
+            self.__dict__["last_stats"] = fused_statistics(result, self._aux_mode())
             return result.out
         compute = _compiled_reference() if self.compiled else reference.lime_linear
         frozen_output = frozen()  # under autocast, as the base layer would run
@@ -352,7 +354,9 @@ class LiMELinear(LiMEModule):
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # Under autocast the layer reads its input as the frozen linear layer would (in autocast's
         # dtype), on both backends; LiME's own math then runs in float32.
-        sequences = autocast_cast(as_sequences(x, self.in_features))
+        linear = self.linear
+        in_features, out_features = linear_features(linear)
+        sequences = autocast_cast(as_sequences(x, in_features))
         valid = self._valid_tokens(x, attention_mask)
         jitter, dropped = self._random_draws(sequences)
         A, B, scaling = self.adapter_factors()
@@ -363,10 +367,11 @@ class LiMELinear(LiMEModule):
         out = self._modulate(
             backend=backend, x=sequences, adapter_input=dropped, A=A, B=B, scaling=scaling, valid=valid,
             jitter=jitter, frozen=lambda: self._frozen_output(sequences),
-            weight=frozen_weight(self.linear) if fused_computes_base else None, bias=self.linear.bias,
+            weight=frozen_weight(linear) if fused_computes_base else None, bias=linear.bias,
             channel_scale=channel_scale, sliced_rows=self._sliced_rows(),
         )
-        return out.reshape(*x.shape[:-1], self.out_features)
+        # A 3-D input's output is (B, T, Dout) already: no view (each one is a node the backward runs).
+        return out if x.dim() == 3 else out.reshape(*x.shape[:-1], out_features)
 
     def _sliced_rows(self) -> int:
         return 0

@@ -10,8 +10,7 @@ reads and writes and the FLOPs it does, computed from the tensors it passes. Ins
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, List, NamedTuple, Sequence, Union
 
 import torch
 
@@ -48,9 +47,9 @@ def on_device_of(tensor: torch.Tensor):
 # --- launches ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch: the bytes it moves to and from global memory and its FLOPs."""
+class Launch(NamedTuple):
+    """One kernel launch: the bytes it moves to and from global memory and its FLOPs. (A named
+    tuple: recorded on every launch, and a frozen dataclass takes several times longer to build.)"""
 
     name: str
     grid: tuple
@@ -66,9 +65,8 @@ def traffic_bytes(items: Iterable[Traffic]) -> int:
     """Bytes of the given tensors (their elements, once each) plus explicit byte counts."""
     total = 0
     for item in items:
-        if item is None:
-            continue
-        total += int(item) if isinstance(item, int) else item.numel() * item.element_size()
+        if item is not None:
+            total += item if type(item) is int else int(item) if isinstance(item, int) else item.nbytes
     return total
 
 
@@ -113,22 +111,23 @@ def record_launches(execute: bool = True):
 def launch(kernel, grid: Sequence[int], *args, reads: Sequence[Traffic] = (), writes: Sequence[Traffic] = (),
            flops: int = 0, **options) -> None:
     """Start `kernel` over `grid` (an empty grid starts nothing) and report it to the recorders."""
-    grid = tuple(int(size) for size in grid)
-    if min(grid) == 0:
+    grid = tuple(map(int, grid))
+    if 0 in grid:
         return
-    execute = True
     if _recorders:
-        record = Launch(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, grid,
-                        traffic_bytes(reads), traffic_bytes(writes), int(flops))
+        record = Launch(getattr(kernel, "fn", kernel).__name__, grid, traffic_bytes(reads), traffic_bytes(writes),
+                        int(flops))
+        execute = True
         for recorder in _recorders:
             recorder.launches.append(record)
             execute = execute and recorder.execute
-    if execute:
-        _kernels_running[0] += 1
-        try:
-            kernel[grid](*args, **options)
-        finally:
-            _kernels_running[0] -= 1
+        if not execute:
+            return
+    _kernels_running[0] += 1
+    try:
+        kernel[grid](*args, **options)
+    finally:
+        _kernels_running[0] -= 1
 
 
 __all__ = [

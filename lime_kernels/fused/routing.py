@@ -22,6 +22,7 @@ lowest expert index. Experts occupy `lanes = max(16, next power of two)` registe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -620,21 +621,29 @@ class RoutingConfig:
     theta: float
     tau: float
 
-    @property
+    # Derived values are computed once per config (the launchers read them many times per step, and
+    # `fused_lime_linear` reuses one config across calls). cached_property writes the instance's
+    # __dict__ directly, which a frozen dataclass allows.
+    @functools.cached_property
     def lanes(self) -> int:
         return dot_width(self.num_experts)
 
-    @property
+    @functools.cached_property
     def max_kept(self) -> int:
         return min(2 * self.top_k, self.num_experts)
 
-    @property
+    @functools.cached_property
+    def layouts(self) -> dict:
+        """`state_layout`'s results by number of tokens."""
+        return {}
+
+    @functools.cached_property
     def per_token(self) -> bool:
         """Routing reads each token's own features only (no pooling, no batch-wide max): the stages
         around it (projection, backward pass over dout) route their own rows inline."""
         return self.rep == 0 and not self.window and not self.anchor and not self.maxabs
 
-    @property
+    @functools.cached_property
     def pooled(self) -> bool:
         """The backward needs a pass back through the pooling or the batch-wide max."""
         return not self.per_token
@@ -647,14 +656,24 @@ def state_layout(num_tokens: int, config: RoutingConfig) -> dict:
     """Sizes of the parts of the packed `extra` tensor, each present only where the options use it
     (so that every entry is written): window counts (one per token), per-sequence state (two per
     sequence: valid count, last valid position), maxabs scales (u scale, v scale, u max, v max) and
-    tie counts of the maxima (two per routing block)."""
-    num_blocks = cdiv(num_tokens, routing_rows(config.lanes))
-    return dict(
-        window_count=num_tokens if config.window else 0,
-        seq_state=2 * (num_tokens // config.seq_len) if config.rep != 0 else 0,
-        scales=4 if config.maxabs else 0,
-        ties=2 * num_blocks if config.maxabs else 0,
-    )
+    tie counts of the maxima (two per routing block). Computed once per config and number of tokens:
+    the same dict is returned again, and nothing may change it."""
+    concrete = type(num_tokens) is int  # not a symbolic size (torch.compile's dynamic shapes): a dict key
+    layouts = config.layouts
+    layout = layouts.get(num_tokens) if concrete else None
+    if layout is None:
+        num_blocks = cdiv(num_tokens, routing_rows(config.lanes))
+        layout = dict(
+            window_count=num_tokens if config.window else 0,
+            seq_state=2 * (num_tokens // config.seq_len) if config.rep != 0 else 0,
+            scales=4 if config.maxabs else 0,
+            ties=2 * num_blocks if config.maxabs else 0,
+        )
+        if concrete:
+            if len(layouts) >= 64:  # bounded, for inputs of ever new sizes
+                layouts.clear()
+            layouts[num_tokens] = layout
+    return layout
 
 
 @dataclass
