@@ -142,7 +142,8 @@ def _host_overhead(provider: str, repeats: int, warmup: int) -> Dict[str, float]
     balance_grad = torch.ones(())  # the balance terms' weight, made once as a training loop's loss would
     with record_launches(execute=False), account() as recorded:
         _step(layer, x, dout, balance_grad)
-    with record_launches(execute=False):
+    # Timed without collecting launch records: a real call does not build them.
+    with record_launches(execute=False, keep=False):
         for _ in range(warmup):
             _step(layer, x, dout, balance_grad)
         times = []

@@ -76,8 +76,9 @@ def strided_rows_bytes(num_rows: int, row_bytes: int) -> int:
 
 
 class _Recorder:
-    def __init__(self, execute: bool):
+    def __init__(self, execute: bool, keep: bool):
         self.execute = execute
+        self.keep = keep
         self.launches: List[Launch] = []
 
 
@@ -97,10 +98,12 @@ def kernel_running() -> bool:
 
 
 @contextlib.contextmanager
-def record_launches(execute: bool = True):
+def record_launches(execute: bool = True, keep: bool = True):
     """Collect every kernel launch made inside the block (a list of `Launch`); with `execute=False`
-    the kernels are not started (for accounting on any device, and host-time measurements)."""
-    recorder = _Recorder(execute)
+    the kernels are not started (for accounting on any device, and host-time measurements); with
+    `keep=False` nothing is collected either (a host-time measurement then times only what a real
+    call does besides Triton's own launcher)."""
+    recorder = _Recorder(execute, keep)
     _recorders.append(recorder)
     try:
         yield recorder.launches
@@ -115,11 +118,14 @@ def launch(kernel, grid: Sequence[int], *args, reads: Sequence[Traffic] = (), wr
     if 0 in grid:
         return
     if _recorders:
-        record = Launch(getattr(kernel, "fn", kernel).__name__, grid, traffic_bytes(reads), traffic_bytes(writes),
-                        int(flops))
+        record = None
         execute = True
         for recorder in _recorders:
-            recorder.launches.append(record)
+            if recorder.keep:
+                if record is None:
+                    record = Launch(getattr(kernel, "fn", kernel).__name__, grid, traffic_bytes(reads),
+                                    traffic_bytes(writes), int(flops))
+                recorder.launches.append(record)
             execute = execute and recorder.execute
         if not execute:
             return
