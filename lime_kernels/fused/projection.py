@@ -288,7 +288,7 @@ def project(x: Optional[torch.Tensor], A: Optional[torch.Tensor], z_given: Optio
         PRECISION=dot_precision(activation), HAS_A=has_a, HAS_SCALE=channel_scale is not None,
         HAS_BIAS=bias is not None, HAS_MASK=valid is not None, HAS_JITTER=jitter is not None, ROUTE=route,
         SELECTION=config.selection, enable_fp_fusion=False, **blocks,
-        reads=[x if has_a else z_given, A, B[:num_experts], valid, jitter,
+        reads=[x if has_a else z_given, A, num_experts * rank * B.element_size(), valid, jitter,
                strided_rows_bytes(num_tokens, num_experts * frozen.element_size())],
         writes=[z if has_a else None, raw] + ([state.features, state.selected, stat_partials] if route else []),
         flops=2 * num_tokens * (x.shape[1] if has_a else 0) * rank,
@@ -351,7 +351,8 @@ def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, froze
         HAS_DA=need_A, ROUTING_PARTIALS=routing_partials, HAS_SCALE=channel_scale is not None, **blocks,
         reads=[dz, draw, x_adapter if need_A else None, z if routing_partials else None,
                strided_rows_bytes(num_tokens, sliced_rows * dout.element_size()) if sliced_rows else None,
-               weight[:routed_width] if weight is not None and routed_into_dx is not None else None],
+               routed_width * in_features * weight.element_size()
+               if weight is not None and routed_into_dx is not None else None],
         writes=[routed_into_dx, adapter_grad, da_partials, routing_out],
         flops=2 * num_tokens * in_features * (rank * (int(adapter_into_dx) + int(adapter_grad is not None)
                                                       + int(need_A)) + routed_width * int(routed_into_dx is not None)),
