@@ -436,6 +436,8 @@ def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sc
     max_partials = torch.empty(token_blocks, 2, device=device, dtype=torch.float32) if routing and config.maxabs else None
     column_blocks = splits = tokens_per_split = 0
     parameter_partials = None
+    # DoRA's frozen product: only the column programs read it.
+    dora_frozen = frozen if has_scale and partials else None
     if partials:
         column_blocks = cdiv(out_features, blocks["COL_BLOCK_N"])
         width = rank + num_experts + 3
@@ -451,17 +453,17 @@ def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sc
     launch(
         _modulation_backward_kernel, (token_blocks + column_blocks * splits,),
         dout, z, B, LiMEs, arg(LiME_shared), arg(gamma), arg(valid), arg(channel_scale),
-        frozen if has_scale and partials else dout, state.features, state.selected, arg(jitter), stats,
+        dora_frozen if dora_frozen is not None else dout, state.features, state.selected, arg(jitter), stats,
         arg(dimportance), arg(dkl), state.part("scales"), dz, arg(dpooled), arg(dgamma_partials), arg(max_partials),
         arg(parameter_partials),
         num_tokens, out_features, rank, num_experts, config.top_k, token_blocks, max(column_blocks, 1),
-        tokens_per_split, frozen.stride(0) if has_scale and partials else 0, float(scaling), **config.kernel_options(),
+        tokens_per_split, dora_frozen.stride(0) if dora_frozen is not None else 0, float(scaling), **config.kernel_options(),
         RANK_DOT=dot_width(rank), LANES=config.lanes, PRECISION=dot_precision(dout.dtype),
         HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=has_scale, ROUTING=routing,
         HAS_JITTER=jitter is not None, HAS_DIMPORTANCE=dimportance is not None, HAS_DKL=dkl is not None,
         MAXABS=config.maxabs, SELECTION=config.selection, PARTIALS=partials, **blocks,
         # The token programs read dout once, the column programs once more.
-        reads=[dout, dout if partials else None, frozen if has_scale and partials else None, z,
+        reads=[dout, dout if partials else None, dora_frozen, z,
                state.features if routing else state.weights, state.selected if routing else None, jitter, valid],
         writes=[dz, dpooled, dgamma_partials, max_partials, parameter_partials],
         flops=2 * num_tokens * out_features * 2 * (dot_width(rank) + config.lanes) * (1 + int(partials)),

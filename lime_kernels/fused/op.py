@@ -414,7 +414,7 @@ class _EagerFusedLiME(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dimportance, dkl, _dstats, _dhistogram):
         if dout is None and dimportance is None and dkl is None:
-            return (None,) * 17
+            return (None,) * (len(_INPUTS) + 3)
         x, x_adapter, weight, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter, z, dora_base, stats = \
             ctx.saved_tensors
         z_used, features, selected, extra, frozen = ctx.state
@@ -422,8 +422,8 @@ class _EagerFusedLiME(torch.autograd.Function):
             z = z_used
         if dora_base is not None:
             frozen = dora_base
-        need = ctx.needs_input_grad
-        needs = (need[0], need[1], need[4], need[6], need[7], need[8], need[9], need[10], need[11])
+        # The Function's first inputs are `_INPUTS`, in that order.
+        needs = tuple(ctx.needs_input_grad[position] for position in _DIFFERENTIABLE_POSITIONS)
         config = ctx.config
         if torch.compiler.is_compiling():  # compiled autograd traces this: the registered op, as `_backward` calls
             grads = fused_lime_backward(
@@ -439,14 +439,13 @@ class _EagerFusedLiME(torch.autograd.Function):
                     valid, jitter, z, features, selected, extra, stats, frozen, ctx.sliced_rows, ctx.scaling, config,
                     needs)
         batch, tokens = ctx.sequences
-        if dx is not None:
-            dx = dx.view(batch, tokens, dx.shape[-1])
-        if dx_adapter is not None:
-            dx_adapter = dx_adapter.view(batch, tokens, dx_adapter.shape[-1])
-        if dbase is not None:
-            dbase = dbase.view(batch, tokens, dbase.shape[-1])
-        return (dx, dx_adapter, None, None, dbase, None, dA, dB, dP, dshared, dgamma, dscale, None, None, None, None,
-                None)
+        dx, dx_adapter, dbase = (None if grad is None else grad.view(batch, tokens, grad.shape[-1])
+                                 for grad in (dx, dx_adapter, dbase))
+        result = [None] * (len(_INPUTS) + 3)  # and sliced_rows, scaling, config
+        for position, grad in zip(_DIFFERENTIABLE_POSITIONS, (dx, dx_adapter, dbase, dA, dB, dP, dshared, dgamma,
+                                                               dscale)):
+            result[position] = grad
+        return tuple(result)
 
 
 def _flat(sequences: Optional[Tensor]) -> Optional[Tensor]:
@@ -524,9 +523,8 @@ def fused_lime_linear(
     if (z is None) == (A is None):
         raise ValueError("give exactly one of A (the adapter's down projection) and z (its output)")
     shaped = x if x is not None else (adapter_input if adapter_input is not None else (base if base is not None else z))
-    device_type = shaped.device.type
-    autocast_on = _autocast_on(device_type)
-    if autocast_on and weight is not None:  # the frozen product as nn.Linear under autocast would compute it
+    # The frozen product as nn.Linear under autocast would compute it (checked once here: the hot path).
+    if weight is not None and _autocast_on(shaped.device.type):
         x, weight, bias = autocast_cast(x), autocast_cast(weight), autocast_cast(bias)
     batch, tokens = shaped.shape[:2]
     valid = None if valid is None else valid.reshape(-1)
@@ -543,12 +541,7 @@ def fused_lime_linear(
             )
     else:
         config = _options_config(options, LiMEs.shape[0], seq_len)
-        if autocast_on:  # LiME's own math in float32 (entering torch.autocast costs host time: only when on)
-            with torch.autocast(device_type, enabled=False):
-                out, importance, kl_uniform, stats, histogram = _EagerFusedLiME.apply(
-                    x, adapter_input, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
-                    jitter, int(sliced_rows), float(scaling), config)
-        else:
+        with full_precision(shaped.device):  # enters torch.autocast only where autocast is on
             out, importance, kl_uniform, stats, histogram = _EagerFusedLiME.apply(
                 x, adapter_input, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
                 int(sliced_rows), float(scaling), config)
