@@ -3,14 +3,19 @@ and `launch`, the one place every Triton kernel starts from.
 
 `launch` lets the launches be counted and their memory traffic accounted for
 (`benchmarks/cost_model.py`, the host-overhead benchmark): each launcher states the bytes its kernel
-reads and writes and the FLOPs it does, computed from the tensors it passes. Inside
-`record_launches(execute=False)` the kernels are not run at all (only recorded).
+reads and writes and the FLOPs it does, computed from the tensors it passes, in a `traffic` function
+that only a recorder calls (a real call pays nothing for it). Inside `record_launches(execute=False)`
+the kernels are not run at all (only recorded).
+
+The launchers' plans (block sizes, grids, splits, constexpr options) are pure functions of the shapes
+and options, cached with `functools.lru_cache`: a training step reuses them instead of redoing the
+arithmetic on every launch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, List, NamedTuple, Sequence, Union
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -111,10 +116,13 @@ def record_launches(execute: bool = True, keep: bool = True):
         _recorders.remove(recorder)
 
 
-def launch(kernel, grid: Sequence[int], *args, reads: Sequence[Traffic] = (), writes: Sequence[Traffic] = (),
-           flops: int = 0, **options) -> None:
-    """Start `kernel` over `grid` (an empty grid starts nothing) and report it to the recorders."""
-    grid = tuple(map(int, grid))
+# What a launch moves and computes: (tensors and byte counts read, those written, FLOPs).
+TrafficFunction = Callable[[], Tuple[Sequence[Traffic], Sequence[Traffic], int]]
+
+
+def launch(kernel, grid: Sequence[int], *args, traffic: Optional[TrafficFunction] = None, **options) -> None:
+    """Start `kernel` over `grid` (an empty grid starts nothing) and report it to the recorders, with
+    what `traffic()` returns (called only when a recorder keeps the launch)."""
     if 0 in grid:
         return
     if _recorders:
@@ -123,8 +131,9 @@ def launch(kernel, grid: Sequence[int], *args, reads: Sequence[Traffic] = (), wr
         for recorder in _recorders:
             if recorder.keep:
                 if record is None:
-                    record = Launch(getattr(kernel, "fn", kernel).__name__, grid, traffic_bytes(reads),
-                                    traffic_bytes(writes), int(flops))
+                    reads, writes, flops = traffic() if traffic is not None else ((), (), 0)
+                    record = Launch(getattr(kernel, "fn", kernel).__name__, tuple(map(int, grid)),
+                                    traffic_bytes(reads), traffic_bytes(writes), int(flops))
                 recorder.launches.append(record)
             execute = execute and recorder.execute
         if not execute:

@@ -23,7 +23,8 @@ So every reduction runs in an order fixed by the shape: gradients are bit-for-bi
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -385,6 +386,17 @@ def finish_blocks(rank: int) -> dict:
                 num_warps=4)
 
 
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(num_tokens: int, out_features: int, rank: int, num_experts: int, activation: torch.dtype,
+                  has_mask: bool, has_shared: bool, has_scale: bool, has_bias: bool):
+    """(grid, constexpr options) of the forward epilogue."""
+    grid = (cdiv(num_tokens, FORWARD_BLOCKS["BLOCK_M"]), cdiv(out_features, FORWARD_BLOCKS["BLOCK_N"]))
+    return grid, dict(
+        RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), HIST_LANES=histogram_lanes(num_experts),
+        PRECISION=dot_precision(activation), HAS_MASK=has_mask, HAS_SHARED=has_shared, HAS_SCALE=has_scale,
+        HAS_BIAS=has_bias, enable_fp_fusion=False, **FORWARD_BLOCKS)
+
+
 def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, valid, scaling: float,
                        stat_partials, importance, kl_uniform, stats, histogram, channel_scale=None, bias=None,
                        sliced_rows: int = 0) -> None:
@@ -396,9 +408,9 @@ def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, va
     """
     num_tokens, out_features = frozen.shape
     rank, num_experts = z.shape[1], LiMEs.shape[0]
-    blocks = FORWARD_BLOCKS
-    grid = (cdiv(num_tokens, blocks["BLOCK_M"]), cdiv(out_features, blocks["BLOCK_N"]))
     has_shared = LiME_shared is not None
+    grid, options = _forward_plan(num_tokens, out_features, rank, num_experts, frozen.dtype, valid is not None,
+                                  has_shared, channel_scale is not None, bias is not None)
     launch(
         _modulation_forward_kernel, grid,
         frozen, out, z, B, LiMEs, LiME_shared if has_shared else LiMEs, gamma if has_shared else LiMEs,
@@ -406,13 +418,42 @@ def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, va
         bias if bias is not None else LiMEs, weights, stat_partials, importance, kl_uniform, stats, histogram,
         num_tokens, out_features, rank, num_experts, int(sliced_rows), stat_partials.shape[0], frozen.stride(0),
         out.stride(0), float(scaling),
-        RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), HIST_LANES=histogram_lanes(num_experts),
-        PRECISION=dot_precision(frozen.dtype), HAS_MASK=valid is not None, HAS_SHARED=has_shared,
-        HAS_SCALE=channel_scale is not None, HAS_BIAS=bias is not None, enable_fp_fusion=False, **blocks,
-        reads=[frozen, z, weights, B, LiMEs, LiME_shared, valid, channel_scale, stat_partials],
-        writes=[out, importance, kl_uniform, stats, histogram],
-        flops=2 * num_tokens * out_features * (rank + num_experts + 1),
+        traffic=lambda: ([frozen, z, weights, B, LiMEs, LiME_shared, valid, channel_scale, stat_partials],
+                         [out, importance, kl_uniform, stats, histogram],
+                         2 * num_tokens * out_features * (rank + num_experts + 1)),
+        **options,
     )
+
+
+class _BackwardPlan(NamedTuple):
+    token_blocks: int
+    column_blocks: int  # 0 without the parameter partials
+    splits: int
+    tokens_per_split: int
+    width: int  # of a partial-sum row: r + E + 3
+    options: dict  # constexpr options
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_plan(num_tokens: int, out_features: int, rank: int, config: RoutingConfig, activation: torch.dtype,
+                   routing: bool, partials: bool, has_mask: bool, has_shared: bool, has_scale: bool,
+                   has_jitter: bool, has_dimportance: bool, has_dkl: bool, budget_bytes: int) -> _BackwardPlan:
+    blocks = backward_blocks(rank, config.lanes, activation)
+    token_blocks = cdiv(num_tokens, blocks["ROW_BLOCK_M"])
+    width = rank + config.num_experts + 3
+    column_blocks = splits = tokens_per_split = 0
+    if partials:
+        column_blocks = cdiv(out_features, blocks["COL_BLOCK_N"])
+        splits = token_splits(num_tokens, column_blocks, blocks["COL_BLOCK_M"], 4 * out_features * width,
+                              budget_bytes)
+        tokens_per_split = cdiv(cdiv(num_tokens, splits), blocks["COL_BLOCK_M"]) * blocks["COL_BLOCK_M"]
+        splits = cdiv(num_tokens, tokens_per_split)
+    options = dict(
+        RANK_DOT=dot_width(rank), LANES=config.lanes, PRECISION=dot_precision(activation), HAS_MASK=has_mask,
+        HAS_SHARED=has_shared, HAS_SCALE=has_scale, ROUTING=routing, HAS_JITTER=has_jitter,
+        HAS_DIMPORTANCE=has_dimportance, HAS_DKL=has_dkl, MAXABS=config.maxabs, SELECTION=config.selection,
+        PARTIALS=partials, **blocks, **config.kernel_options())
+    return _BackwardPlan(token_blocks, column_blocks, splits, tokens_per_split, width, options)
 
 
 def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_scale, frozen, state: RoutingState,
@@ -426,49 +467,54 @@ def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sc
     num_tokens, out_features = dout.shape
     rank, num_experts = z.shape[1], config.num_experts
     device = dout.device
-    blocks = backward_blocks(rank, config.lanes, dout.dtype)
-    token_blocks = cdiv(num_tokens, blocks["ROW_BLOCK_M"])
     has_shared = LiME_shared is not None
     has_scale = channel_scale is not None
+    plan = _backward_plan(num_tokens, out_features, rank, config, dout.dtype, routing, partials, valid is not None,
+                          has_shared, has_scale, jitter is not None, dimportance is not None, dkl is not None,
+                          budget_bytes)
     dz = torch.empty(num_tokens, rank, device=device, dtype=torch.float32)
     dpooled = torch.empty(2, num_tokens, num_experts, device=device, dtype=torch.float32) if routing else None
-    dgamma_partials = torch.empty(token_blocks, device=device, dtype=torch.float32) if has_shared else None
-    max_partials = torch.empty(token_blocks, 2, device=device, dtype=torch.float32) if routing and config.maxabs else None
-    column_blocks = splits = tokens_per_split = 0
-    parameter_partials = None
+    dgamma_partials = torch.empty(plan.token_blocks, device=device, dtype=torch.float32) if has_shared else None
+    max_partials = (torch.empty(plan.token_blocks, 2, device=device, dtype=torch.float32)
+                    if routing and config.maxabs else None)
+    parameter_partials = (torch.empty(plan.splits, out_features, plan.width, device=device, dtype=torch.float32)
+                          if partials else None)
     # DoRA's frozen product: only the column programs read it.
     dora_frozen = frozen if has_scale and partials else None
-    if partials:
-        column_blocks = cdiv(out_features, blocks["COL_BLOCK_N"])
-        width = rank + num_experts + 3
-        splits = token_splits(num_tokens, column_blocks, blocks["COL_BLOCK_M"], 4 * out_features * width,
-                              budget_bytes)
-        tokens_per_split = cdiv(cdiv(num_tokens, splits), blocks["COL_BLOCK_M"]) * blocks["COL_BLOCK_M"]
-        splits = cdiv(num_tokens, tokens_per_split)
-        parameter_partials = torch.empty(splits, out_features, width, device=device, dtype=torch.float32)
-
-    def arg(tensor):
-        return tensor if tensor is not None else dz
-
     launch(
-        _modulation_backward_kernel, (token_blocks + column_blocks * splits,),
-        dout, z, B, LiMEs, arg(LiME_shared), arg(gamma), arg(valid), arg(channel_scale),
-        dora_frozen if dora_frozen is not None else dout, state.features, state.selected, arg(jitter), stats,
-        arg(dimportance), arg(dkl), state.part("scales"), dz, arg(dpooled), arg(dgamma_partials), arg(max_partials),
-        arg(parameter_partials),
-        num_tokens, out_features, rank, num_experts, config.top_k, token_blocks, max(column_blocks, 1),
-        tokens_per_split, dora_frozen.stride(0) if dora_frozen is not None else 0, float(scaling), **config.kernel_options(),
-        RANK_DOT=dot_width(rank), LANES=config.lanes, PRECISION=dot_precision(dout.dtype),
-        HAS_MASK=valid is not None, HAS_SHARED=has_shared, HAS_SCALE=has_scale, ROUTING=routing,
-        HAS_JITTER=jitter is not None, HAS_DIMPORTANCE=dimportance is not None, HAS_DKL=dkl is not None,
-        MAXABS=config.maxabs, SELECTION=config.selection, PARTIALS=partials, **blocks,
+        _modulation_backward_kernel, (plan.token_blocks + plan.column_blocks * plan.splits,),
+        dout, z, B, LiMEs, dz if LiME_shared is None else LiME_shared, dz if gamma is None else gamma,
+        dz if valid is None else valid, dz if channel_scale is None else channel_scale,
+        dout if dora_frozen is None else dora_frozen, state.features, state.selected,
+        dz if jitter is None else jitter, stats, dz if dimportance is None else dimportance,
+        dz if dkl is None else dkl, state.part("scales"), dz, dz if dpooled is None else dpooled,
+        dz if dgamma_partials is None else dgamma_partials, dz if max_partials is None else max_partials,
+        dz if parameter_partials is None else parameter_partials,
+        num_tokens, out_features, rank, num_experts, config.top_k, plan.token_blocks, max(plan.column_blocks, 1),
+        plan.tokens_per_split, 0 if dora_frozen is None else dora_frozen.stride(0), float(scaling),
         # The token programs read dout once, the column programs once more.
-        reads=[dout, dout if partials else None, dora_frozen, z,
-               state.features if routing else state.weights, state.selected if routing else None, jitter, valid],
-        writes=[dz, dpooled, dgamma_partials, max_partials, parameter_partials],
-        flops=2 * num_tokens * out_features * 2 * (dot_width(rank) + config.lanes) * (1 + int(partials)),
+        traffic=lambda: ([dout, dout if partials else None, dora_frozen, z,
+                          state.features if routing else state.weights, state.selected if routing else None, jitter,
+                          valid],
+                         [dz, dpooled, dgamma_partials, max_partials, parameter_partials],
+                         2 * num_tokens * out_features * 2 * (dot_width(rank) + config.lanes) * (1 + int(partials))),
+        **plan.options,
     )
     return dz, dpooled, dgamma_partials, max_partials, parameter_partials
+
+
+@functools.lru_cache(maxsize=1024)
+def _finish_plan(out_features: int, in_features: int, rank: int, num_experts: int, need_A: bool, need_B: bool,
+                 need_P: bool, need_shared: bool, need_gamma: bool, need_scale: bool, routing_partials: bool,
+                 has_scale: bool):
+    """(grid, constexpr options) of the finishing kernel."""
+    blocks = finish_blocks(rank)
+    # Programs: every block of Dout columns (program 0 also sums d gamma), then the blocks of dA's columns.
+    grid = (cdiv(out_features, blocks["BLOCK_N"]) + (cdiv(in_features, blocks["BLOCK_K"]) if need_A else 0),)
+    return grid, dict(
+        RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), NEED_B=need_B, NEED_P=need_P,
+        NEED_SHARED=need_shared, NEED_GAMMA=need_gamma, NEED_SCALE=need_scale, NEED_A=need_A,
+        ROUTING_PARTIALS=routing_partials, HAS_SCALE=has_scale, **blocks)
 
 
 def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Optional[torch.Tensor],
@@ -479,19 +525,21 @@ def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Option
     """The parameter gradients (dA, dB, dLiMEs, dLiME_shared, dgamma, dscale; None where not asked
     for), each in its parameter's dtype, from the partial sums, in one launch."""
     out_features, rank = B.shape
-    num_experts = LiMEs.shape[0]
-    device = B.device
-
-    def grad_like(parameter, need):
-        return torch.empty_like(parameter, memory_format=torch.contiguous_format) if need else None
-
-    dA, dB, dP = grad_like(A, need_A), grad_like(B, need_B), grad_like(LiMEs, need_P)
-    dshared, dgamma, dscale = grad_like(LiME_shared, need_shared), grad_like(gamma, need_gamma), grad_like(
-        channel_scale, need_scale)
-    blocks = finish_blocks(rank)
-    # Programs: every block of Dout columns (program 0 also sums d gamma), then the blocks of dA's columns.
-    grid = (cdiv(out_features, blocks["BLOCK_N"]) + (cdiv(in_features, blocks["BLOCK_K"]) if need_A else 0),)
-    placeholder = torch.empty(1, device=device, dtype=torch.float32)
+    grid, options = _finish_plan(out_features, in_features, rank, LiMEs.shape[0], need_A, need_B, need_P,
+                                 need_shared, need_gamma, need_scale, routing_partials is not None,
+                                 channel_scale is not None)
+    contiguous = torch.contiguous_format
+    dA = torch.empty_like(A, memory_format=contiguous) if need_A else None
+    dB = torch.empty_like(B, memory_format=contiguous) if need_B else None
+    dP = torch.empty_like(LiMEs, memory_format=contiguous) if need_P else None
+    dshared = torch.empty_like(LiME_shared, memory_format=contiguous) if need_shared else None
+    dgamma = torch.empty_like(gamma, memory_format=contiguous) if need_gamma else None
+    dscale = torch.empty_like(channel_scale, memory_format=contiguous) if need_scale else None
+    # Absent tensors' pointers (never read): a float32 tensor of this call, or a new one if it has none.
+    placeholder = next((t for t in (partials, da_partials, routing_partials, dgamma_partials) if t is not None),
+                       None)
+    if placeholder is None:
+        placeholder = torch.empty(1, device=B.device, dtype=torch.float32)
 
     def arg(tensor):
         return tensor if tensor is not None else placeholder
@@ -500,15 +548,13 @@ def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Option
         _finish_kernel, grid,
         arg(partials), arg(da_partials), arg(routing_partials), arg(dgamma_partials), arg(gamma), arg(channel_scale),
         arg(dB), arg(dP), arg(dshared), arg(dgamma), arg(dscale), arg(dA),
-        out_features, in_features, rank, num_experts, partials.shape[0] if partials is not None else 0,
-        da_partials.shape[0] if da_partials is not None else 0,
-        routing_partials.shape[0] if routing_partials is not None else 0,
-        dgamma_partials.shape[0] if dgamma_partials is not None else 0, float(scaling),
-        RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), NEED_B=need_B, NEED_P=need_P,
-        NEED_SHARED=need_shared, NEED_GAMMA=need_gamma, NEED_SCALE=need_scale, NEED_A=need_A,
-        ROUTING_PARTIALS=routing_partials is not None, HAS_SCALE=channel_scale is not None, **blocks,
-        reads=[partials, da_partials, routing_partials, dgamma_partials],
-        writes=[dA, dB, dP, dshared, dgamma, dscale],
+        out_features, in_features, rank, LiMEs.shape[0], 0 if partials is None else partials.shape[0],
+        0 if da_partials is None else da_partials.shape[0],
+        0 if routing_partials is None else routing_partials.shape[0],
+        0 if dgamma_partials is None else dgamma_partials.shape[0], float(scaling),
+        traffic=lambda: ([partials, da_partials, routing_partials, dgamma_partials],
+                         [dA, dB, dP, dshared, dgamma, dscale], 0),
+        **options,
     )
     return dA, dB, dP, dshared, dgamma, dscale
 

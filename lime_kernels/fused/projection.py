@@ -20,6 +20,7 @@ bf16/fp16 ones (`dot_precision`); the small routing products are always exact fl
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -253,11 +254,25 @@ def projection_blocks(num_tokens: int, rank: int, config: RoutingConfig, activat
     return dict(BLOCK_T=rows, BLOCK_K=step, num_warps=warps)
 
 
+@functools.lru_cache(maxsize=1024)
 def routing_block_rows(num_tokens: int, rank: int, config: RoutingConfig, activation: torch.dtype) -> int:
     """Tokens per block of whichever kernel routes (and writes the per-block partial statistics)."""
     if routes_inline(config, rank):
         return projection_blocks(num_tokens, rank, config, activation)["BLOCK_T"]
     return routing_rows(config.lanes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _project_plan(num_tokens: int, rank: int, config: RoutingConfig, activation: torch.dtype, has_a: bool,
+                  has_scale: bool, has_bias: bool, has_mask: bool, has_jitter: bool):
+    """(grid, routes inline, constexpr options) of the projection."""
+    blocks = projection_blocks(num_tokens, rank, config, activation)
+    route = routes_inline(config, rank)
+    return (cdiv(num_tokens, blocks["BLOCK_T"]),), route, dict(
+        RANK_DOT=dot_width(rank), LANES=config.lanes, HIST_LANES=histogram_lanes(config.num_experts),
+        PRECISION=dot_precision(activation), HAS_A=has_a, HAS_SCALE=has_scale, HAS_BIAS=has_bias,
+        HAS_MASK=has_mask, HAS_JITTER=has_jitter, ROUTE=route, SELECTION=config.selection, enable_fp_fusion=False,
+        **blocks, **config.kernel_options())
 
 
 def project(x: Optional[torch.Tensor], A: Optional[torch.Tensor], z_given: Optional[torch.Tensor], B: torch.Tensor,
@@ -269,29 +284,27 @@ def project(x: Optional[torch.Tensor], A: Optional[torch.Tensor], z_given: Optio
     num_experts = config.num_experts
     device = frozen.device
     has_a = z_given is None
-    activation = x.dtype if has_a else frozen.dtype
-    blocks = projection_blocks(num_tokens, rank, config, activation)
-    route = routes_inline(config, rank)
+    grid, route, options = _project_plan(num_tokens, rank, config, x.dtype if has_a else frozen.dtype, has_a,
+                                         channel_scale is not None, bias is not None, valid is not None,
+                                         jitter is not None)
     z = torch.empty(num_tokens, rank, device=device, dtype=torch.float32) if has_a else z_given
     raw = None if route else torch.empty(2, num_tokens, num_experts, device=device, dtype=torch.float32)
-    lanes = config.lanes
+    in_features = x.shape[1] if has_a else 0
     any_tensor = frozen
     launch(
-        _project_kernel, (cdiv(num_tokens, blocks["BLOCK_T"]),),
+        _project_kernel, grid,
         x if has_a else any_tensor, A if has_a else any_tensor, any_tensor if has_a else z_given, B, frozen,
         channel_scale if channel_scale is not None else any_tensor, bias if bias is not None else any_tensor,
         valid if valid is not None else any_tensor, jitter if jitter is not None else any_tensor,
         z, raw if raw is not None else any_tensor, state.features, state.selected, stat_partials,
-        num_tokens, x.shape[1] if has_a else 0, rank, num_experts, sliced_rows, config.top_k, config.max_kept,
-        x.stride(0) if has_a else 0, frozen.stride(0), float(scaling), **config.kernel_options(),
-        RANK_DOT=dot_width(rank), LANES=lanes, HIST_LANES=histogram_lanes(num_experts),
-        PRECISION=dot_precision(activation), HAS_A=has_a, HAS_SCALE=channel_scale is not None,
-        HAS_BIAS=bias is not None, HAS_MASK=valid is not None, HAS_JITTER=jitter is not None, ROUTE=route,
-        SELECTION=config.selection, enable_fp_fusion=False, **blocks,
-        reads=[x if has_a else z_given, A, num_experts * rank * B.element_size(), valid, jitter,
-               strided_rows_bytes(num_tokens, num_experts * frozen.element_size())],
-        writes=[z if has_a else None, raw] + ([state.features, state.selected, stat_partials] if route else []),
-        flops=2 * num_tokens * (x.shape[1] if has_a else 0) * rank,
+        num_tokens, in_features, rank, num_experts, sliced_rows, config.top_k, config.max_kept,
+        x.stride(0) if has_a else 0, frozen.stride(0), float(scaling),
+        traffic=lambda: ([x if has_a else z_given, A, num_experts * rank * B.element_size(), valid, jitter,
+                          strided_rows_bytes(num_tokens, num_experts * frozen.element_size())],
+                         [z if has_a else None, raw] + ([state.features, state.selected, stat_partials] if route
+                                                        else []),
+                         2 * num_tokens * in_features * rank),
+        **options,
     )
     return z, raw
 
@@ -307,35 +320,49 @@ def token_splits(num_tokens: int, column_blocks: int, block_m: int, partial_byte
     return max(1, min(by_occupancy, by_length, by_memory))
 
 
+@functools.lru_cache(maxsize=1024)
+def _input_grad_plan(num_tokens: int, in_features: int, rank: int, num_experts: int, routed_width: int,
+                     activation: torch.dtype, writes_columns: bool, routed_into_dx: bool, adapter_into_dx: bool,
+                     adapter_grad: bool, need_A: bool, routing_partials: bool, has_scale: bool, budget_bytes: int):
+    """(grid, tokens per split, constexpr options) of the input-gradient kernel."""
+    blocks = input_grad_blocks(rank, routed_width, dot_width(num_experts), activation)
+    column_blocks = cdiv(in_features, blocks["BLOCK_K"]) if writes_columns else 1
+    splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * (rank * in_features + num_experts * rank
+                                                                           + num_experts), budget_bytes)
+    tokens_per_split = cdiv(cdiv(num_tokens, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
+    return (column_blocks, cdiv(num_tokens, tokens_per_split)), tokens_per_split, dict(
+        RANK_DOT=dot_width(rank), ROUTED_DOT=dot_width(routed_width), LANES=dot_width(num_experts),
+        PRECISION=dot_precision(activation), ROUTED_INTO_DX=routed_into_dx,
+        ADAPTER_INTO_DX=routed_into_dx and adapter_into_dx, ADAPTER_GRAD=adapter_grad, HAS_DA=need_A,
+        ROUTING_PARTIALS=routing_partials, HAS_SCALE=has_scale, **blocks)
+
+
 def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, frozen, sliced_rows: int,
                 scaling: float, *, routed_into_dx: Optional[torch.Tensor], adapter_into_dx: bool,
                 adapter_grad: Optional[torch.Tensor], need_A: bool, routing_partials: bool, budget_bytes: int):
     """Runs `_input_grad_kernel`; returns (dA partials (splits, r, Din) or None, routing partials
     (splits, E r + E) or None). `routed_into_dx` is the dx to write (or None), `adapter_grad` the
     adapter input's gradient to write (or None)."""
-    num_tokens = dz.shape[0]
-    rank = dz.shape[1]
+    num_tokens, rank = dz.shape
     num_experts = draw.shape[2]
     # Without an input (prompt tuning: z given) only the routing's partial sums are computed.
-    in_features = next((t.shape[1] for t in (x_adapter, weight) if t is not None), 0)
+    in_features = x_adapter.shape[1] if x_adapter is not None else weight.shape[1] if weight is not None else 0
     device = dz.device
     activation = (routed_into_dx if routed_into_dx is not None else
                   adapter_grad if adapter_grad is not None else x_adapter if x_adapter is not None else dout).dtype
     routed_width = max(num_experts, sliced_rows)
-    blocks = input_grad_blocks(rank, routed_width, dot_width(num_experts), activation)
-    writes_columns = routed_into_dx is not None or adapter_grad is not None or need_A
-    column_blocks = cdiv(in_features, blocks["BLOCK_K"]) if writes_columns else 1
-    splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * (rank * in_features + num_experts * rank
-                                                                           + num_experts), budget_bytes)
-    tokens_per_split = cdiv(cdiv(num_tokens, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
-    splits = cdiv(num_tokens, tokens_per_split)
+    grid, tokens_per_split, options = _input_grad_plan(
+        num_tokens, in_features, rank, num_experts, routed_width, activation,
+        routed_into_dx is not None or adapter_grad is not None or need_A, routed_into_dx is not None,
+        adapter_into_dx, adapter_grad is not None, need_A, routing_partials, channel_scale is not None, budget_bytes)
+    splits = grid[1]
     da_partials = torch.empty(splits, rank, in_features, device=device, dtype=torch.float32) if need_A else None
     routing_out = (torch.empty(splits, num_experts * rank + num_experts, device=device, dtype=torch.float32)
                    if routing_partials else None)
     any_tensor = dz
     w = weight if weight is not None else any_tensor
     launch(
-        _input_grad_kernel, (column_blocks, splits),
+        _input_grad_kernel, grid,
         dout, x_adapter if x_adapter is not None else any_tensor, w, A if A is not None else any_tensor, B, z, dz,
         draw, channel_scale if channel_scale is not None else any_tensor,
         frozen if frozen is not None else any_tensor,
@@ -345,17 +372,15 @@ def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, froze
         num_tokens, in_features, dout.shape[1], rank, num_experts, sliced_rows, tokens_per_split,
         x_adapter.stride(0) if x_adapter is not None else 0, w.stride(0) if weight is not None else 0,
         w.stride(1) if weight is not None else 0, frozen.stride(0) if frozen is not None else 0, float(scaling),
-        RANK_DOT=dot_width(rank), ROUTED_DOT=dot_width(routed_width), LANES=dot_width(num_experts),
-        PRECISION=dot_precision(activation), ROUTED_INTO_DX=routed_into_dx is not None,
-        ADAPTER_INTO_DX=routed_into_dx is not None and adapter_into_dx, ADAPTER_GRAD=adapter_grad is not None,
-        HAS_DA=need_A, ROUTING_PARTIALS=routing_partials, HAS_SCALE=channel_scale is not None, **blocks,
-        reads=[dz, draw, x_adapter if need_A else None, z if routing_partials else None,
-               strided_rows_bytes(num_tokens, sliced_rows * dout.element_size()) if sliced_rows else None,
-               routed_width * in_features * weight.element_size()
-               if weight is not None and routed_into_dx is not None else None],
-        writes=[routed_into_dx, adapter_grad, da_partials, routing_out],
-        flops=2 * num_tokens * in_features * (rank * (int(adapter_into_dx) + int(adapter_grad is not None)
-                                                      + int(need_A)) + routed_width * int(routed_into_dx is not None)),
+        traffic=lambda: (
+            [dz, draw, x_adapter if need_A else None, z if routing_partials else None,
+             strided_rows_bytes(num_tokens, sliced_rows * dout.element_size()) if sliced_rows else None,
+             routed_width * in_features * weight.element_size()
+             if weight is not None and routed_into_dx is not None else None],
+            [routed_into_dx, adapter_grad, da_partials, routing_out],
+            2 * num_tokens * in_features * (rank * (int(adapter_into_dx) + int(adapter_grad is not None) + int(need_A))
+                                            + routed_width * int(routed_into_dx is not None))),
+        **options,
     )
     return da_partials, routing_out
 

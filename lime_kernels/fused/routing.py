@@ -737,14 +737,14 @@ def route_pooled(raw: torch.Tensor, valid, jitter, state: RoutingState, stat_par
         summaries = torch.empty(2, num_seqs, num_experts, device=device, dtype=torch.float32)
         launch(_sequence_summary_kernel, (num_seqs, 2), raw, valid_arg, summaries, state.part("seq_state"),
                num_tokens, num_experts, config.seq_len, REP=config.rep, **common,
-               reads=[raw, valid], writes=[summaries, state.part("seq_state")])
+               traffic=lambda: ([raw, valid], [summaries, state.part("seq_state")], 0))
     absmax = raw
     if config.maxabs:
         rows = absmax_rows(lanes)
         absmax = torch.empty(cdiv(num_tokens, rows), 2, device=device, dtype=torch.float32)
         launch(_pooled_absmax_kernel, (absmax.shape[0],), raw, valid_arg, summaries, state.part("seq_state"), absmax,
                num_tokens, num_experts, config.seq_len, config.n_gram, **_pooling_options(config),
-               **dict(common, BLOCK_T=rows, num_warps=4), reads=[raw, valid], writes=[absmax])
+               **dict(common, BLOCK_T=rows, num_warps=4), traffic=lambda: ([raw, valid], [absmax], 0))
     launch(_routing_forward_kernel, (num_blocks,),
            raw, valid_arg, summaries, state.part("seq_state"), jitter if jitter is not None else raw, absmax,
            state.features, state.selected, state.part("window_count"), state.part("scales"), state.part("ties"),
@@ -752,8 +752,8 @@ def route_pooled(raw: torch.Tensor, valid, jitter, state: RoutingState, stat_par
            num_tokens, num_experts, config.seq_len, config.n_gram, config.top_k, config.max_kept, absmax.shape[0],
            HIST_LANES=histogram_lanes(num_experts), HAS_JITTER=jitter is not None, MAXABS=config.maxabs,
            SELECTION=config.selection, **_pooling_options(config), **common, **config.kernel_options(),
-           reads=[raw, valid, jitter],
-           writes=[state.features, state.selected, stat_partials, state.part("window_count") if config.window else None])
+           traffic=lambda: ([raw, valid, jitter], [state.features, state.selected, stat_partials,
+                                                   state.part("window_count") if config.window else None], 0))
 
 
 def pooling_backward(dpooled: torch.Tensor, max_partials: torch.Tensor, valid, state: RoutingState,
@@ -767,7 +767,10 @@ def pooling_backward(dpooled: torch.Tensor, max_partials: torch.Tensor, valid, s
                   num_warps=ROUTING_WARPS)
     valid_arg = valid if valid is not None else dpooled
     draw = torch.empty_like(dpooled)
-    reads = [dpooled, state.features[:2] if config.maxabs else None, valid]
+
+    def traffic():
+        return [dpooled, state.features[:2] if config.maxabs else None, valid], [draw], 0
+
     if max_partials is None:  # no maxabs router: nothing reads the max's partial sums
         max_partials = dpooled
     maxabs_args = (state.part("scales"), max_partials, state.part("ties"))
@@ -776,12 +779,12 @@ def pooling_backward(dpooled: torch.Tensor, max_partials: torch.Tensor, valid, s
         launch(_sequence_summary_backward_kernel, (num_tokens // config.seq_len, 2),
                dpooled, state.features, valid_arg, state.part("seq_state"), *maxabs_args, draw,
                num_tokens, num_experts, config.seq_len, *maxabs_sizes, REP=config.rep, **common,
-               reads=reads, writes=[draw])
+               traffic=traffic)
     else:
         launch(_pooling_backward_kernel, (cdiv(num_tokens, block_t), 2),
                dpooled, state.features, state.part("window_count"), valid_arg, *maxabs_args, draw,
                num_tokens, num_experts, config.seq_len, config.n_gram, *maxabs_sizes,
-               WINDOW=config.window, ANCHOR=config.anchor, **common, reads=reads, writes=[draw])
+               WINDOW=config.window, ANCHOR=config.anchor, **common, traffic=traffic)
     return draw
 
 
