@@ -138,7 +138,7 @@ def _train(args) -> None:
     from .data import MultiModalCollator, MultiModalDataset, load_mmt47, validate_split
     from .injection import apply_peft
     from .summary import print_lime_summary
-    from .trainer import LiMEArguments, LiMETrainer
+    from .trainer import LiMEArguments, LiMETrainer, checkpointing_arguments
 
     data_root = _directory(args.data_root or args.data, "--data-root")
     data = load_mmt47(args.data)
@@ -165,8 +165,7 @@ def _train(args) -> None:
         optim=args.optim, bf16=args.bf16, logging_steps=args.logging_steps, save_steps=args.save_steps,
         seed=args.seed, report_to=args.report_to, remove_unused_columns=False, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        # Only when asked: transformers >= 5.2x renamed the option (and warns on the old name).
-        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
+        **(checkpointing_arguments() if args.gradient_checkpointing else {}),
     )
     dataset = MultiModalDataset(train_split, processor, data_root, args.num_video_frames, args.max_length)
     trainer = LiMETrainer(model=model, args=training, train_dataset=dataset, processing_class=processor,

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -56,6 +57,16 @@ class LiMEArguments(TrainingArguments):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"balance_every_n_steps must be an integer >= 1; got balance_every_n_steps={steps!r}")
         super().__post_init__()
+
+
+def checkpointing_arguments(**checkpoint_kwargs) -> Dict[str, object]:
+    """The `TrainingArguments` options that turn on activation (gradient) checkpointing, under the names
+    this transformers takes: `activation_checkpointing[_kwargs]` where it has them (transformers 5.2x,
+    which warns on the old names), `gradient_checkpointing[_kwargs]` before. `checkpoint_kwargs` (e.g.
+    `use_reentrant=False`) go to `torch.utils.checkpoint` when given."""
+    fields = {item.name for item in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: True, **({f"{name}_kwargs": checkpoint_kwargs} if checkpoint_kwargs else {})}
 
 
 # The logged LiME metrics, averaged over the balance micro-batches since the last log.

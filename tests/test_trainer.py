@@ -13,6 +13,7 @@ from llava_helpers import README_TARGETS, TinyCollator, TinyConversations, make_
 import lime
 import lime.prompt_tuning
 from lime import LiMEArguments, LiMETrainer, load_adapter, save_adapter
+from lime.trainer import checkpointing_arguments
 from lime.tiny import build_tiny_llava_onevision
 from lime_kernels import LiMEDoRALinear
 
@@ -254,8 +255,7 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
     """Trainer options the paper's recipe uses: gradient checkpointing gives the same training as
     without; bf16 autocast (a float32 model on CPU here) trains, LiME's math staying in float32."""
     results = {}
-    for name, overrides in {"plain": {}, "checkpointing": dict(gradient_checkpointing=True,
-                                                               gradient_checkpointing_kwargs={"use_reentrant": False}),
+    for name, overrides in {"plain": {}, "checkpointing": checkpointing_arguments(use_reentrant=False),
                             "bf16": dict(bf16=True)}.items():
         model, processor = _wrapped()
         trainer = LiMETrainer(model=model, args=_args(tmp_path, max_steps=3, **overrides),
