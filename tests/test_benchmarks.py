@@ -123,3 +123,43 @@ def test_cost_model_and_host_overhead_report(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = (tmp_path / "cost_model.md").read_text()
     assert "| 0.5b-q 8192x896->896 | 2, 4 | lime-fused |" in text and "| lime-fused |" in text.split("## Host")[1]
+
+
+def test_launch_computes_its_traffic_only_for_a_recorder_that_keeps_it():
+    """`launch` calls the launcher's `traffic` function only when a recorder keeps the launch (a real
+    call, or a host-time run, pays nothing for the accounting), and records what it returns; an empty
+    grid starts and records nothing."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from lime_kernels.fused.common import launch, record_launches
+
+    started = []
+
+    def fake_kernel():  # stands for a Triton JITFunction: kernel[grid](*args, **options)
+        pass
+
+    class Launchable:
+        fn = fake_kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **options: started.append((grid, args, options))
+
+    calls = []
+
+    def traffic():
+        calls.append(1)
+        return [torch.zeros(4, dtype=torch.float32), 100], [torch.zeros(2, dtype=torch.float64)], 7
+
+    kernel = Launchable()
+    with record_launches(execute=False, keep=False) as kept:
+        launch(kernel, (3,), "argument", traffic=traffic, OPTION=1)
+    assert calls == [] and kept == [] and started == []
+    with record_launches(execute=False) as kept:
+        launch(kernel, (3, 2), traffic=traffic)
+        launch(kernel, (0, 2), traffic=traffic)
+    assert calls == [1] and started == []
+    assert [(r.name, r.grid, r.bytes_read, r.bytes_written, r.flops) for r in kept] == [
+        ("fake_kernel", (3, 2), 116, 16, 7)]
+    launch(kernel, (5,), "argument", traffic=traffic, OPTION=1)  # no recorder: started, traffic not called
+    assert calls == [1] and started == [((5,), ("argument",), {"OPTION": 1})]

@@ -426,6 +426,8 @@ def modulation_forward(frozen, out, z, B, weights, LiMEs, LiME_shared, gamma, va
 
 
 class _BackwardPlan(NamedTuple):
+    """The pass over dout's grid (token-block programs, then column blocks x splits) and options."""
+
     token_blocks: int
     column_blocks: int  # 0 without the parameter partials
     splits: int
