@@ -53,6 +53,11 @@ def selection_code(auto_topk: bool, soft_topk: bool, sparse_mode: bool) -> int:
 
 
 ROUTING_WARPS = 8
+# The routing pass's register limit per thread. Without one, ptxas 12.8 (Triton 3.6's) stops its
+# 8-warp builds at 64 registers and spills 8 bytes in three builds (the maxabs router on sm_80 and
+# sm_90, AutoTop-K's sparse mode on sm_90); 128 (two programs per SM, plenty for a pass over
+# [tokens, E]) spills in none, under Triton 3.6 or 3.8 (`python -m lime_kernels.compile_check`).
+ROUTING_FORWARD_REGISTERS = 128
 
 
 def routing_rows(lanes: int) -> int:
@@ -752,6 +757,7 @@ def route_pooled(raw: torch.Tensor, valid, jitter, state: RoutingState, stat_par
            num_tokens, num_experts, config.seq_len, config.n_gram, config.top_k, config.max_kept, absmax.shape[0],
            HIST_LANES=histogram_lanes(num_experts), HAS_JITTER=jitter is not None, MAXABS=config.maxabs,
            SELECTION=config.selection, **_pooling_options(config), **common, **config.kernel_options(),
+           maxnreg=ROUTING_FORWARD_REGISTERS,
            traffic=lambda: ([raw, valid, jitter], [state.features, state.selected, stat_partials,
                                                    state.part("window_count") if config.window else None], 0))
 
