@@ -530,13 +530,13 @@ def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Option
     grid, options = _finish_plan(out_features, in_features, rank, LiMEs.shape[0], need_A, need_B, need_P,
                                  need_shared, need_gamma, need_scale, routing_partials is not None,
                                  channel_scale is not None)
-    contiguous = torch.contiguous_format
-    dA = torch.empty_like(A, memory_format=contiguous) if need_A else None
-    dB = torch.empty_like(B, memory_format=contiguous) if need_B else None
-    dP = torch.empty_like(LiMEs, memory_format=contiguous) if need_P else None
-    dshared = torch.empty_like(LiME_shared, memory_format=contiguous) if need_shared else None
-    dgamma = torch.empty_like(gamma, memory_format=contiguous) if need_gamma else None
-    dscale = torch.empty_like(channel_scale, memory_format=contiguous) if need_scale else None
+
+    def grad_like(parameter, need):
+        return torch.empty_like(parameter, memory_format=torch.contiguous_format) if need else None
+
+    dA, dB, dP = grad_like(A, need_A), grad_like(B, need_B), grad_like(LiMEs, need_P)
+    dshared, dgamma, dscale = grad_like(LiME_shared, need_shared), grad_like(gamma, need_gamma), grad_like(
+        channel_scale, need_scale)
     # Absent tensors' pointers (never read): a float32 tensor of this call, or a new one if it has none.
     placeholder = next((t for t in (partials, da_partials, routing_partials, dgamma_partials) if t is not None),
                        None)

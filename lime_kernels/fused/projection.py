@@ -322,10 +322,11 @@ def token_splits(num_tokens: int, column_blocks: int, block_m: int, partial_byte
 
 @functools.lru_cache(maxsize=1024)
 def _input_grad_plan(num_tokens: int, in_features: int, rank: int, num_experts: int, routed_width: int,
-                     activation: torch.dtype, writes_columns: bool, routed_into_dx: bool, adapter_into_dx: bool,
-                     adapter_grad: bool, need_A: bool, routing_partials: bool, has_scale: bool, budget_bytes: int):
+                     activation: torch.dtype, routed_into_dx: bool, adapter_into_dx: bool, adapter_grad: bool,
+                     need_A: bool, routing_partials: bool, has_scale: bool, budget_bytes: int):
     """(grid, tokens per split, constexpr options) of the input-gradient kernel."""
     blocks = input_grad_blocks(rank, routed_width, dot_width(num_experts), activation)
+    writes_columns = routed_into_dx or adapter_grad or need_A
     column_blocks = cdiv(in_features, blocks["BLOCK_K"]) if writes_columns else 1
     splits = token_splits(num_tokens, column_blocks, blocks["BLOCK_M"], 4 * (rank * in_features + num_experts * rank
                                                                            + num_experts), budget_bytes)
@@ -352,8 +353,7 @@ def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, froze
                   adapter_grad if adapter_grad is not None else x_adapter if x_adapter is not None else dout).dtype
     routed_width = max(num_experts, sliced_rows)
     grid, tokens_per_split, options = _input_grad_plan(
-        num_tokens, in_features, rank, num_experts, routed_width, activation,
-        routed_into_dx is not None or adapter_grad is not None or need_A, routed_into_dx is not None,
+        num_tokens, in_features, rank, num_experts, routed_width, activation, routed_into_dx is not None,
         adapter_into_dx, adapter_grad is not None, need_A, routing_partials, channel_scale is not None, budget_bytes)
     splits = grid[1]
     da_partials = torch.empty(splits, rank, in_features, device=device, dtype=torch.float32) if need_A else None
