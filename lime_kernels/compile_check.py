@@ -31,10 +31,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .fused import modulation, projection, routing
+from .fused import finish, modulation, projection, routing
 from .layer import triton_interpreting
 
-TRITON_TYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "u8": "*u8", "i8": "*i8", "i64": "*i64"}
+TRITON_TYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "u8": "*u8", "i8": "*i8", "i32": "*i32",
+                "i64": "*i64"}
 FLOAT_ARGS = {"scaling", "temperature", "gamma_routing", "theta", "tau"}
 PRECISION = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
 ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,10 +52,10 @@ SHAPE_ARGS = {"num_tokens", "in_features", "out_features", "stride_x", "stride_f
 @dataclass
 class KernelSpec:
     """One kernel: its pointer arguments' kinds ('act', 'param' or a fixed type), its fixed
-    constexprs, its axes (name -> values, the first being the baseline), `blocks`: the block sizes
-    and warps its launcher picks for a variant and activation dtype (the same function the launcher
-    calls; None for a variant the launcher never starts), and the
-    compile `options` its launcher passes (`enable_fp_fusion`)."""
+    constexprs, its axes (name -> values, the first being the baseline), `blocks`: the block sizes,
+    warps and register limit its launcher picks for a variant and activation dtype (the same function
+    the launcher calls; None for a variant the launcher never starts), and the compile `options` its
+    launcher passes (`enable_fp_fusion`)."""
 
     name: str
     kernel: object
@@ -91,7 +92,9 @@ class KernelSpec:
         aligned = variant.get("aligned", False)
         constexprs, blocks = self._blocks(variant)
         blocks = dict(blocks)
-        options = {"num_warps": blocks.pop("num_warps", 4), **self.options}
+        # Launch options among the blocks (num_warps, a register limit) are compile options here too.
+        options = {key: blocks.pop(key) for key in ("num_warps", "maxnreg") if key in blocks}
+        options = {"num_warps": 4, **options, **self.options}
         constexprs.update(blocks)
         if "PRECISION" in self.kernel.arg_names:
             constexprs["PRECISION"] = PRECISION[act]
@@ -136,6 +139,9 @@ NO_CONTRACTION = {"enable_fp_fusion": False}
 
 def kernel_specs() -> List[KernelSpec]:
     routing_ptrs = {"valid_ptr": "u8", "selected_ptr": "i8"}
+    # The parameter gradients (and gamma) have the parameters' dtype.
+    grad_ptrs = {name: "param" for name in ("gamma_ptr", "da_ptr", "db_ptr", "dp_ptr", "dshared_ptr", "dgamma_ptr",
+                                            "dscale_ptr")}
 
     def routing_blocks(constexprs, act):
         return dict(BLOCK_T=routing.routing_rows(constexprs["LANES"]), num_warps=routing.ROUTING_WARPS)
@@ -183,26 +189,26 @@ def kernel_specs() -> List[KernelSpec]:
                    forward_blocks, NO_CONTRACTION),
         KernelSpec("modulation_backward", modulation._modulation_backward_kernel,
                    {"dout_ptr": "act", "b_ptr": "param", "p_ptr": "param", "shared_ptr": "param", "gamma_ptr": "param",
-                    "frozen_ptr": "act", **routing_ptrs}, {},
+                    "frozen_ptr": "act", "counters_ptr": "i32", **routing_ptrs}, {},
                    dict(act=ACTIVATIONS, param=PARAMETERS, PARTIALS=[True, False], ROUTING=[True, False],
                         HAS_SHARED=[True, False], HAS_SCALE=[False, True], HAS_DIMPORTANCE=[True, False],
                         HAS_DKL=[True, False], MAXABS=[False, True], RANK_DOT=DOT_WIDTHS, **selection_axes),
                    lambda c, act: modulation.backward_blocks(c["RANK_DOT"], c["LANES"], ACT_DTYPES[act])),
         KernelSpec("input_grad", projection._input_grad_kernel,
                    {"dout_ptr": "act", "x_ptr": "act", "w_ptr": "act", "a_ptr": "param", "b_ptr": "param",
-                    "frozen_ptr": "act", "dx_ptr": "act", "dxa_ptr": "act"}, {},
+                    "frozen_ptr": "act", "dx_ptr": "act", "dxa_ptr": "act", "counters_ptr": "i32", **grad_ptrs}, {},
                    dict(act=ACTIVATIONS, param=PARAMETERS, ROUTED_INTO_DX=[True, False], ADAPTER_INTO_DX=[True, False],
                         ADAPTER_GRAD=[False, True], HAS_DA=[True, False], ROUTING_PARTIALS=[True, False],
-                        HAS_SCALE=[False, True], RANK_DOT=DOT_WIDTHS, ROUTED_DOT=DOT_WIDTHS, LANES=LANES),
+                        HAS_SCALE=[False, True], FINISH=[True, False], NEED_B=[True, False], NEED_P=[True, False],
+                        NEED_SHARED=[True, False], NEED_GAMMA=[True, False], NEED_SCALE=[False, True],
+                        RANK_DOT=DOT_WIDTHS, ROUTED_DOT=DOT_WIDTHS, LANES=LANES),
                    lambda c, act: projection.input_grad_blocks(c["RANK_DOT"], c["ROUTED_DOT"], c["LANES"],
                                                                ACT_DTYPES[act])),
-        KernelSpec("finish", modulation._finish_kernel,
-                   {"gamma_ptr": "param", "db_ptr": "param", "dp_ptr": "param", "dshared_ptr": "param",
-                    "dgamma_ptr": "param", "da_ptr": "param"}, {},
+        KernelSpec("finish", finish._finish_kernel, grad_ptrs, {},
                    dict(param=PARAMETERS, NEED_B=[True, False], NEED_P=[True, False], NEED_SHARED=[True, False],
-                        NEED_GAMMA=[True, False], NEED_SCALE=[False, True], NEED_A=[True, False],
-                        ROUTING_PARTIALS=[True, False], HAS_SCALE=[False, True], RANK_DOT=DOT_WIDTHS, LANES=LANES),
-                   lambda c, act: modulation.finish_blocks(c["RANK_DOT"])),
+                        NEED_GAMMA=[True, False], NEED_SCALE=[False, True], HAS_SCALE=[False, True],
+                        RANK_DOT=DOT_WIDTHS, LANES=LANES),
+                   lambda c, act: finish.finish_blocks(c["RANK_DOT"])),
     ]
     return specs
 
@@ -272,6 +278,37 @@ def contraction_checks(arch: int, kernels) -> List[Tuple[str, Callable[[Sequence
     return checks
 
 
+def arrival_ordered(ptx: str) -> bool:
+    """Whether a kernel's arrival at a counter is ordered as `finish.arrive_last` needs: a CTA barrier
+    between its last global store and the single-thread acquire-release atomic (so the atomic publishes
+    every thread's stores), and another between the atomic and the first L1-bypassing load (so every
+    thread reads after the acquire)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    atomics = [i for i, line in enumerate(lines) if "atom.global.gpu.acq_rel.add" in line]
+    if len(atomics) != 1 or not lines[atomics[0]].startswith("@"):
+        return False
+    atomic = atomics[0]
+    stores = [i for i in range(atomic) if "st.global" in lines[i]]
+    loads = [i for i in range(atomic, len(lines)) if "ld.global.cg" in lines[i]]
+    if not stores or not loads:
+        return False
+    return (any(lines[i].startswith("bar.sync") for i in range(stores[-1], atomic))
+            and any(lines[i].startswith("bar.sync") for i in range(atomic, loads[0])))
+
+
+def _arrival_order(job) -> bool:
+    spec_index, variant, arch = job
+    source, _, options = kernel_specs()[spec_index].source(variant)
+    return arrival_ordered(triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"])
+
+
+def arrival_jobs(archs: Sequence[int], kernels) -> list:
+    """The input pass with FINISH (its baseline), for each architecture."""
+    return [(index, spec.baseline(), arch) for index, spec in enumerate(kernel_specs())
+            if spec.name == "input_grad" and (kernels is None or any(k in spec.name for k in kernels))
+            for arch in archs]
+
+
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lime_kernels.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
@@ -302,7 +339,12 @@ def main(argv: Sequence[str] = None) -> int:
             print(f"sm_{max(args.arch)} {name} no FMA contraction of DoRA's scale and bias: {'ok' if ok else 'FAILED'} "
                   f"(fma.rn.f32 without / with HAS_SCALE: {counts[0]} / {counts[1]}; contraction allowed: "
                   f"{counts[2]} / {counts[3]})", flush=True)
-    total = len(jobs) + len(checks)
+        arrivals = arrival_jobs(args.arch, args.kernels)
+        for (_, variant, arch), ok in zip(arrivals, pool.map(_arrival_order, arrivals)):
+            failures += not ok
+            print(f"sm_{arch} input_grad [FINISH={variant['FINISH']}] barrier, acq_rel atomic, barrier around the "
+                  f"arrival: {'ok' if ok else 'FAILED'}", flush=True)
+    total = len(jobs) + len(checks) + len(arrivals)
     print(f"{total - failures}/{total} builds and checks ok in {time.time() - start:.0f} s")
     return 1 if failures else 0
 

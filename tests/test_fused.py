@@ -128,14 +128,14 @@ def tie_free_input(reference, shape, dtype, mask=None, training=True, seed=1234)
     return tie_free(lambda generator: torch.randn(shape, generator=generator).to(DEVICE, dtype), run, dtype)
 
 
-def run_both(reference, fused, x, mask=None, training=True, seed=1234, dtype=torch.float32):
+def run_both(reference, fused, x, mask=None, training=True, seed=1234, dtype=torch.float32, input_grad=True):
     """Same input, same random numbers: compare outputs, statistics and every gradient."""
     results = []
     for layer in (reference, fused):
         layer.train(training)
         for parameter in layer.parameters():
             parameter.grad = None
-        inputs = x.detach().clone().requires_grad_(True)
+        inputs = x.detach().clone().requires_grad_(input_grad)
         torch.manual_seed(seed)
         out = layer(inputs, attention_mask=mask)
         stats = layer.last_stats
@@ -150,7 +150,10 @@ def run_both(reference, fused, x, mask=None, training=True, seed=1234, dtype=tor
     names = ("importance", "kl_uniform", "load", "usage", "active_experts", "active_histogram") if training else ("usage",)
     for name in names:
         _close(name, getattr(stats_f, name).reshape(-1), getattr(stats_r, name).reshape(-1), dtype, floor=1.0)
-    _close("grad x", dx_f, dx_r, dtype)
+    if input_grad:
+        _close("grad x", dx_f, dx_r, dtype)
+    else:
+        assert dx_f is None and dx_r is None
     assert grads_f.keys() == grads_r.keys()
     for name in grads_r:
         _close(f"grad {name}", grads_f[name], grads_r[name], dtype)
@@ -223,18 +226,31 @@ def test_fused_masked_tokens_return_the_frozen_output_exactly():
 
 
 def test_fused_respects_which_inputs_need_gradients():
+    """Each subset of parameters (and the input or not) gets exactly its gradients. With nothing
+    upstream of the routing to differentiate (the input and the adapter frozen) there is no input pass:
+    the finishing kernel's own launch writes the gradients (all of the modulation's, or d gamma alone)."""
+    from lime_kernels.fused.common import record_launches
+
     reference, fused = _pair(torch.float32, num_experts=4)
     x = tie_free_input(reference, (2, 9, 40), torch.float32, training=False)
-    for frozen in (("A", "B"), ("LiMEs", "LiME_shared", "gamma"), ("A", "B", "LiMEs", "LiME_shared", "gamma")):
+    cases = [(("A", "B"), True), (("LiMEs", "LiME_shared", "gamma"), True),
+             (("A", "B", "LiMEs", "LiME_shared", "gamma"), True), (("A", "B"), False),
+             (("A", "B", "LiMEs", "LiME_shared"), False)]
+    for frozen, input_grad in cases:
         for layer in (reference, fused):
             for name, parameter in layer.named_parameters():
                 parameter.requires_grad_(name.split(".")[0] != "linear" and name not in frozen)
-        run_both(reference, fused, x.clone().requires_grad_(True), training=False)
+        with record_launches() as launches:
+            run_both(reference, fused, x, training=False, input_grad=input_grad)
         assert all(getattr(fused, name).grad is None for name in frozen)
+        names = {launch.name for launch in launches}
+        assert ("_finish_kernel" in names) == (not input_grad), (frozen, input_grad, names)
+        assert ("_input_grad_kernel" in names) == input_grad, (frozen, input_grad, names)
 
 
 def test_fused_gradients_are_bit_for_bit_repeatable():
-    """Every reduction of the backward runs in an order fixed by the shape (no atomics)."""
+    """Every reduction of the backward runs in an order fixed by the shape (the input pass's arrival
+    counters decide which program sums the partials, never the order it sums them in)."""
     _, fused = _pair(torch.float32, num_experts=4, n_gram=3)
     x = torch.randn(3, 29, 40, device=DEVICE)
 
@@ -697,8 +713,8 @@ def test_fused_training_step_has_no_host_sync_and_no_zero_fill(variant):
 
 def test_fused_launches_per_training_step():
     """The default layer costs 4 launches forward (the jitter noise drawn from torch's RNG, the frozen
-    GEMM, the projection with routing, the epilogue) and 4 backward (the pass over dout by token and
-    column blocks, input pass, cuBLAS adding dout W, finishing kernel)."""
+    GEMM, the projection with routing, the epilogue) and 3 backward (the pass over dout by token and
+    column blocks, the input pass that also finishes the parameter gradients, cuBLAS adding dout W)."""
     from lime_kernels.accounting import account
 
     layer = _step_layer({})
@@ -716,7 +732,7 @@ def test_fused_launches_per_training_step():
     assert sorted(launched(forward)) == sorted(["aten::uniform_", "aten::addmm", "_project_kernel",
                                                 "_modulation_forward_kernel"])
     assert sorted(launched(backward)) == sorted(["_modulation_backward_kernel", "_input_grad_kernel",
-                                                 "aten::addmm_", "_finish_kernel"])
+                                                 "aten::addmm_"])
 
 
 @pytest.mark.parametrize("tokens", [1, 64])
@@ -820,6 +836,37 @@ def test_gpu_bf16_parity_at_an_aligned_multi_tile_shape_with_repeatable_gradient
 
     first, second = gradients(), gradients()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@gpu
+def test_gpu_input_pass_finishes_the_gradients_from_every_program():
+    """The input pass's last-arriving programs sum partial sums other programs of the same launch
+    wrote (arrival counters with acquire-release atomics): many splits and column blocks, two inputs
+    alternated ten times (so a stale read would pick up the other input's partial sums, left in the
+    reused memory), each input's gradients equal every time and close to the reference."""
+    from lime_kernels.fused.common import record_launches
+
+    reference, fused = _pair(torch.bfloat16, d_in=1024, d_out=1024, num_experts=8, rank=16, top_k=2)
+    shape = (2, 1024, 1024)
+    inputs = [tie_free_input(reference, shape, torch.bfloat16),
+              torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.bfloat16)]
+    with record_launches() as launches:
+        run_both(reference, fused, inputs[0], dtype=torch.bfloat16)
+    grid = next(launch.grid for launch in launches if launch.name == "_input_grad_kernel")
+    assert grid[0] >= 16 and grid[1] >= 4, grid
+
+    def gradients(x):
+        fused.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(True)
+        torch.manual_seed(0)
+        out = fused.train()(x)
+        (out.float().square().sum() + fused.last_stats.importance).backward()
+        return [x.grad] + [p.grad.clone() for p in (fused.A, fused.B, fused.LiMEs, fused.LiME_shared, fused.gamma)]
+
+    first = [gradients(x) for x in inputs]
+    for _ in range(10):
+        for x, expected in zip(inputs, first):
+            assert all(torch.equal(a, b) for a, b in zip(gradients(x), expected))
 
 
 @gpu

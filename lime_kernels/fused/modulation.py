@@ -1,5 +1,5 @@
 """The modulated up projection over the `[tokens, Dout]` output: the forward epilogue and the two
-backward passes over `dout`, plus the kernel that finishes the parameter gradients.
+backward passes over `dout`.
 
 Per tile, `delta = s z B^T` and `mod = w P + g p_shared` are rebuilt with two `tl.dot`s of width r and
 E (never stored), and:
@@ -14,8 +14,9 @@ E (never stored), and:
     block the sum of `s (D delta) p_shared` (for d gamma);
   - column blocks (`_column_block_partials`): `s (D mod)^T z` (dB), `s (D delta)^T w` (dP), the column
     sums of `s D delta` (d p_shared), and DoRA's `sum dout base + s D delta mod / scale`, per split of
-    the tokens: a bounded number of partial sums, summed in a fixed order by `_finish_kernel` together
-    with dA's and the routing's partials.
+    the tokens: a bounded number of partial sums, summed in a fixed order by the input pass's last
+    programs (`finish.py`) together with dA's and the routing's partials. Program 0 zeroes the input
+    pass's arrival counters, which launches after this pass.
   Neither kind reads what the other writes, so they share the launch: the column programs fill the GPU
   beside the token programs (tokens / 64 of them, under one wave on an H100 at 8,192 tokens).
 So every reduction runs in an order fixed by the shape: gradients are bit-for-bit repeatable.
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, dot_precision, dot_width, launch
+from .finish import zero_counters
 from .projection import token_splits
 from .routing import (
     RoutingConfig,
@@ -241,9 +243,9 @@ def _column_block_partials(
 def _modulation_backward_kernel(
     dout_ptr, z_ptr, b_ptr, p_ptr, shared_ptr, gamma_ptr, valid_ptr, scale_ptr, frozen_ptr, features_ptr,
     selected_ptr, jitter_ptr, stats_ptr, dimportance_ptr, dkl_ptr, scales_ptr,
-    dz_ptr, dpooled_ptr, dgamma_partials_ptr, max_partials_ptr, partials_ptr,
+    dz_ptr, dpooled_ptr, dgamma_partials_ptr, max_partials_ptr, partials_ptr, counters_ptr,
     num_tokens, out_features, rank, num_experts, top_k, num_token_blocks, column_blocks, tokens_per_split,
-    stride_frozen, scaling, temperature, gamma_routing, theta, tau,
+    num_counters, stride_frozen, scaling, temperature, gamma_routing, theta, tau,
     ROW_BLOCK_M: tl.constexpr, ROW_BLOCK_N: tl.constexpr, COL_BLOCK_M: tl.constexpr, COL_BLOCK_N: tl.constexpr,
     RANK_DOT: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SHARED: tl.constexpr, HAS_SCALE: tl.constexpr, ROUTING: tl.constexpr, HAS_JITTER: tl.constexpr,
@@ -255,6 +257,8 @@ def _modulation_backward_kernel(
     the tokens each (`_column_block_partials`). Neither reads what the other writes; the column
     programs fill the GPU beside the few, long token programs."""
     pid = tl.program_id(0)
+    if pid == 0:
+        zero_counters(counters_ptr, num_counters, 128)
     # The routing weights `w` are the fourth plane of the saved features.
     weights_ptr = features_ptr + 3 * num_tokens * num_experts
     if pid < num_token_blocks:
@@ -273,88 +277,6 @@ def _modulation_backward_kernel(
                 shared_ptr, gamma_ptr, valid_ptr, scale_ptr, frozen_ptr, weights_ptr, partials_ptr,
                 num_tokens, out_features, rank, num_experts, tokens_per_split, stride_frozen,
                 COL_BLOCK_M, COL_BLOCK_N, RANK_DOT, LANES, PRECISION, HAS_MASK, HAS_SHARED, HAS_SCALE)
-
-
-@triton.jit
-def _finish_kernel(
-    partials_ptr, da_partials_ptr, routing_partials_ptr, dgamma_partials_ptr, gamma_ptr, scale_ptr,
-    db_ptr, dp_ptr, dshared_ptr, dgamma_ptr, dscale_ptr, da_ptr,
-    out_features, in_features, rank, num_experts, num_splits, num_da_splits, num_routing_splits,
-    num_dgamma_blocks, scaling,
-    BLOCK_N: tl.constexpr, RANK_DOT: tl.constexpr, LANES: tl.constexpr, BLOCK_K: tl.constexpr,
-    NEED_B: tl.constexpr, NEED_P: tl.constexpr, NEED_SHARED: tl.constexpr, NEED_GAMMA: tl.constexpr,
-    NEED_SCALE: tl.constexpr, NEED_A: tl.constexpr, ROUTING_PARTIALS: tl.constexpr, HAS_SCALE: tl.constexpr,
-):
-    """Programs [0, column blocks): dB, dLiMEs, dLiME_shared, dscale of a block of Dout columns; the
-    next ones: dA of a block of Din columns; program 0 also d gamma. Each sums its partials in split
-    order and writes the gradient in its parameter's dtype."""
-    pid = tl.program_id(0)
-    column_blocks = tl.cdiv(out_features, BLOCK_N)
-    ranks = tl.arange(0, RANK_DOT)
-    lanes = tl.arange(0, LANES)
-    rank_ok = ranks < rank
-    lane_ok = lanes < num_experts
-    if pid < column_blocks:
-        if NEED_B or NEED_P or NEED_SHARED or NEED_SCALE:
-            cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = cols < out_features
-            width = rank + num_experts + 3
-            db = tl.zeros((BLOCK_N, RANK_DOT), tl.float32)
-            dp = tl.zeros((BLOCK_N, LANES), tl.float32)
-            dcol = tl.zeros((BLOCK_N,), tl.float32)
-            dscale_frozen = tl.zeros((BLOCK_N,), tl.float32)
-            dscale_modulated = tl.zeros((BLOCK_N,), tl.float32)
-            for split in range(0, num_splits):
-                base = partials_ptr + split * out_features * width + cols.to(tl.int64) * width
-                db += tl.load(base[:, None] + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-                dp += tl.load(base[:, None] + rank + lanes[None, :], mask=col_ok[:, None] & lane_ok[None, :],
-                              other=0.0)
-                dcol += tl.load(base + rank + num_experts, mask=col_ok, other=0.0)
-                if HAS_SCALE:
-                    dscale_frozen += tl.load(base + rank + num_experts + 1, mask=col_ok, other=0.0)
-                    dscale_modulated += tl.load(base + rank + num_experts + 2, mask=col_ok, other=0.0)
-            # The routing's contributions through u, v = base'[:, :E], delta'[:, :E].
-            routed = cols < num_experts
-            routing_db = tl.zeros((BLOCK_N, RANK_DOT), tl.float32)
-            routing_dscale = tl.zeros((BLOCK_N,), tl.float32)
-            if ROUTING_PARTIALS:
-                routing_width = num_experts * rank + num_experts
-                for split in range(0, num_routing_splits):
-                    base = routing_partials_ptr + split * routing_width
-                    routing_db += tl.load(base + cols[:, None] * rank + ranks[None, :],
-                                          mask=routed[:, None] & rank_ok[None, :], other=0.0)
-                    routing_dscale += tl.load(base + num_experts * rank + cols, mask=routed, other=0.0)
-            if NEED_B:
-                tl.store(db_ptr + cols[:, None] * rank + ranks[None, :],
-                         (scaling * (db + routing_db)).to(db_ptr.dtype.element_ty),
-                         mask=col_ok[:, None] & rank_ok[None, :])
-            if NEED_P:
-                tl.store(dp_ptr + lanes[None, :] * out_features + cols[:, None],
-                         (scaling * dp).to(dp_ptr.dtype.element_ty), mask=col_ok[:, None] & lane_ok[None, :])
-            if NEED_SHARED:
-                gamma = tl.load(gamma_ptr).to(tl.float32)
-                tl.store(dshared_ptr + cols, (gamma * scaling * dcol).to(dshared_ptr.dtype.element_ty), mask=col_ok)
-            if NEED_SCALE:
-                # d(scale): the frozen product everywhere, the modulation on valid rows (summed with
-                # D' = dout, without the scale), and the routed channels' share.
-                dscale = dscale_frozen + scaling * dscale_modulated + routing_dscale
-                tl.store(dscale_ptr + cols, dscale.to(dscale_ptr.dtype.element_ty), mask=col_ok)
-    else:
-        if NEED_A:
-            inputs = (pid - column_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-            input_ok = inputs < in_features
-            da = tl.zeros((RANK_DOT, BLOCK_K), tl.float32)
-            for split in range(0, num_da_splits):
-                da += tl.load(da_partials_ptr + split * rank * in_features + ranks[:, None] * in_features
-                              + inputs[None, :], mask=rank_ok[:, None] & input_ok[None, :], other=0.0)
-            tl.store(da_ptr + ranks[:, None] * in_features + inputs[None, :], da.to(da_ptr.dtype.element_ty),
-                     mask=rank_ok[:, None] & input_ok[None, :])
-    if NEED_GAMMA:
-        if pid == 0:
-            total = 0.0
-            for block in range(0, num_dgamma_blocks):
-                total += tl.load(dgamma_partials_ptr + block)
-            tl.store(dgamma_ptr, total.to(dgamma_ptr.dtype.element_ty))
 
 
 # --- launchers -------------------------------------------------------------------------------------
@@ -378,12 +300,6 @@ def backward_blocks(rank: int, lanes: int, activation: torch.dtype) -> dict:
     if lanes >= 32:
         return dict(ROW_BLOCK_M=16, ROW_BLOCK_N=32, COL_BLOCK_M=16, COL_BLOCK_N=32, num_warps=4)
     return dict(ROW_BLOCK_M=64, ROW_BLOCK_N=32, COL_BLOCK_M=16, COL_BLOCK_N=32, num_warps=8)
-
-
-def finish_blocks(rank: int) -> dict:
-    """The finishing kernel: BLOCK_N columns of Dout, or BLOCK_K of Din (for dA), per program."""
-    return dict(BLOCK_N=max(16, min(64, 2048 // dot_width(rank))), BLOCK_K=max(16, min(64, 2048 // dot_width(rank))),
-                num_warps=4)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -460,12 +376,12 @@ def _backward_plan(num_tokens: int, out_features: int, rank: int, config: Routin
 
 def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_scale, frozen, state: RoutingState,
                         jitter, stats, dimportance, dkl, scaling: float, config: RoutingConfig, routing: bool,
-                        partials: bool, budget_bytes: int):
-    """Both passes over dout, one launch. Returns (dz (tokens, r), d(pooled features) (2, tokens, E) or
-    None, d gamma partials per token block or None, maxabs partial sums per block or None, parameter
-    partial sums (splits, Dout, r + E + 3) for dB, dLiMEs, dLiME_shared and DoRA's dscale, or None
-    without `partials`), all float32; dz includes the scaling. The partial sums take at most
-    `budget_bytes`; `frozen` is DoRA's frozen product (else None)."""
+                        partials: bool, budget_bytes: int, counters: Optional[torch.Tensor] = None):
+    """Both passes over dout, one launch, which also zeroes `counters` (the input pass's). Returns (dz
+    (tokens, r), d(pooled features) (2, tokens, E) or None, d gamma partials per token block or None,
+    maxabs partial sums per block or None, parameter partial sums (splits, Dout, r + E + 3) for dB,
+    dLiMEs, dLiME_shared and DoRA's dscale, or None without `partials`), all float32; dz includes the
+    scaling. The partial sums take at most `budget_bytes`; `frozen` is DoRA's frozen product (else None)."""
     num_tokens, out_features = dout.shape
     rank, num_experts = z.shape[1], config.num_experts
     device = dout.device
@@ -491,74 +407,19 @@ def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sc
         dz if jitter is None else jitter, stats, dz if dimportance is None else dimportance,
         dz if dkl is None else dkl, state.part("scales"), dz, dz if dpooled is None else dpooled,
         dz if dgamma_partials is None else dgamma_partials, dz if max_partials is None else max_partials,
-        dz if parameter_partials is None else parameter_partials,
+        dz if parameter_partials is None else parameter_partials, dz if counters is None else counters,
         num_tokens, out_features, rank, num_experts, config.top_k, plan.token_blocks, max(plan.column_blocks, 1),
-        plan.tokens_per_split, 0 if dora_frozen is None else dora_frozen.stride(0), float(scaling),
+        plan.tokens_per_split, 0 if counters is None else counters.numel(),
+        0 if dora_frozen is None else dora_frozen.stride(0), float(scaling),
         # The token programs read dout once, the column programs once more.
         traffic=lambda: ([dout, dout if partials else None, dora_frozen, z,
                           state.features if routing else state.weights, state.selected if routing else None, jitter,
                           valid],
-                         [dz, dpooled, dgamma_partials, max_partials, parameter_partials],
+                         [dz, dpooled, dgamma_partials, max_partials, parameter_partials, counters],
                          2 * num_tokens * out_features * 2 * (dot_width(rank) + config.lanes) * (1 + int(partials))),
         **plan.options,
     )
     return dz, dpooled, dgamma_partials, max_partials, parameter_partials
 
 
-@functools.lru_cache(maxsize=1024)
-def _finish_plan(out_features: int, in_features: int, rank: int, num_experts: int, need_A: bool, need_B: bool,
-                 need_P: bool, need_shared: bool, need_gamma: bool, need_scale: bool, routing_partials: bool,
-                 has_scale: bool):
-    """(grid, constexpr options) of the finishing kernel."""
-    blocks = finish_blocks(rank)
-    # Programs: every block of Dout columns (program 0 also sums d gamma), then the blocks of dA's columns.
-    grid = (cdiv(out_features, blocks["BLOCK_N"]) + (cdiv(in_features, blocks["BLOCK_K"]) if need_A else 0),)
-    return grid, dict(
-        RANK_DOT=dot_width(rank), LANES=dot_width(num_experts), NEED_B=need_B, NEED_P=need_P,
-        NEED_SHARED=need_shared, NEED_GAMMA=need_gamma, NEED_SCALE=need_scale, NEED_A=need_A,
-        ROUTING_PARTIALS=routing_partials, HAS_SCALE=has_scale, **blocks)
-
-
-def finish_parameter_grads(partials: Optional[torch.Tensor], da_partials: Optional[torch.Tensor],
-                           routing_partials: Optional[torch.Tensor], dgamma_partials: Optional[torch.Tensor],
-                           *, A, B, LiMEs, LiME_shared, gamma, channel_scale, in_features: int, scaling: float,
-                           need_A: bool, need_B: bool, need_P: bool, need_shared: bool, need_gamma: bool,
-                           need_scale: bool):
-    """The parameter gradients (dA, dB, dLiMEs, dLiME_shared, dgamma, dscale; None where not asked
-    for), each in its parameter's dtype, from the partial sums, in one launch."""
-    out_features, rank = B.shape
-    grid, options = _finish_plan(out_features, in_features, rank, LiMEs.shape[0], need_A, need_B, need_P,
-                                 need_shared, need_gamma, need_scale, routing_partials is not None,
-                                 channel_scale is not None)
-
-    def grad_like(parameter, need):
-        return torch.empty_like(parameter, memory_format=torch.contiguous_format) if need else None
-
-    dA, dB, dP = grad_like(A, need_A), grad_like(B, need_B), grad_like(LiMEs, need_P)
-    dshared, dgamma, dscale = grad_like(LiME_shared, need_shared), grad_like(gamma, need_gamma), grad_like(
-        channel_scale, need_scale)
-    # Absent tensors' pointers (never read): a float32 tensor of this call, or a new one if it has none.
-    placeholder = next((t for t in (partials, da_partials, routing_partials, dgamma_partials) if t is not None),
-                       None)
-    if placeholder is None:
-        placeholder = torch.empty(1, device=B.device, dtype=torch.float32)
-
-    def arg(tensor):
-        return tensor if tensor is not None else placeholder
-
-    launch(
-        _finish_kernel, grid,
-        arg(partials), arg(da_partials), arg(routing_partials), arg(dgamma_partials), arg(gamma), arg(channel_scale),
-        arg(dB), arg(dP), arg(dshared), arg(dgamma), arg(dscale), arg(dA),
-        out_features, in_features, rank, LiMEs.shape[0], 0 if partials is None else partials.shape[0],
-        0 if da_partials is None else da_partials.shape[0],
-        0 if routing_partials is None else routing_partials.shape[0],
-        0 if dgamma_partials is None else dgamma_partials.shape[0], float(scaling),
-        traffic=lambda: ([partials, da_partials, routing_partials, dgamma_partials],
-                         [dA, dB, dP, dshared, dgamma, dscale], 0),
-        **options,
-    )
-    return dA, dB, dP, dshared, dgamma, dscale
-
-
-__all__ = ["finish_parameter_grads", "modulation_backward", "modulation_forward"]
+__all__ = ["modulation_backward", "modulation_forward"]

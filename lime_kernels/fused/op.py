@@ -10,11 +10,11 @@ the routing features, and the routing itself when it is per token), and the epil
 `base' + delta * mod` over the frozen output (and finishes the statistics). Pooled routing (n-gram,
 rep_mode mean / last) and the maxabs router add one or two small `[tokens, E]` kernels.
 
-Backward, 4 launches: one over `dout` whose programs take either a block of tokens (dz, the mixing
+Backward, 3 launches: one over `dout` whose programs take either a block of tokens (dz, the mixing
 weights' gradient, and the routing backward of those rows) or a block of columns over a split of the
 tokens (partial sums for dB, dLiMEs, dLiME_shared, DoRA's dscale), the input-side pass (the low-rank
-part of dx, dA partial sums), cuBLAS adding `dout W` to dx in its epilogue, and one kernel that sums
-the partials into the parameter gradients. Every
+part of dx, dA partial sums; the last of each column block's programs to finish sums the partials
+into the parameter gradients, `finish.py`), and cuBLAS adding `dout W` to dx in its epilogue. Every
 reduction has a fixed order (bit-for-bit repeatable) and the partial sums are bounded by
 `WORKSPACE_FRACTION` of the activations they reduce. Saved for backward: the inputs, `z (tokens, r)`
 and `[tokens, E]` routing state; a `[tokens, Dout]` tensor only for DoRA (the frozen product, which the
@@ -40,7 +40,8 @@ from ..inputs import _autocast_on, autocast_cast, full_precision
 from ..options import RoutingOptions
 from ..reference import RoutingStats, balance_statistics
 from .common import on_device_of
-from .modulation import finish_parameter_grads, modulation_backward, modulation_forward
+from .finish import Finishing, arrival_counters, empty_grads, finish_parameter_grads
+from .modulation import modulation_backward, modulation_forward
 from .projection import input_grads, project, routing_block_rows
 from .routing import (
     REP_CODES,
@@ -259,17 +260,22 @@ def _backward_impl(dout, dimportance, dkl, x, x_adapter, weight, A, B, LiMEs, Li
     adapter_source = x_adapter if x_adapter is not None else x
     # What depends on the routing's gradients: everything upstream of u = base'[:E] and v = delta'[:E].
     routing = need_x or need_adapter or need_base or need_A or need_B or need_scale
+    need_parameters = need_A or need_B or need_P or need_shared or need_gamma or need_scale
+    grads = (empty_grads(A, B, LiMEs, LiME_shared, gamma, channel_scale, need_A, need_B, need_P, need_shared,
+                         need_gamma, need_scale) if need_parameters else None)
+    # The input pass finishes the parameter gradients, counting its programs' arrivals per column block.
+    counters = (arrival_counters(adapter_source.shape[1] if adapter_source is not None else 0, device)
+                if routing and need_parameters else None)
     dz, dpooled, dgamma_partials, max_partials, partials = modulation_backward(
         dout, z, B, LiMEs, LiME_shared, gamma, valid_bytes, scale, frozen if scale is not None else None, state,
         jitter, stats, dimportance, dkl, scaling, config, routing,
         partials=need_B or need_P or need_shared or need_scale,
-        budget_bytes=int(WORKSPACE_FRACTION * dout.numel() * dout.element_size()))
+        budget_bytes=int(WORKSPACE_FRACTION * dout.numel() * dout.element_size()), counters=counters)
     draw = None
     if routing:
         draw = pooling_backward(dpooled, max_partials, valid_bytes, state, config) if config.pooled else dpooled
 
     dx = dx_adapter = dbase = None
-    da_partials = routing_partials = None
     adapter_reads_x = x_adapter is None and x is not None
     if routing:
         if need_x and computes_base:
@@ -280,12 +286,12 @@ def _backward_impl(dout, dimportance, dkl, x, x_adapter, weight, A, B, LiMEs, Li
             dx_adapter = torch.empty_like(x, memory_format=torch.contiguous_format)
         adapter_into_dx = dx is not None and adapter_reads_x
         source_bytes = adapter_source.numel() * adapter_source.element_size() if adapter_source is not None else 0
-        da_partials, routing_partials = input_grads(
+        input_grads(
             dout, adapter_source, weight if computes_base else None, A, B, z, dz, draw, scale,
             frozen if scale is not None else None, sliced_rows if computes_base else 0, scaling,
             routed_into_dx=dx, adapter_into_dx=adapter_into_dx,
             adapter_grad=dx_adapter if not adapter_into_dx or need_adapter else None,
-            need_A=need_A, routing_partials=need_B or need_scale,
+            finishing=Finishing(partials, dgamma_partials, counters, grads, gamma) if need_parameters else None,
             budget_bytes=max(1, int(WORKSPACE_FRACTION * source_bytes)))
         if dx is not None:
             # dx = dout W (DoRA: W scaled by row) added by cuBLAS onto the low-rank part, in its epilogue.
@@ -293,14 +299,11 @@ def _backward_impl(dout, dimportance, dkl, x, x_adapter, weight, A, B, LiMEs, Li
             dx.addmm_(dout, frozen_weight)
         if need_base:
             dbase = _base_grad(dout, draw[0], scale, num_experts)
-
-    dA, dB, dP, dshared, dgamma, dscale = (None,) * 6
-    if need_A or need_B or need_P or need_shared or need_gamma or need_scale:
-        dA, dB, dP, dshared, dgamma, dscale = finish_parameter_grads(
-            partials, da_partials, routing_partials, dgamma_partials, A=A, B=B, LiMEs=LiMEs, LiME_shared=LiME_shared,
-            gamma=gamma, channel_scale=channel_scale, in_features=A.shape[1] if A is not None else 0,
-            scaling=scaling, need_A=need_A, need_B=need_B, need_P=need_P, need_shared=need_shared,
-            need_gamma=need_gamma, need_scale=need_scale)
+    elif need_parameters:
+        finish_parameter_grads(partials, dgamma_partials, grads, gamma=gamma, out_features=out_features,
+                               rank=B.shape[1], num_experts=num_experts, has_scale=scale is not None,
+                               scaling=scaling)
+    dA, dB, dP, dshared, dgamma, dscale = grads if grads is not None else (None,) * 6
     if need_x and not computes_base:
         dx, dx_adapter = dx_adapter, None
     return dx, dx_adapter, dbase, dA, dB, dP, dshared, dgamma, dscale

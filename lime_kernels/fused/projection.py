@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, dot_precision, dot_width, launch, next_power_of_2, strided_rows_bytes
+from .finish import Finishing, arrive_last, finish_columns, finish_gamma, finish_inputs
 from .routing import RoutingConfig, RoutingState, histogram_lanes, route_rows, routing_rows, store_route, valid_rows
 
 
@@ -116,11 +117,15 @@ def _project_kernel(
 def _input_grad_kernel(
     dout_ptr, x_ptr, w_ptr, a_ptr, b_ptr, z_ptr, dz_ptr, draw_ptr, scale_ptr, frozen_ptr,
     dx_ptr, dxa_ptr, da_partials_ptr, routing_partials_ptr,
+    partials_ptr, dgamma_partials_ptr, gamma_ptr, counters_ptr, da_ptr, db_ptr, dp_ptr, dshared_ptr, dgamma_ptr,
+    dscale_ptr,
     num_tokens, in_features, out_features, rank, num_experts, sliced_rows, tokens_per_split,
-    stride_x, stride_w_out, stride_w_in, stride_frozen, scaling,
+    stride_x, stride_w_out, stride_w_in, stride_frozen, scaling, num_splits, num_dgamma_blocks,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RANK_DOT: tl.constexpr, ROUTED_DOT: tl.constexpr,
     LANES: tl.constexpr, PRECISION: tl.constexpr, ROUTED_INTO_DX: tl.constexpr, ADAPTER_INTO_DX: tl.constexpr,
     ADAPTER_GRAD: tl.constexpr, HAS_DA: tl.constexpr, ROUTING_PARTIALS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    FINISH: tl.constexpr, FINISH_BLOCK_N: tl.constexpr, NEED_B: tl.constexpr, NEED_P: tl.constexpr,
+    NEED_SHARED: tl.constexpr, NEED_GAMMA: tl.constexpr, NEED_SCALE: tl.constexpr,
 ):
     """Over one block of input columns and one split of the tokens.
 
@@ -128,7 +133,9 @@ def _input_grad_kernel(
     channels and -dout on SliceFine's first `sliced_rows`; ADAPTER_GRAD writes dz_total A to dxa (the
     adapter read another input); HAS_DA: dA partial sums over this split's tokens; ROUTING_PARTIALS
     (programs of the first column block): sums of dv z (for dB[:E]) and of du frozen + dv v/scale (for
-    DoRA's dscale[:E]) over this split's tokens.
+    DoRA's dscale[:E]) over this split's tokens. FINISH: the last program of each column block to be
+    done sums its block's partials into the parameter gradients (`finish.py`; `num_splits` and
+    `num_dgamma_blocks` count the pass over dout's partial sums).
     """
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
@@ -214,19 +221,38 @@ def _input_grad_kernel(
             base = routing_partials_ptr + split.to(tl.int64) * width
             tl.store(base + lanes[:, None] * rank + ranks[None, :], db_head, mask=lane_ok[:, None] & rank_ok[None, :])
             tl.store(base + num_experts * rank + lanes, dscale_head, mask=lane_ok)
+    if FINISH:
+        splits = tl.num_programs(1)
+        if arrive_last(counters_ptr, pid_k, splits):
+            if HAS_DA:
+                finish_inputs(pid_k, da_partials_ptr, da_ptr, in_features, rank, splits, BLOCK_K, RANK_DOT)
+            if NEED_B or NEED_P or NEED_SHARED or NEED_SCALE:
+                # Dout blocks dealt round the column blocks: block 0, with the routed rows, to column
+                # block 0, the one whose programs wrote the routing's partials.
+                for block in range(pid_k, tl.cdiv(out_features, FINISH_BLOCK_N), tl.num_programs(0)):
+                    finish_columns(block, partials_ptr, routing_partials_ptr, db_ptr, dp_ptr, dshared_ptr, dscale_ptr,
+                                   gamma_ptr, out_features, rank, num_experts, num_splits, splits, scaling,
+                                   FINISH_BLOCK_N, RANK_DOT, LANES, NEED_B, NEED_P, NEED_SHARED, NEED_SCALE,
+                                   ROUTING_PARTIALS, HAS_SCALE)
+            if NEED_GAMMA:
+                if pid_k == 0:
+                    finish_gamma(dgamma_partials_ptr, dgamma_ptr, num_dgamma_blocks)
 
 
 # --- launchers -------------------------------------------------------------------------------------
 
 def input_grad_blocks(rank: int, routed: int, lanes: int, activation: torch.dtype) -> dict:
     """The input-side backward pass: BLOCK_K input columns per program, a split's tokens in BLOCK_M
-    steps; no spills on sm_80 / sm_90 (compile_check builds what this picks)."""
+    steps, FINISH_BLOCK_N Dout columns per finishing step, and an explicit register limit: no spills
+    on sm_80 / sm_90 under Triton 3.6 or 3.8 (compile_check builds what this picks). Without the limit
+    ptxas builds some variants at 96-128 registers and spills 40-60 bytes; with 192 a Triton 3.6 build
+    still spills, with 255 none does (147-254 registers). 64-column finishing steps spill too."""
     widest = max(dot_width(rank), dot_width(routed))
     if widest >= 128:
-        return dict(BLOCK_M=16, BLOCK_K=16, num_warps=8)
+        return dict(BLOCK_M=16, BLOCK_K=16, FINISH_BLOCK_N=32, num_warps=8, maxnreg=255)
     if widest >= 64:
-        return dict(BLOCK_M=32, BLOCK_K=32, num_warps=8)
-    return dict(BLOCK_M=16, BLOCK_K=32, num_warps=4)
+        return dict(BLOCK_M=32, BLOCK_K=32, FINISH_BLOCK_N=32, num_warps=8, maxnreg=255)
+    return dict(BLOCK_M=16, BLOCK_K=32, FINISH_BLOCK_N=32, num_warps=4, maxnreg=255)
 
 
 def routes_inline(config: RoutingConfig, rank: int) -> bool:
@@ -323,8 +349,11 @@ def token_splits(num_tokens: int, column_blocks: int, block_m: int, partial_byte
 @functools.lru_cache(maxsize=1024)
 def _input_grad_plan(num_tokens: int, in_features: int, rank: int, num_experts: int, routed_width: int,
                      activation: torch.dtype, routed_into_dx: bool, adapter_into_dx: bool, adapter_grad: bool,
-                     need_A: bool, routing_partials: bool, has_scale: bool, budget_bytes: int):
-    """(grid, tokens per split, constexpr options) of the input-gradient kernel."""
+                     has_scale: bool, needs: Optional[tuple], budget_bytes: int):
+    """(grid, tokens per split, constexpr options) of the input-gradient kernel; `needs`: which
+    parameter gradients it finishes (`ParameterGrads.needs`), or None."""
+    need_A, need_B, need_P, need_shared, need_gamma, need_scale = needs if needs is not None else (False,) * 6
+    routing_partials = need_B or need_scale
     blocks = input_grad_blocks(rank, routed_width, dot_width(num_experts), activation)
     writes_columns = routed_into_dx or adapter_grad or need_A
     column_blocks = cdiv(in_features, blocks["BLOCK_K"]) if writes_columns else 1
@@ -335,54 +364,66 @@ def _input_grad_plan(num_tokens: int, in_features: int, rank: int, num_experts: 
         RANK_DOT=dot_width(rank), ROUTED_DOT=dot_width(routed_width), LANES=dot_width(num_experts),
         PRECISION=dot_precision(activation), ROUTED_INTO_DX=routed_into_dx,
         ADAPTER_INTO_DX=routed_into_dx and adapter_into_dx, ADAPTER_GRAD=adapter_grad, HAS_DA=need_A,
-        ROUTING_PARTIALS=routing_partials, HAS_SCALE=has_scale, **blocks)
+        ROUTING_PARTIALS=routing_partials, HAS_SCALE=has_scale, FINISH=needs is not None, NEED_B=need_B,
+        NEED_P=need_P, NEED_SHARED=need_shared, NEED_GAMMA=need_gamma, NEED_SCALE=need_scale, **blocks)
 
 
 def input_grads(dout, x_adapter, weight, A, B, z, dz, draw, channel_scale, frozen, sliced_rows: int,
                 scaling: float, *, routed_into_dx: Optional[torch.Tensor], adapter_into_dx: bool,
-                adapter_grad: Optional[torch.Tensor], need_A: bool, routing_partials: bool, budget_bytes: int):
-    """Runs `_input_grad_kernel`; returns (dA partials (splits, r, Din) or None, routing partials
-    (splits, E r + E) or None). `routed_into_dx` is the dx to write (or None), `adapter_grad` the
-    adapter input's gradient to write (or None)."""
+                adapter_grad: Optional[torch.Tensor], finishing: Optional[Finishing], budget_bytes: int) -> None:
+    """Runs `_input_grad_kernel`: writes `routed_into_dx` (the dx to write, or None), `adapter_grad`
+    (the adapter input's gradient, or None) and, with `finishing`, the parameter gradients in
+    `finishing.grads` (its dA from this pass's partial sums, the others from the pass over dout's)."""
     num_tokens, rank = dz.shape
     num_experts = draw.shape[2]
+    out_features = dout.shape[1]
     # Without an input (prompt tuning: z given) only the routing's partial sums are computed.
     in_features = x_adapter.shape[1] if x_adapter is not None else weight.shape[1] if weight is not None else 0
     device = dz.device
     activation = (routed_into_dx if routed_into_dx is not None else
                   adapter_grad if adapter_grad is not None else x_adapter if x_adapter is not None else dout).dtype
     routed_width = max(num_experts, sliced_rows)
+    grads = finishing.grads if finishing is not None else None
+    needs = grads.needs() if grads is not None else None
     grid, tokens_per_split, options = _input_grad_plan(
         num_tokens, in_features, rank, num_experts, routed_width, activation, routed_into_dx is not None,
-        adapter_into_dx, adapter_grad is not None, need_A, routing_partials, channel_scale is not None, budget_bytes)
+        adapter_into_dx, adapter_grad is not None, channel_scale is not None, needs, budget_bytes)
     splits = grid[1]
+    need_A = options["HAS_DA"]
     da_partials = torch.empty(splits, rank, in_features, device=device, dtype=torch.float32) if need_A else None
     routing_out = (torch.empty(splits, num_experts * rank + num_experts, device=device, dtype=torch.float32)
-                   if routing_partials else None)
+                   if options["ROUTING_PARTIALS"] else None)
+    if finishing is not None and grid[0] > finishing.counters.numel():
+        raise ValueError(f"input_grads: {grid[0]} column blocks but {finishing.counters.numel()} arrival counters")
     any_tensor = dz
-    w = weight if weight is not None else any_tensor
+
+    def arg(tensor):
+        return tensor if tensor is not None else any_tensor
+
+    partials, dgamma_partials = (finishing.partials, finishing.dgamma_partials) if finishing else (None, None)
+    w = arg(weight)
     launch(
         _input_grad_kernel, grid,
-        dout, x_adapter if x_adapter is not None else any_tensor, w, A if A is not None else any_tensor, B, z, dz,
-        draw, channel_scale if channel_scale is not None else any_tensor,
-        frozen if frozen is not None else any_tensor,
-        routed_into_dx if routed_into_dx is not None else any_tensor,
-        adapter_grad if adapter_grad is not None else any_tensor,
-        da_partials if da_partials is not None else any_tensor, routing_out if routing_out is not None else any_tensor,
-        num_tokens, in_features, dout.shape[1], rank, num_experts, sliced_rows, tokens_per_split,
+        dout, arg(x_adapter), w, arg(A), B, z, dz, draw, arg(channel_scale), arg(frozen), arg(routed_into_dx),
+        arg(adapter_grad), arg(da_partials), arg(routing_out),
+        arg(partials), arg(dgamma_partials), arg(finishing.gamma if finishing else None),
+        arg(finishing.counters if finishing else None), *(arg(grad) for grad in (grads or (None,) * 6)),
+        num_tokens, in_features, out_features, rank, num_experts, sliced_rows, tokens_per_split,
         x_adapter.stride(0) if x_adapter is not None else 0, w.stride(0) if weight is not None else 0,
         w.stride(1) if weight is not None else 0, frozen.stride(0) if frozen is not None else 0, float(scaling),
+        0 if partials is None else partials.shape[0], 0 if dgamma_partials is None else dgamma_partials.shape[0],
+        # The finishing programs read back this launch's partial sums and the pass over dout's.
         traffic=lambda: (
-            [dz, draw, x_adapter if need_A else None, z if routing_partials else None,
+            [dz, draw, x_adapter if need_A else None, z if routing_out is not None else None,
              strided_rows_bytes(num_tokens, sliced_rows * dout.element_size()) if sliced_rows else None,
              routed_width * in_features * weight.element_size()
-             if weight is not None and routed_into_dx is not None else None],
-            [routed_into_dx, adapter_grad, da_partials, routing_out],
+             if weight is not None and routed_into_dx is not None else None,
+             da_partials, routing_out, partials, dgamma_partials],
+            [routed_into_dx, adapter_grad, da_partials, routing_out, *(grads or ())],
             2 * num_tokens * in_features * (rank * (int(adapter_into_dx) + int(adapter_grad is not None) + int(need_A))
                                             + routed_width * int(routed_into_dx is not None))),
         **options,
     )
-    return da_partials, routing_out
 
 
 __all__ = ["input_grads", "project", "projection_blocks", "routes_inline", "routing_block_rows", "token_splits"]
