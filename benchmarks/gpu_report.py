@@ -339,8 +339,11 @@ def run_pytest_session(report: ReportDir, session: str, args: List[str], timeout
     report.append_text(PYTEST_LOG, f"\n===== {session} session: {' '.join(command[1:])}\n")
     tail = deque(maxlen=300)
     start = time.monotonic()
+    # SIGINT back to its default in the child: a background job (`make test &`) ignores it, the child
+    # would inherit that, and then never print its failures when stopped.
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, errors="replace", start_new_session=True)
+                               text=True, errors="replace", start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def pump():
         for line in process.stdout:
