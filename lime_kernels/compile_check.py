@@ -251,12 +251,17 @@ def _build(job) -> Tuple[str, str, int, str]:
                                     f"{compiled.metadata.shared} bytes shared, {compiled.metadata.num_warps} warps")
 
 
+def _ptx(spec_index: int, variant: Dict[str, object], arch: int, options: Dict[str, object] = None) -> str:
+    """The PTX of one build, with its launcher's compile options (and `options` over them)."""
+    source, _, spec_options = kernel_specs()[spec_index].source(variant)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={**spec_options, **(options or {})})
+    return compiled.asm["ptx"]
+
+
 def _fma_count(job) -> int:
     """Fused multiply-adds (`fma.rn.f32`) in the PTX of one build, with the given compile options."""
     spec_index, variant, arch, options = job
-    source, _, spec_options = kernel_specs()[spec_index].source(variant)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={**spec_options, **options})
-    return compiled.asm["ptx"].count("fma.rn.f32")
+    return _ptx(spec_index, variant, arch, options).count("fma.rn.f32")
 
 
 def contraction_checks(arch: int, kernels) -> List[Tuple[str, Callable[[Sequence[int]], bool], list]]:
@@ -297,9 +302,7 @@ def arrival_ordered(ptx: str) -> bool:
 
 
 def _arrival_order(job) -> bool:
-    spec_index, variant, arch = job
-    source, _, options = kernel_specs()[spec_index].source(variant)
-    return arrival_ordered(triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"])
+    return arrival_ordered(_ptx(*job))
 
 
 def arrival_jobs(archs: Sequence[int], kernels) -> list:

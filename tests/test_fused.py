@@ -160,6 +160,16 @@ def run_both(reference, fused, x, mask=None, training=True, seed=1234, dtype=tor
     return out_f
 
 
+def training_gradients(fused, x, mask=None):
+    """One training step's gradients (input, then A, B, LiMEs, LiME_shared, gamma) from a fixed seed."""
+    fused.zero_grad(set_to_none=True)
+    inputs = x.clone().requires_grad_(True)
+    torch.manual_seed(0)
+    out = fused.train()(inputs, attention_mask=mask)
+    (out.float().square().sum() + fused.last_stats.importance).backward()
+    return [inputs.grad] + [p.grad.clone() for p in (fused.A, fused.B, fused.LiMEs, fused.LiME_shared, fused.gamma)]
+
+
 # bf16 and fp16 on CPU too for a slice: every router and representation once, each selection twice.
 LOW_PRECISION_SLICE = {
     (router, list(SELECTIONS)[index % len(SELECTIONS)], representation, ("left", "right")[index % 2])
@@ -253,17 +263,7 @@ def test_fused_gradients_are_bit_for_bit_repeatable():
     counters decide which program sums the partials, never the order it sums them in)."""
     _, fused = _pair(torch.float32, num_experts=4, n_gram=3)
     x = torch.randn(3, 29, 40, device=DEVICE)
-
-    def gradients():
-        for parameter in fused.parameters():
-            parameter.grad = None
-        inputs = x.clone().requires_grad_(True)
-        torch.manual_seed(0)
-        out = fused.train()(inputs)
-        (out.square().sum() + fused.last_stats.importance).backward()
-        return [inputs.grad] + [p.grad.clone() for p in (fused.A, fused.B, fused.LiMEs, fused.LiME_shared, fused.gamma)]
-
-    first, second = gradients(), gradients()
+    first, second = training_gradients(fused, x), training_gradients(fused, x)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -825,16 +825,7 @@ def test_gpu_bf16_parity_at_an_aligned_multi_tile_shape_with_repeatable_gradient
     mask = padding_mask("left", 2, 1024).to(DEVICE)
     x = tie_free_input(reference, (2, 1024, 512), torch.bfloat16, mask)
     run_both(reference, fused, x, mask, dtype=torch.bfloat16)
-
-    def gradients():
-        fused.zero_grad(set_to_none=True)
-        inputs = x.clone().requires_grad_(True)
-        torch.manual_seed(0)
-        out = fused.train()(inputs, attention_mask=mask)
-        (out.float().square().sum() + fused.last_stats.importance).backward()
-        return [inputs.grad] + [p.grad.clone() for p in (fused.A, fused.B, fused.LiMEs, fused.LiME_shared, fused.gamma)]
-
-    first, second = gradients(), gradients()
+    first, second = training_gradients(fused, x, mask), training_gradients(fused, x, mask)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -854,19 +845,10 @@ def test_gpu_input_pass_finishes_the_gradients_from_every_program():
         run_both(reference, fused, inputs[0], dtype=torch.bfloat16)
     grid = next(launch.grid for launch in launches if launch.name == "_input_grad_kernel")
     assert grid[0] >= 16 and grid[1] >= 4, grid
-
-    def gradients(x):
-        fused.zero_grad(set_to_none=True)
-        x = x.clone().requires_grad_(True)
-        torch.manual_seed(0)
-        out = fused.train()(x)
-        (out.float().square().sum() + fused.last_stats.importance).backward()
-        return [x.grad] + [p.grad.clone() for p in (fused.A, fused.B, fused.LiMEs, fused.LiME_shared, fused.gamma)]
-
-    first = [gradients(x) for x in inputs]
+    first = [training_gradients(fused, x) for x in inputs]
     for _ in range(10):
         for x, expected in zip(inputs, first):
-            assert all(torch.equal(a, b) for a, b in zip(gradients(x), expected))
+            assert all(torch.equal(a, b) for a, b in zip(training_gradients(fused, x), expected))
 
 
 @gpu

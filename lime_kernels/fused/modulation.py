@@ -399,15 +399,16 @@ def modulation_backward(dout, z, B, LiMEs, LiME_shared, gamma, valid, channel_sc
                           if partials else None)
     # DoRA's frozen product: only the column programs read it.
     dora_frozen = frozen if has_scale and partials else None
+
+    def arg(tensor):  # absent tensors' pointers (never read)
+        return tensor if tensor is not None else dz
+
     launch(
         _modulation_backward_kernel, (plan.token_blocks + plan.column_blocks * plan.splits,),
-        dout, z, B, LiMEs, dz if LiME_shared is None else LiME_shared, dz if gamma is None else gamma,
-        dz if valid is None else valid, dz if channel_scale is None else channel_scale,
-        dout if dora_frozen is None else dora_frozen, state.features, state.selected,
-        dz if jitter is None else jitter, stats, dz if dimportance is None else dimportance,
-        dz if dkl is None else dkl, state.part("scales"), dz, dz if dpooled is None else dpooled,
-        dz if dgamma_partials is None else dgamma_partials, dz if max_partials is None else max_partials,
-        dz if parameter_partials is None else parameter_partials, dz if counters is None else counters,
+        dout, z, B, LiMEs, arg(LiME_shared), arg(gamma), arg(valid), arg(channel_scale),
+        dout if dora_frozen is None else dora_frozen, state.features, state.selected, arg(jitter), stats,
+        arg(dimportance), arg(dkl), state.part("scales"), dz, arg(dpooled), arg(dgamma_partials), arg(max_partials),
+        arg(parameter_partials), arg(counters),
         num_tokens, out_features, rank, num_experts, config.top_k, plan.token_blocks, max(plan.column_blocks, 1),
         plan.tokens_per_split, 0 if counters is None else counters.numel(),
         0 if dora_frozen is None else dora_frozen.stride(0), float(scaling),
