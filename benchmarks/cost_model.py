@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -123,9 +123,9 @@ def cost(provider: str, shape: str, rank: int, experts: int) -> Cost:
 
 def host_overhead(provider: str, repeats: int = 200, warmup: int = 20) -> Dict[str, float]:
     """Host time (µs) of one training step with the device work taken away (16 tokens, 64 features,
-    Triton kernels not started, one CPU thread), and its launches and host synchronizations (counted).
-    The best of `repeats` runs estimates the cost on an idle machine (other load only adds to it); the
-    median is reported beside it."""
+    Triton kernels not started, one CPU thread), and its launches and host synchronizations (counted);
+    and of one decoding call (eval mode, no autograd, one token). The best of `repeats` runs estimates
+    the cost on an idle machine (other load only adds to it); the median is reported beside it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -146,15 +146,26 @@ def _host_overhead(provider: str, repeats: int, warmup: int) -> Dict[str, float]
     with record_launches(execute=False, keep=False):
         for _ in range(warmup):
             _step(layer, x, dout, balance_grad)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            _step(layer, x, dout, balance_grad)
-            times.append(time.perf_counter() - start)
+        step = _timed(lambda: _step(layer, x, dout, balance_grad), repeats)
+        layer.eval()
+        token = torch.randn(1, 1, 64)
+        with torch.no_grad():
+            for _ in range(warmup):
+                layer(token)
+            decode = _timed(lambda: layer(token), repeats)
+    return dict(host_us=step[0], host_us_median=step[1], decode_us=decode[0], decode_us_median=decode[1],
+                launches=recorded.kernel_launches, host_syncs=len(recorded.host_syncs))
+
+
+def _timed(call, repeats: int) -> tuple:
+    """(best, median) wall time of `call` in µs over `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
     times.sort()
-    return dict(host_us=1e6 * times[0], host_us_median=1e6 * times[len(times) // 2],
-                launches=recorded.kernel_launches,
-                host_syncs=len(recorded.host_syncs))
+    return 1e6 * times[0], 1e6 * times[len(times) // 2]
 
 
 def read_measured(path: str) -> Dict[tuple, float]:
@@ -195,12 +206,15 @@ def report(shapes: Sequence[str], measured: Optional[Dict[tuple, float]] = None)
 
 def host_report() -> str:
     rows = {provider: host_overhead(provider) for provider in ("frozen-linear", "lime-fused", "peft-lora")}
-    floor = rows["frozen-linear"]["host_us"]
-    lines = ["| provider | host µs per step (best) | median | best / frozen-linear's | launches | host syncs |",
-             "|:--|--:|--:|--:|--:|--:|"]
+    floor = rows["frozen-linear"]
+    lines = ["| provider | host µs per step (best) | median | best / frozen-linear's | launches | host syncs | "
+             "decoding call µs (best) | median | best / frozen-linear's |",
+             "|:--|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for provider, row in rows.items():
         lines.append(f"| {provider} | {row['host_us']:.0f} | {row['host_us_median']:.0f} | "
-                     f"{row['host_us'] / floor:.2f} | {row['launches']} | {row['host_syncs']} |")
+                     f"{row['host_us'] / floor['host_us']:.2f} | {row['launches']} | {row['host_syncs']} | "
+                     f"{row['decode_us']:.0f} | {row['decode_us_median']:.0f} | "
+                     f"{row['decode_us'] / floor['decode_us']:.2f} |")
     return "\n".join(lines)
 
 
@@ -215,7 +229,8 @@ def main(argv: Sequence[str] = None) -> int:
     text = "## Modelled H100 cost of one training step (forward + backward) per layer\n\n" + report(args.shapes,
                                                                                                measured)
     if not args.skip_host:
-        text += ("\n\n## Host time per training step, device work excluded (this machine's CPU)\n\n" + host_report())
+        text += ("\n\n## Host time per training step and per decoding call, device work excluded "
+                 "(this machine's CPU)\n\n" + host_report())
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

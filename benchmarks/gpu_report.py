@@ -16,6 +16,8 @@ every result to DIR/results.jsonl the moment it is known, so a kill loses only t
             forward+backward of frozen-linear, lime-fused, lime-reference, peft-lora and moe-lora (CUDA
             events, L2 flushed, p20/p50/p80), peak memory, saved activations, host syncs in a training step;
   profile   one forward+backward per provider under torch.profiler: per-kernel time and launches, host time;
+  tuning    each fused kernel of the headline training step relaunched with other num_warps / num_stages:
+            its device time, and whether the step's results stay bit for bit the same;
   sweeps    benchmarks/run.py's grid, train-step, decode and projections sweeps for whatever time is left.
 DIR/summary.md (rewritten after every step) gives the headline ratios against the targets of issues 3 and
 13, what passed, what failed and what did not run. `env` runs whatever `--only` says. At most 8 files in DIR
@@ -58,12 +60,12 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from report_files import PROFILE, PYTEST_LOG, RESULTS, SUMMARY, ReportDir, limit_problems, read_rows  # noqa: E402
 
-STEPS = ("env", "parity", "tests", "headline", "profile", "sweeps")
+STEPS = ("env", "parity", "tests", "headline", "profile", "tuning", "sweeps")
 ALWAYS = ("env",)
 DEFAULT_BUDGET = 540.0
 # Each step's box in seconds of the default budget (scaled with --budget, except env's: a fixed cost);
 # the sweeps get what is left.
-SHARES = {"env": 15.0, "parity": 100.0, "tests": 150.0, "headline": 90.0, "profile": 45.0}
+SHARES = {"env": 15.0, "parity": 100.0, "tests": 150.0, "headline": 90.0, "profile": 45.0, "tuning": 60.0}
 UNSCALED = ("env",)
 SUMMARY_RESERVE = 5.0  # kept back at the end for the last summary
 GRACE = 10.0  # how long a step may run past its box before SIGALRM interrupts it (it stops at checkpoints)
@@ -86,6 +88,11 @@ PARITY = dict(d_in=256, d_out=384, batch=2, seq=160)  # 320 tokens: several toke
 SMOKE_HEADLINE = dict(shape=("tiny", 48, 64), tokens=32, rank=2, experts=4, n_gram=1, repeats=2, warmup=1,
                       host_runs=2)
 SMOKE_PARITY = dict(d_in=40, d_out=70, batch=2, seq=13)
+# The fused kernels of a training step (the default options' four), the launch options tried for each,
+# and the profiled steps per candidate.
+TUNING = dict(kernels=("_input_grad_kernel", "_modulation_backward_kernel", "_modulation_forward_kernel",
+                       "_project_kernel"), warps=(4, 8), stages=(1, 2, 3, 4), calls=5)
+SMOKE_TUNING = dict(kernels=("_input_grad_kernel", "_project_kernel"), warps=(4,), stages=(1, 2), calls=1)
 SMOKE_SWEEPS = {
     "grid": dict(shapes=[("tiny", 48, 64)], tokens=[16], ranks=[2], experts=[4], n_grams=[1]),
     "projections": dict(shapes=[("tiny-wide", 48, 96)], tokens=[16], ranks=[8], experts=[4], n_grams=[1]),
@@ -133,6 +140,7 @@ class Setup:
     budget: float
     headline: Dict
     parity: Dict
+    tuning: Dict
     sweeps: Dict
 
     @property
@@ -561,7 +569,90 @@ def step_profile(setup: Setup, box: Box) -> None:
     print("profile: done", flush=True)
 
 
-# --- step 6: sweeps ---------------------------------------------------------------------------------
+# --- step 6: tuning ---------------------------------------------------------------------------------
+
+
+def _tuning_results(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> List[torch.Tensor]:
+    """One training step from a fixed seed (the jitter): copies of the output, the statistics and
+    every gradient, to compare bit for bit."""
+    torch.manual_seed(0)
+    x.grad = None
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    for parameter in trained:
+        parameter.grad = None
+    out = layer(x)
+    stats = layer.last_stats
+    ((out.float() * grad.float()).sum() + stats.importance + stats.kl_uniform).backward()
+    tensors = [out, stats.importance, stats.kl_uniform, stats.usage, x.grad] + [p.grad for p in trained]
+    return [tensor.detach().clone() for tensor in tensors]
+
+
+def kernel_device_us(step: Callable[[], object], device: torch.device, calls: int) -> Dict[str, float]:
+    """Mean device time (us) per launch of each CUDA kernel over `calls` runs of `step`, by name."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            step()
+        synchronize(device)
+    total, launches = Counter(), Counter()
+    for event in profiler.events():
+        if event.device_type == DeviceType.CUDA:
+            total[event.name] += event.time_range.elapsed_us()
+            launches[event.name] += 1
+    return {name: total[name] / launches[name] for name in total}
+
+
+def _device_us_of(times: Dict[str, float], kernel: str) -> Optional[float]:
+    """The kernel's time (a Triton kernel's CUDA name is its function's name), or None without it."""
+    return round(times[kernel], 2) if kernel in times else None
+
+
+def step_tuning(setup: Setup, box: Box) -> None:
+    """Each fused kernel of a training step of the headline layer, relaunched with other num_warps /
+    num_stages (`launch_overrides`): its device time per launch and whether the step's output,
+    statistics and gradients stay bit for bit those of the launchers' own options. A faster candidate
+    that keeps the results is one to pin in the launcher; one that changes them is not (the
+    deterministic mode must stay reproducible across machines)."""
+    from lime_kernels.fused.common import launch_overrides
+
+    report, tuning = setup.report, setup.tuning
+    cuda = setup.device.type == "cuda"
+    layer, x, grad = _headline_layer("lime-fused", setup)
+
+    def step():
+        return _tuning_results(layer, x, grad)
+
+    baseline = step()  # also builds the launchers' own variants
+    times = kernel_device_us(step, setup.device, tuning["calls"]) if cuda else {}
+    kernels = sorted(tuning["kernels"], key=lambda kernel: -(_device_us_of(times, kernel) or 0.0))
+    for kernel in kernels:
+        report.row("tuning", "tuning-baseline", kernel=kernel, device_us=_device_us_of(times, kernel))
+    candidates = [(kernel, warps, stages) for kernel in kernels for warps in tuning["warps"]
+                  for stages in tuning["stages"]]
+    for index, (kernel, warps, stages) in enumerate(candidates):
+        box.check(f"tuning: {len(candidates) - index} of {len(candidates)} candidates, from {kernel} "
+                  f"num_warps={warps} num_stages={stages}")
+        fields = dict(kernel=kernel, num_warps=warps, num_stages=stages)
+        try:
+            with launch_overrides({kernel: dict(num_warps=warps, num_stages=stages)}) as applied:
+                results = step()
+                candidate_times = kernel_device_us(step, setup.device, tuning["calls"]) if cuda else {}
+            if kernel not in applied:
+                raise RuntimeError(f"{kernel} did not launch in a training step of the headline layer")
+            identical = all(torch.equal(got, expected) for got, expected in zip(results, baseline))
+            report.row("tuning", "tuning", **fields, device_us=_device_us_of(candidate_times, kernel),
+                       baseline_us=_device_us_of(times, kernel), identical=identical)
+        except Exception as error:  # e.g. a variant out of shared memory: recorded, the next one runs
+            report.row("tuning", "error", what="tuning candidate", **fields,
+                       error=f"{type(error).__name__}: {error}"[:500], traceback=_tail(traceback.format_exc()))
+        free_memory(setup.device)
+    print("tuning: done", flush=True)
+
+
+# --- step 7: sweeps ---------------------------------------------------------------------------------
 
 
 def _planned(name: str, settings: Dict, layer_providers: List[str], model_providers: List[str]) -> int:
@@ -620,7 +711,7 @@ def step_sweeps(setup: Setup, box: Box) -> None:
         print(f"sweeps: {name} done ({measured[name]} measurements)", flush=True)
 
 
-# --- step 7: summary ------------------------------------------------------------------------------
+# --- step 8: summary ------------------------------------------------------------------------------
 
 
 def _number(value, digits=3) -> str:
@@ -790,6 +881,29 @@ def _profile_section(rows: List[Dict]) -> List[str]:
     return lines
 
 
+def _tuning_section(rows: List[Dict]) -> List[str]:
+    baselines = {r["kernel"]: r.get("device_us") for r in rows if r["kind"] == "tuning-baseline"}
+    tried = [r for r in rows if r["kind"] == "tuning"]
+    if not baselines:
+        return ["No tuning."]
+    failed = Counter(r["kernel"] for r in rows if r["step"] == "tuning" and r["kind"] == "error")
+    lines = ["Device us per launch; candidates are (num_warps, num_stages); a candidate that changes the results "
+             "is never a choice.", "",
+             "| kernel | launchers' options | fastest candidate with the same results | its us | / launchers' | "
+             "candidates run | changed the results | failed to run |", "|:--|--:|:--|--:|--:|--:|:--|--:|"]
+    for kernel, baseline in baselines.items():
+        mine = [r for r in tried if r["kernel"] == kernel]
+        same = [r for r in mine if r["identical"] and r.get("device_us") is not None]
+        best = min(same, key=lambda r: r["device_us"], default=None)
+        changed = ", ".join(f"({r['num_warps']}, {r['num_stages']})" for r in mine if not r["identical"]) or "none"
+        ratio = best["device_us"] / baseline if best is not None and baseline else None
+        choice = "-" if best is None else f"({best['num_warps']}, {best['num_stages']})"
+        lines.append(f"| {kernel} | {_number(baseline, 1)} | {choice} | "
+                     f"{_number(None if best is None else best['device_us'], 1)} | {_number(ratio)} | {len(mine)} | "
+                     f"{changed} | {failed[kernel]} |")
+    return lines
+
+
 def _sweeps_section(rows: List[Dict]) -> List[str]:
     import run as bench
 
@@ -843,6 +957,8 @@ def summarize_report(rows: List[Dict], run: str) -> str:
               f"## Tests ({TEST_FILE}, natively)", "", *_tests_section(rows), "",
               "## Headline", "", *_headline_section(rows), "",
               "## Profile (one forward+backward of the headline layer)", "", *_profile_section(rows), "",
+              "## Tuning (the fused kernels' launch options, headline training step)", "", *_tuning_section(rows),
+              "",
               "## Sweeps", "", *_sweeps_section(rows), ""]
     not_run = [r for r in rows if r["kind"] == "not-run"]
     lines += ["## Not run", ""]
@@ -869,7 +985,7 @@ def write_summary(report: ReportDir) -> str:
 
 
 STEP_FUNCTIONS = dict(env=step_env, parity=step_parity, tests=step_tests, headline=step_headline,
-                      profile=step_profile, sweeps=step_sweeps)
+                      profile=step_profile, tuning=step_tuning, sweeps=step_sweeps)
 
 
 def run_step(setup: Setup, name: str, seconds: float) -> str:
@@ -917,7 +1033,7 @@ def make_setup(args, report: ReportDir) -> Setup:
     return Setup(smoke=args.smoke, device=device, dtype=torch.float32 if args.smoke else torch.bfloat16,
                  report=report, commit=args.commit or bench.git_commit(), budget=args.budget,
                  headline=SMOKE_HEADLINE if args.smoke else HEADLINE, parity=SMOKE_PARITY if args.smoke else PARITY,
-                 sweeps=settings)
+                 tuning=SMOKE_TUNING if args.smoke else TUNING, sweeps=settings)
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -164,3 +166,40 @@ def test_launch_computes_its_traffic_only_for_a_recorder_that_keeps_it():
         ("fake_kernel", (3, 2), 116, 16, 7)]
     launch(kernel, (5,), "argument", traffic=traffic, OPTION=1)  # no recorder: started, traffic not called
     assert calls == [1] and started == [((5,), ("argument",), {"OPTION": 1})]
+
+
+def test_launch_overrides_replace_only_the_tunable_options_of_the_named_kernel():
+    """`launch_overrides` (the GPU report's tuning step) changes num_warps / num_stages of the kernels it
+    names, inside its block only, says which of them launched, and refuses block sizes."""
+    sys.path.insert(0, ROOT)
+    from lime_kernels.fused.common import launch, launch_overrides
+
+    started = []
+
+    def tuned_kernel():
+        pass
+
+    def other_kernel():
+        pass
+
+    def launchable(function):
+        class Launchable:
+            fn = function
+
+            def __getitem__(self, grid):
+                return lambda *args, **options: started.append((function.__name__, options))
+
+        return Launchable()
+
+    tuned, other = launchable(tuned_kernel), launchable(other_kernel)
+    with launch_overrides({"tuned_kernel": dict(num_warps=8, num_stages=2), "absent_kernel": dict(num_stages=1)}) \
+            as applied:
+        launch(tuned, (1,), BLOCK=16, num_warps=4)
+        launch(other, (1,), BLOCK=16, num_warps=4)
+    launch(tuned, (1,), BLOCK=16, num_warps=4)
+    assert applied == {"tuned_kernel"}
+    assert started == [("tuned_kernel", dict(BLOCK=16, num_warps=8, num_stages=2)),
+                       ("other_kernel", dict(BLOCK=16, num_warps=4)), ("tuned_kernel", dict(BLOCK=16, num_warps=4))]
+    with pytest.raises(ValueError, match="tuned_kernel: cannot override BLOCK"):
+        with launch_overrides({"tuned_kernel": dict(BLOCK=32, num_warps=8)}):
+            pass

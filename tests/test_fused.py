@@ -750,6 +750,34 @@ def test_fused_decode_call_launches_three_kernels(tokens):
     assert recorded.host_syncs == []
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora", "given_base"])
+def test_fused_call_without_autograd_gives_the_recorded_calls_results(variant):
+    """Under no_grad the layer skips autograd.Function's bookkeeping: the output and every statistic
+    are those of the same call with autograd recording, bit for bit (training mode, jitter included,
+    and eval mode), and no graph is left behind."""
+    options = {"given_base": dict(peft="given_base")}.get(variant, dict(peft=variant))
+    layer = _step_layer(dict(options, n_gram=2, jitter_noise=0.1))
+    mask = padding_mask("left", 2, 9).to(DEVICE)
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    for training in (True, False):
+        layer.train(training)
+        results = []
+        for grad_enabled in (True, False):
+            torch.manual_seed(7)
+            with torch.set_grad_enabled(grad_enabled):
+                out = layer(x, attention_mask=mask)
+            assert (out.grad_fn is not None) == grad_enabled
+            results.append((out, layer.last_stats))
+        (recorded, recorded_stats), (plain, plain_stats) = results
+        assert torch.equal(plain, recorded)
+        for name in ("importance", "kl_uniform", "load", "usage", "active_experts", "active_histogram"):
+            expected, got = getattr(recorded_stats, name), getattr(plain_stats, name)
+            assert (expected is None) == (got is None), name
+            if expected is not None:
+                assert torch.equal(got, expected), name
+                assert got.grad_fn is None, name
+
+
 # (tokens, Din, Dout, rank, experts): issue 12's shape, then LLaVA-OneVision-7B's q, k/v and down
 # projections and the 0.5B's k/v projection at 8,192 tokens.
 WORKSPACE_SHAPES = [(65536, 3584, 18944, 16, 8), (8192, 3584, 3584, 2, 4), (8192, 3584, 512, 2, 4),

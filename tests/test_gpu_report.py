@@ -88,13 +88,19 @@ def test_smoke_runs_every_step_without_the_packages_the_gpu_machine_lacks(smoke)
     profiles = {r["provider"]: r for r in rows if r["kind"] == "profile"}
     assert set(profiles) == set(providers) and all(r["host_ms"] > 0 for r in profiles.values())
     assert any(r["kind"] == "profile-op" and r["provider"] == "lime-fused" for r in rows)
+    tuned = [r for r in rows if r["kind"] == "tuning"]
+    assert {(r["kernel"], r["num_warps"], r["num_stages"]) for r in tuned} == {
+        (kernel, warps, stages) for kernel in gpu_report.SMOKE_TUNING["kernels"]
+        for warps in gpu_report.SMOKE_TUNING["warps"] for stages in gpu_report.SMOKE_TUNING["stages"]}
+    # The interpreter ignores launch options: every candidate must give the launchers' results.
+    assert all(r["identical"] and r["device_us"] is None for r in tuned)
     benchmarks = {r["benchmark"] for r in rows if r["step"] == "sweeps" and r["kind"] == "measurement"}
     assert benchmarks == {"grid", "train-step", "decode", "generate", "projections"}
     assert {r["provider"] for r in rows if r.get("benchmark") == "generate"} == {"frozen-linear", "lime-fused"}
 
     summary = (out / "summary.md").read_text()
-    for heading in ("## Targets", "## Steps", "## Parity", "## Tests", "## Headline", "## Profile", "## Sweeps",
-                    "## Not run"):
+    for heading in ("## Targets", "## Steps", "## Parity", "## Tests", "## Headline", "## Profile", "## Tuning",
+                    "## Sweeps", "## Not run"):
         assert heading in summary
     assert "n/a (CPU smoke)" in summary and "**Smoke run**" in summary
     assert summary in stdout, "the summary is printed last"
@@ -235,10 +241,28 @@ def test_summary_verdicts_against_the_targets():
     assert "NVIDIA H100" in summary and "lime_kernels/x.py:1" in summary and "still running (or killed)" in summary
 
 
+def test_tuning_summary_picks_the_fastest_candidate_that_keeps_the_results():
+    def candidate(kernel, warps, stages, device_us, identical):
+        return _row("tuning", "tuning", kernel=kernel, num_warps=warps, num_stages=stages, device_us=device_us,
+                    baseline_us=40.0, identical=identical)
+
+    rows = [_row("tuning", "tuning-baseline", kernel="_input_grad_kernel", device_us=40.0),
+            _row("tuning", "tuning-baseline", kernel="_project_kernel", device_us=20.0),
+            candidate("_input_grad_kernel", 8, 2, 30.0, False),  # faster, but changes the results
+            candidate("_input_grad_kernel", 4, 2, 36.0, True),
+            candidate("_input_grad_kernel", 4, 4, 38.0, True),
+            _row("tuning", "error", kernel="_input_grad_kernel", num_warps=8, num_stages=4, error="OutOfResources"),
+            candidate("_project_kernel", 4, 1, 25.0, True)]
+    lines = {line.split(" | ")[0]: line for line in gpu_report._tuning_section(rows) if line.startswith("| _")}
+    assert lines["| _input_grad_kernel"] == "| _input_grad_kernel | 40.0 | (4, 2) | 36.0 | 0.900 | 3 | (8, 2) | 1 |"
+    assert lines["| _project_kernel"] == "| _project_kernel | 20.0 | (4, 1) | 25.0 | 1.250 | 1 | none | 0 |"
+    assert gpu_report._tuning_section([]) == ["No tuning."]
+
+
 def test_each_step_ends_at_its_box_and_a_failing_step_does_not_end_the_run(tmp_path, monkeypatch):
     report = ReportDir(str(tmp_path / "report"), "run", time.time())
     setup = gpu_report.Setup(smoke=True, device=torch.device("cpu"), dtype=torch.float32, report=report, commit="",
-                             budget=10.0, headline={}, parity={}, sweeps={})
+                             budget=10.0, headline={}, parity={}, tuning={}, sweeps={})
 
     def cooperative(setup, box):
         for index in range(1000):

@@ -15,7 +15,7 @@ arithmetic on every launch.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -89,6 +89,18 @@ class _Recorder:
 
 _recorders: List[_Recorder] = []
 _kernels_running = [0]
+# Launch options a tuning run may set per kernel (`launch_overrides`): how far loads run ahead of use
+# (num_stages) and how many warps share a program (num_warps, which may move a reduction between
+# threads: the tuning run compares the results bit for bit). Block sizes are not among them: they
+# shape the grid, the workspace and the reductions' order, which the launchers' plans decide.
+TUNABLE_OPTIONS = ("num_warps", "num_stages")
+_overrides: Dict[str, dict] = {}
+_overridden: List[set] = []
+
+
+def kernel_name(kernel) -> str:
+    """A Triton kernel's function name (the name the profiler shows)."""
+    return getattr(kernel, "fn", kernel).__name__
 
 
 def kernels_execute() -> bool:
@@ -116,6 +128,28 @@ def record_launches(execute: bool = True, keep: bool = True):
         _recorders.remove(recorder)
 
 
+@contextlib.contextmanager
+def launch_overrides(overrides: Dict[str, dict]):
+    """Inside the block, the kernels named in `overrides` (`{kernel name: {option: value}}`, options
+    from TUNABLE_OPTIONS) launch with those options in place of their launchers'. Yields the set of
+    the names that launched with an override, so a caller can tell a name that never launched."""
+    for name, options in overrides.items():
+        refused = sorted(set(options) - set(TUNABLE_OPTIONS))
+        if refused:
+            raise ValueError(f"launch_overrides: {name}: cannot override {', '.join(refused)} (tunable: "
+                             f"{', '.join(TUNABLE_OPTIONS)}; block sizes are the launchers' to choose)")
+    previous = dict(_overrides)
+    applied: set = set()
+    _overrides.update(overrides)
+    _overridden.append(applied)
+    try:
+        yield applied
+    finally:
+        _overridden.remove(applied)
+        _overrides.clear()
+        _overrides.update(previous)
+
+
 # What a launch moves and computes: (tensors and byte counts read, those written, FLOPs).
 TrafficFunction = Callable[[], Tuple[Sequence[Traffic], Sequence[Traffic], int]]
 
@@ -132,12 +166,18 @@ def launch(kernel, grid: Sequence[int], *args, traffic: Optional[TrafficFunction
             if recorder.keep:
                 if record is None:
                     reads, writes, flops = traffic() if traffic is not None else ((), (), 0)
-                    record = Launch(getattr(kernel, "fn", kernel).__name__, tuple(map(int, grid)),
+                    record = Launch(kernel_name(kernel), tuple(map(int, grid)),
                                     traffic_bytes(reads), traffic_bytes(writes), int(flops))
                 recorder.launches.append(record)
             execute = execute and recorder.execute
         if not execute:
             return
+    if _overrides:
+        name = kernel_name(kernel)
+        if name in _overrides:
+            options = {**options, **_overrides[name]}
+            for applied in _overridden:
+                applied.add(name)
     _kernels_running[0] += 1
     try:
         kernel[grid](*args, **options)
@@ -147,9 +187,12 @@ def launch(kernel, grid: Sequence[int], *args, traffic: Optional[TrafficFunction
 
 __all__ = [
     "Launch",
+    "TUNABLE_OPTIONS",
     "dot_precision",
     "dot_width",
+    "kernel_name",
     "launch",
+    "launch_overrides",
     "on_device_of",
     "record_launches",
     "strided_rows_bytes",

@@ -2,7 +2,7 @@
 so `torch.compile` traces through it without graph breaks and CUDA graphs can capture it (no host
 synchronization, no data-dependent shape). Every PEFT variant runs through them. Eager calls run the
 same implementations through a plain `torch.autograd.Function` (`_EagerFusedLiME`), which skips
-torch.library's per-call Python dispatch.
+torch.library's per-call Python dispatch; with autograd off (inference) they call the forward directly.
 
 Forward, with the default options 3 launches: the frozen GEMM (`F.linear`, cuBLAS: its output is
 bit-for-bit the frozen layer's, which masked tokens return), the projection pass over `x` (`z = x A^T`,
@@ -397,10 +397,9 @@ class _EagerFusedLiME(torch.autograd.Function):
         source = x if x is not None else (x_adapter if x_adapter is not None else base)
         ctx.sequences = source.shape[:2]
         x, x_adapter, base, z = _flat(x), _flat(x_adapter), _flat(base), _flat(z)
-        with on_device_of(source):
-            out, importance, kl_uniform, stats, histogram, z_used, features, selected, extra, frozen = _forward(
-                x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
-                config.seq_len, sliced_rows, scaling, config)
+        out, importance, kl_uniform, stats, histogram, z_used, features, selected, extra, frozen = _flat_forward(
+            source, x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
+            jitter, sliced_rows, scaling, config)
         # Inputs (and the statistics, an output) through save_for_backward, which checks that nothing
         # changed them in place before the backward; the routing state is this Function's own.
         # DoRA's magnitude needs the product without bias: computed here, or the base given.
@@ -449,6 +448,14 @@ class _EagerFusedLiME(torch.autograd.Function):
                                                                dscale)):
             result[position] = grad
         return tuple(result)
+
+
+def _flat_forward(source, x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
+                  jitter, sliced_rows: int, scaling: float, config: RoutingConfig):
+    """`_forward` on flattened (tokens, features) inputs, on the device of `source`."""
+    with on_device_of(source):
+        return _forward(x, x_adapter, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
+                        jitter, config.seq_len, sliced_rows, scaling, config)
 
 
 def _flat(sequences: Optional[Tensor]) -> Optional[Tensor]:
@@ -545,9 +552,14 @@ def fused_lime_linear(
     else:
         config = _options_config(options, LiMEs.shape[0], seq_len)
         with full_precision(shaped.device):  # enters torch.autocast only where autocast is on
-            out, importance, kl_uniform, stats, histogram = _EagerFusedLiME.apply(
-                x, adapter_input, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid, jitter,
-                int(sliced_rows), float(scaling), config)
+            if torch.is_grad_enabled():
+                out, importance, kl_uniform, stats, histogram = _EagerFusedLiME.apply(
+                    x, adapter_input, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
+                    jitter, int(sliced_rows), float(scaling), config)
+            else:  # inference: no graph to record, so none of autograd.Function's per-call bookkeeping
+                out, importance, kl_uniform, stats, histogram, *_ = _flat_forward(
+                    shaped, _flat(x), _flat(adapter_input), weight, bias, _flat(base), _flat(z), A, B, LiMEs,
+                    LiME_shared, gamma, channel_scale, valid, jitter, int(sliced_rows), float(scaling), config)
     return FusedResult(out.reshape(batch, tokens, out.shape[-1]), importance, kl_uniform, stats, histogram)
 
 
