@@ -754,7 +754,7 @@ def test_fused_decode_call_launches_three_kernels(tokens):
 def test_fused_call_without_autograd_gives_the_recorded_calls_results(variant):
     """Under no_grad the layer skips autograd.Function's bookkeeping: the output and every statistic
     are those of the same call with autograd recording, bit for bit (training mode, jitter included,
-    and eval mode), and no graph is left behind."""
+    and eval mode), and no graph is left behind. Forward-mode AD is not mistaken for inference."""
     options = {"given_base": dict(peft="given_base")}.get(variant, dict(peft=variant))
     layer = _step_layer(dict(options, n_gram=2, jitter_noise=0.1))
     mask = padding_mask("left", 2, 9).to(DEVICE)
@@ -776,6 +776,11 @@ def test_fused_call_without_autograd_gives_the_recorded_calls_results(variant):
             if expected is not None:
                 assert torch.equal(got, expected), name
                 assert got.grad_fn is None, name
+    # Forward-mode AD still meets the Function, which says it has no jvp (the tangent is never dropped).
+    with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            layer(dual, attention_mask=mask)
 
 
 # (tokens, Din, Dout, rank, experts): issue 12's shape, then LLaVA-OneVision-7B's q, k/v and down

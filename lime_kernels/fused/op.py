@@ -35,6 +35,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from ..inputs import _autocast_on, autocast_cast, full_precision
 from ..options import RoutingOptions
@@ -552,7 +553,9 @@ def fused_lime_linear(
     else:
         config = _options_config(options, LiMEs.shape[0], seq_len)
         with full_precision(shaped.device):  # enters torch.autocast only where autocast is on
-            if torch.is_grad_enabled():
+            # Forward-mode AD (a dual level open) goes through the Function too, which refuses dual
+            # inputs with a clear error instead of dropping their tangents.
+            if torch.is_grad_enabled() or forward_ad._current_level >= 0:
                 out, importance, kl_uniform, stats, histogram = _EagerFusedLiME.apply(
                     x, adapter_input, weight, bias, base, z, A, B, LiMEs, LiME_shared, gamma, channel_scale, valid,
                     jitter, int(sliced_rows), float(scaling), config)
