@@ -16,8 +16,8 @@ every result to DIR/results.jsonl the moment it is known, so a kill loses only t
             forward+backward of frozen-linear, lime-fused, lime-reference, peft-lora and moe-lora (CUDA
             events, L2 flushed, p20/p50/p80), peak memory, saved activations, host syncs in a training step;
   profile   one forward+backward per provider under torch.profiler: per-kernel time and launches, host time;
-  tuning    each fused kernel of the headline training step relaunched with other num_warps / num_stages:
-            its device time, and whether the step's results stay bit for bit the same;
+  tuning    each fused kernel of the headline training step relaunched with other num_warps / num_stages /
+            register limits: its device time, and whether the step's results stay bit for bit the same;
   sweeps    benchmarks/run.py's grid, train-step, decode and projections sweeps for whatever time is left.
 DIR/summary.md (rewritten after every step) gives the headline ratios against the targets of issues 3 and
 13, what passed, what failed and what did not run. `env` runs whatever `--only` says. At most 8 files in DIR
@@ -88,11 +88,13 @@ PARITY = dict(d_in=256, d_out=384, batch=2, seq=160)  # 320 tokens: several toke
 SMOKE_HEADLINE = dict(shape=("tiny", 48, 64), tokens=32, rank=2, experts=4, n_gram=1, repeats=2, warmup=1,
                       host_runs=2)
 SMOKE_PARITY = dict(d_in=40, d_out=70, batch=2, seq=13)
-# The fused kernels of a training step (the default options' four), the launch options tried for each,
-# and the profiled steps per candidate.
+# The fused kernels of a training step (the default options' four), the launch options tried for each
+# (every num_warps x num_stages pair, then register limits with the launcher's warps and stages), and
+# the profiled steps per candidate.
 TUNING = dict(kernels=("_input_grad_kernel", "_modulation_backward_kernel", "_modulation_forward_kernel",
-                       "_project_kernel"), warps=(4, 8), stages=(1, 2, 3, 4), calls=5)
-SMOKE_TUNING = dict(kernels=("_input_grad_kernel", "_project_kernel"), warps=(4,), stages=(1, 2), calls=1)
+                       "_project_kernel"), warps=(4, 8), stages=(1, 2, 3, 4), registers=(128, 168, 255), calls=5)
+SMOKE_TUNING = dict(kernels=("_input_grad_kernel", "_project_kernel"), warps=(4,), stages=(1,), registers=(128,),
+                    calls=1)
 SMOKE_SWEEPS = {
     "grid": dict(shapes=[("tiny", 48, 64)], tokens=[16], ranks=[2], experts=[4], n_grams=[1]),
     "projections": dict(shapes=[("tiny-wide", 48, 96)], tokens=[16], ranks=[8], experts=[4], n_grams=[1]),
@@ -610,9 +612,13 @@ def _device_us_of(times: Dict[str, float], kernel: str) -> Optional[float]:
     return round(times[kernel], 2) if kernel in times else None
 
 
+def tuning_label(options: Dict) -> str:
+    return ", ".join(f"{name}={value}" for name, value in options.items())
+
+
 def step_tuning(setup: Setup, box: Box) -> None:
     """Each fused kernel of a training step of the headline layer, relaunched with other num_warps /
-    num_stages (`launch_overrides`): its device time per launch and whether the step's output,
+    num_stages / maxnreg (`launch_overrides`): its device time per launch and whether the step's output,
     statistics and gradients stay bit for bit those of the launchers' own options. A faster candidate
     that keeps the results is one to pin in the launcher; one that changes them is not (the
     deterministic mode must stay reproducible across machines)."""
@@ -630,14 +636,15 @@ def step_tuning(setup: Setup, box: Box) -> None:
     kernels = sorted(tuning["kernels"], key=lambda kernel: -(_device_us_of(times, kernel) or 0.0))
     for kernel in kernels:
         report.row("tuning", "tuning-baseline", kernel=kernel, device_us=_device_us_of(times, kernel))
-    candidates = [(kernel, warps, stages) for kernel in kernels for warps in tuning["warps"]
-                  for stages in tuning["stages"]]
-    for index, (kernel, warps, stages) in enumerate(candidates):
+    candidates = [(kernel, dict(num_warps=warps, num_stages=stages)) for kernel in kernels
+                  for warps in tuning["warps"] for stages in tuning["stages"]]
+    candidates += [(kernel, dict(maxnreg=registers)) for kernel in kernels for registers in tuning["registers"]]
+    for index, (kernel, options) in enumerate(candidates):
         box.check(f"tuning: {len(candidates) - index} of {len(candidates)} candidates, from {kernel} "
-                  f"num_warps={warps} num_stages={stages}")
-        fields = dict(kernel=kernel, num_warps=warps, num_stages=stages)
+                  f"{tuning_label(options)}")
+        fields = dict(kernel=kernel, options=options)
         try:
-            with launch_overrides({kernel: dict(num_warps=warps, num_stages=stages)}) as applied:
+            with launch_overrides({kernel: options}) as applied:
                 results = step()
                 candidate_times = kernel_device_us(step, setup.device, tuning["calls"]) if cuda else {}
             if kernel not in applied:
@@ -887,17 +894,17 @@ def _tuning_section(rows: List[Dict]) -> List[str]:
     if not baselines:
         return ["No tuning."]
     failed = Counter(r["kernel"] for r in rows if r["step"] == "tuning" and r["kind"] == "error")
-    lines = ["Device us per launch; candidates are (num_warps, num_stages); a candidate that changes the results "
-             "is never a choice.", "",
+    lines = ["Device us per launch; each candidate overrides the launcher's options named; a candidate that "
+             "changes the results is never a choice.", "",
              "| kernel | launchers' options | fastest candidate with the same results | its us | / launchers' | "
              "candidates run | changed the results | failed to run |", "|:--|--:|:--|--:|--:|--:|:--|--:|"]
     for kernel, baseline in baselines.items():
         mine = [r for r in tried if r["kernel"] == kernel]
         same = [r for r in mine if r["identical"] and r.get("device_us") is not None]
         best = min(same, key=lambda r: r["device_us"], default=None)
-        changed = ", ".join(f"({r['num_warps']}, {r['num_stages']})" for r in mine if not r["identical"]) or "none"
+        changed = "; ".join(tuning_label(r["options"]) for r in mine if not r["identical"]) or "none"
         ratio = best["device_us"] / baseline if best is not None and baseline else None
-        choice = "-" if best is None else f"({best['num_warps']}, {best['num_stages']})"
+        choice = "-" if best is None else tuning_label(best["options"])
         lines.append(f"| {kernel} | {_number(baseline, 1)} | {choice} | "
                      f"{_number(None if best is None else best['device_us'], 1)} | {_number(ratio)} | {len(mine)} | "
                      f"{changed} | {failed[kernel]} |")

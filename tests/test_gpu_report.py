@@ -89,9 +89,9 @@ def test_smoke_runs_every_step_without_the_packages_the_gpu_machine_lacks(smoke)
     assert set(profiles) == set(providers) and all(r["host_ms"] > 0 for r in profiles.values())
     assert any(r["kind"] == "profile-op" and r["provider"] == "lime-fused" for r in rows)
     tuned = [r for r in rows if r["kind"] == "tuning"]
-    assert {(r["kernel"], r["num_warps"], r["num_stages"]) for r in tuned} == {
-        (kernel, warps, stages) for kernel in gpu_report.SMOKE_TUNING["kernels"]
-        for warps in gpu_report.SMOKE_TUNING["warps"] for stages in gpu_report.SMOKE_TUNING["stages"]}
+    assert sorted((r["kernel"], gpu_report.tuning_label(r["options"])) for r in tuned) == sorted(
+        (kernel, label) for kernel in gpu_report.SMOKE_TUNING["kernels"]
+        for label in ("num_warps=4, num_stages=1", "maxnreg=128"))
     # The interpreter ignores launch options: every candidate must give the launchers' results.
     assert all(r["identical"] and r["device_us"] is None for r in tuned)
     benchmarks = {r["benchmark"] for r in rows if r["step"] == "sweeps" and r["kind"] == "measurement"}
@@ -242,20 +242,22 @@ def test_summary_verdicts_against_the_targets():
 
 
 def test_tuning_summary_picks_the_fastest_candidate_that_keeps_the_results():
-    def candidate(kernel, warps, stages, device_us, identical):
-        return _row("tuning", "tuning", kernel=kernel, num_warps=warps, num_stages=stages, device_us=device_us,
-                    baseline_us=40.0, identical=identical)
+    def candidate(kernel, options, device_us, identical):
+        return _row("tuning", "tuning", kernel=kernel, options=options, device_us=device_us, baseline_us=40.0,
+                    identical=identical)
 
     rows = [_row("tuning", "tuning-baseline", kernel="_input_grad_kernel", device_us=40.0),
             _row("tuning", "tuning-baseline", kernel="_project_kernel", device_us=20.0),
-            candidate("_input_grad_kernel", 8, 2, 30.0, False),  # faster, but changes the results
-            candidate("_input_grad_kernel", 4, 2, 36.0, True),
-            candidate("_input_grad_kernel", 4, 4, 38.0, True),
-            _row("tuning", "error", kernel="_input_grad_kernel", num_warps=8, num_stages=4, error="OutOfResources"),
-            candidate("_project_kernel", 4, 1, 25.0, True)]
+            candidate("_input_grad_kernel", dict(num_warps=8, num_stages=2), 30.0, False),  # faster, changes results
+            candidate("_input_grad_kernel", dict(num_warps=4, num_stages=2), 37.0, True),
+            candidate("_input_grad_kernel", dict(maxnreg=168), 36.0, True),
+            _row("tuning", "error", kernel="_input_grad_kernel", options=dict(maxnreg=128), error="OutOfResources"),
+            candidate("_project_kernel", dict(num_warps=4, num_stages=1), 25.0, True)]
     lines = {line.split(" | ")[0]: line for line in gpu_report._tuning_section(rows) if line.startswith("| _")}
-    assert lines["| _input_grad_kernel"] == "| _input_grad_kernel | 40.0 | (4, 2) | 36.0 | 0.900 | 3 | (8, 2) | 1 |"
-    assert lines["| _project_kernel"] == "| _project_kernel | 20.0 | (4, 1) | 25.0 | 1.250 | 1 | none | 0 |"
+    assert lines["| _input_grad_kernel"] == (
+        "| _input_grad_kernel | 40.0 | maxnreg=168 | 36.0 | 0.900 | 3 | num_warps=8, num_stages=2 | 1 |")
+    assert lines["| _project_kernel"] == (
+        "| _project_kernel | 20.0 | num_warps=4, num_stages=1 | 25.0 | 1.250 | 1 | none | 0 |")
     assert gpu_report._tuning_section([]) == ["No tuning."]
 
 

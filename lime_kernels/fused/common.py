@@ -90,10 +90,11 @@ class _Recorder:
 _recorders: List[_Recorder] = []
 _kernels_running = [0]
 # Launch options a tuning run may set per kernel (`launch_overrides`): how far loads run ahead of use
-# (num_stages) and how many warps share a program (num_warps, which may move a reduction between
-# threads: the tuning run compares the results bit for bit). Block sizes are not among them: they
-# shape the grid, the workspace and the reductions' order, which the launchers' plans decide.
-TUNABLE_OPTIONS = ("num_warps", "num_stages")
+# (num_stages), the register limit per thread (maxnreg: spills against occupancy), and how many warps
+# share a program (num_warps, which may move a reduction between threads: the tuning run compares the
+# results bit for bit). Block sizes are not among them: they shape the grid, the workspace and the
+# reductions' order, which the launchers' plans decide.
+TUNABLE_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 _overrides: Dict[str, dict] = {}
 _overridden: List[set] = []
 
