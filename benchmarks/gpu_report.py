@@ -48,7 +48,7 @@ import traceback
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -498,11 +498,27 @@ def step_headline(setup: Setup, box: Box) -> None:
 # --- step 5: profile ------------------------------------------------------------------------------
 
 
+def cuda_kernels(profiler) -> Tuple[Counter, Counter, int]:
+    """(launches, device us) of each CUDA kernel in a finished profile, by name, and the number of
+    memory copies and sets (counted apart)."""
+    from torch.autograd import DeviceType
+
+    calls, device_us, memory_ops = Counter(), Counter(), 0
+    for event in profiler.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        if event.name.startswith(("Memcpy", "Memset")):
+            memory_ops += 1
+        else:
+            calls[event.name] += 1
+            device_us[event.name] += event.time_range.elapsed_us()
+    return calls, device_us, memory_ops
+
+
 def profile_provider(layer, x, grad, device: torch.device, host_runs: int):
     """Host time of forward+backward (enqueue only: the device is idle at the start of each run), then
     one forward+backward under torch.profiler: per-kernel launches and device time (CUDA), or the top
     operators by CPU time (CPU). Returns (summary fields, per-kernel rows, the profiler's table)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     def step():
@@ -525,15 +541,7 @@ def profile_provider(layer, x, grad, device: torch.device, host_runs: int):
     fields = dict(host_ms=statistics.median(host), host_runs=host_runs)
     rows = []
     if cuda:
-        calls, device_us, memory_ops = Counter(), Counter(), 0
-        for event in profiler.events():
-            if event.device_type != DeviceType.CUDA:
-                continue
-            if event.name.startswith(("Memcpy", "Memset")):
-                memory_ops += 1
-            else:
-                calls[event.name] += 1
-                device_us[event.name] += event.time_range.elapsed_us()
+        calls, device_us, memory_ops = cuda_kernels(profiler)
         fields.update(launches=sum(calls.values()), memory_ops=memory_ops,
                       device_ms=round(sum(device_us.values()) / 1e3, 4))
         rows = [dict(kind="profile-kernel", name=name[:300], calls=calls[name], device_us=round(device_us[name], 2))
@@ -574,24 +582,8 @@ def step_profile(setup: Setup, box: Box) -> None:
 # --- step 6: tuning ---------------------------------------------------------------------------------
 
 
-def _tuning_results(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> List[torch.Tensor]:
-    """One training step from a fixed seed (the jitter): copies of the output, the statistics and
-    every gradient, to compare bit for bit."""
-    torch.manual_seed(0)
-    x.grad = None
-    trained = [p for p in layer.parameters() if p.requires_grad]
-    for parameter in trained:
-        parameter.grad = None
-    out = layer(x)
-    stats = layer.last_stats
-    ((out.float() * grad.float()).sum() + stats.importance + stats.kl_uniform).backward()
-    tensors = [out, stats.importance, stats.kl_uniform, stats.usage, x.grad] + [p.grad for p in trained]
-    return [tensor.detach().clone() for tensor in tensors]
-
-
 def kernel_device_us(step: Callable[[], object], device: torch.device, calls: int) -> Dict[str, float]:
     """Mean device time (us) per launch of each CUDA kernel over `calls` runs of `step`, by name."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     synchronize(device)
@@ -599,12 +591,8 @@ def kernel_device_us(step: Callable[[], object], device: torch.device, calls: in
         for _ in range(calls):
             step()
         synchronize(device)
-    total, launches = Counter(), Counter()
-    for event in profiler.events():
-        if event.device_type == DeviceType.CUDA:
-            total[event.name] += event.time_range.elapsed_us()
-            launches[event.name] += 1
-    return {name: total[name] / launches[name] for name in total}
+    launches, device_us, _ = cuda_kernels(profiler)
+    return {name: device_us[name] / launches[name] for name in device_us}
 
 
 def _device_us_of(times: Dict[str, float], kernel: str) -> Optional[float]:
@@ -626,10 +614,12 @@ def step_tuning(setup: Setup, box: Box) -> None:
 
     report, tuning = setup.report, setup.tuning
     cuda = setup.device.type == "cuda"
-    layer, x, grad = _headline_layer("lime-fused", setup)
+    layer, x, _ = _headline_layer("lime-fused", setup)
 
-    def step():
-        return _tuning_results(layer, x, grad)
+    def step():  # the parity step's training step (output, statistics, every gradient), and the usage
+        results = forward_backward(layer, x, None, autocast=False, seed=0)
+        results["usage"] = layer.last_stats.usage
+        return results
 
     baseline = step()  # also builds the launchers' own variants
     times = kernel_device_us(step, setup.device, tuning["calls"]) if cuda else {}
@@ -649,7 +639,7 @@ def step_tuning(setup: Setup, box: Box) -> None:
                 candidate_times = kernel_device_us(step, setup.device, tuning["calls"]) if cuda else {}
             if kernel not in applied:
                 raise RuntimeError(f"{kernel} did not launch in a training step of the headline layer")
-            identical = all(torch.equal(got, expected) for got, expected in zip(results, baseline))
+            identical = all(torch.equal(results[name], expected) for name, expected in baseline.items())
             report.row("tuning", "tuning", **fields, device_us=_device_us_of(candidate_times, kernel),
                        baseline_us=_device_us_of(times, kernel), identical=identical)
         except Exception as error:  # e.g. a variant out of shared memory: recorded, the next one runs
