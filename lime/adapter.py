@@ -5,8 +5,9 @@
 
 The config records every LiME layer by its qualified name: its class (the PEFT variant), the shape
 of the layer it wraps and every hyperparameter, so `load_adapter` re-creates the same layers on a
-fresh base model and the outputs are bit-identical. A save is written to a temporary directory and
-renamed into place, so a save that fails half-way never replaces a good one.
+fresh base model and the outputs are bit-identical. Each of the two files is written beside its final
+name and renamed into place, so a save that fails half-way leaves the previous adapter's files as they
+were; nothing else in the directory is touched (it may be a training run's output directory).
 
 A model sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`: its parameters are DTensors) or by
 DeepSpeed ZeRO-3 is saved by every process together: each LiME tensor is gathered in full (a
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from dataclasses import asdict
 from typing import Dict, Tuple
@@ -41,7 +40,7 @@ from lime_kernels import (
     LiMESliceFineLinear,
 )
 from lime_kernels.bases import is_wrappable_linear, linear_features
-from lime_kernels.options import AdapterOptions
+from lime_kernels.options import AdapterOptions, RoutingOptions
 
 from .config import LiMEConfig, _dtype_from_name, _dtype_name
 from .injection import _install_mask_scopes, freeze_base, lime_layers, record_base_flags
@@ -129,7 +128,8 @@ def _full_cpu(value: torch.Tensor) -> torch.Tensor:
 
 
 def save_adapter(model: nn.Module, directory: str) -> str:
-    """Write the LiME layers of `model` to `directory` (replaced atomically); returns the directory.
+    """Write the LiME layers of `model` to `directory` (its two files each replaced atomically, the
+    directory's other contents kept); returns the directory.
 
     For a sharded model every process must call it: the tensors are gathered on all of them, rank 0
     writes, and a failed write raises on every process (the previous adapter stays in place).
@@ -164,24 +164,22 @@ def save_adapter(model: nn.Module, directory: str) -> str:
 
 
 def _write(config: dict, tensors: Dict[str, torch.Tensor], directory: str) -> str:
-    """Write config and tensors to a staging directory beside `directory`, then rename it into place."""
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.saving-", dir=parent)
+    """Write the weights, then the config, each to a staging name in `directory` renamed over its final
+    name (a rename within one directory is atomic); the directory's other files are left alone."""
+    os.makedirs(directory, exist_ok=True)
+    tag = uuid.uuid4().hex
+    staged = {name: os.path.join(directory, f".{name}.saving-{tag}") for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
     try:
-        with open(os.path.join(staging, ADAPTER_CONFIG), "w", encoding="utf-8") as handle:
+        safetensors.torch.save_file(tensors, staged[ADAPTER_WEIGHTS], metadata={"format": FORMAT})
+        with open(staged[ADAPTER_CONFIG], "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)
-        safetensors.torch.save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata={"format": FORMAT})
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        for path in staged.values():
+            if os.path.exists(path):
+                os.remove(path)
         raise
-    if os.path.exists(directory):
-        retired = os.path.join(parent, f".{os.path.basename(directory)}.old-{uuid.uuid4().hex}")
-        os.rename(directory, retired)
-        os.rename(staging, directory)
-        shutil.rmtree(retired)
-    else:
-        os.rename(staging, directory)
+    for name, path in staged.items():
+        os.replace(path, os.path.join(directory, name))
     return directory
 
 
@@ -194,13 +192,15 @@ def _adapter_directory(directory: str) -> str:
     raise FileNotFoundError(f"no LiME adapter in {directory}: neither {ADAPTER_CONFIG} nor {TRAINER_ADAPTER_DIR}/{ADAPTER_CONFIG}")
 
 
-def _options(record: dict) -> dict:
-    kwargs = dict(record["routing"])
+def _adapter_kwargs(record: dict) -> dict:
     adapter = dict(record["adapter"])
     for name in ("peft_dtype", "moe_dtype"):
         adapter[name] = _dtype_from_name(adapter[name])
-    kwargs.update(adapter)
-    return kwargs
+    return adapter
+
+
+def _options(record: dict) -> dict:
+    return {**record["routing"], **_adapter_kwargs(record)}
 
 
 def _build_layer(name: str, record: dict, module: nn.Module) -> LiMEModule:
@@ -296,13 +296,21 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
         if isinstance(layer, LiMEPromptEncoder):
             attach_prompt_encoder(model, layer)
         else:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
+            _replace_everywhere(model, model.get_submodule(name), layer)
     freeze_base(model)
     _install_mask_scopes(model)
     if config.get("lime_config") is not None:
-        model.lime_config = LiMEConfig.from_dict(config["lime_config"])
+        model.lime_config = config["lime_config"]
     return model
+
+
+def _replace_everywhere(model: nn.Module, module: nn.Module, layer: LiMEModule) -> None:
+    """Put `layer` in place of `module` under every parent holding it (`save_adapter` records a module
+    shared by several parents under its first name only, as `apply_peft` wraps it once)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child is module:
+                setattr(parent, child_name, layer)
 
 
 def _read_config(path: str) -> dict:
@@ -317,7 +325,46 @@ def _read_config(path: str) -> dict:
         raise ValueError(f"{path} holds no LiME adapter of format {FORMAT} version {VERSION}; found {found!r}")
     if not isinstance(config.get("layers"), dict) or not config["layers"]:
         raise ValueError(f"{path} lists no LiME layers (its 'layers' entry is missing or empty)")
+    for name, record in config["layers"].items():
+        try:
+            _check_record(record)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: the record of layer {name} is not one this version writes: {error}") from None
+    if config.get("lime_config") is not None:
+        try:
+            config["lime_config"] = LiMEConfig.from_dict(config["lime_config"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: its lime_config is not one this version writes: {error}") from None
     return config
+
+
+# The keys each kind of layer record holds besides class, peft, routing and adapter.
+_RECORD_KEYS = {
+    "LiMEEmbedding": ("base", "pad_token_id"),
+    "LiMEPromptEncoder": ("num_virtual_tokens", "hidden_size", "input_conditioned"),
+    "LiMEDoRALinear": ("base", "dora_detach_norm"),
+}
+
+
+def _check_record(record: dict) -> None:
+    """A TypeError or ValueError unless `record` is a layer record `_layer_record` could have written."""
+    if not isinstance(record, dict):
+        raise TypeError(f"a record is a JSON object; got {type(record).__name__}")
+    cls_name = record.get("class")
+    if cls_name not in {cls.__name__ for cls in SAVED_CLASSES}:
+        raise ValueError(f"unknown class {cls_name!r}")
+    expected = {"class", "peft", "routing", "adapter", *_RECORD_KEYS.get(cls_name, ("base",))}
+    missing, unknown = sorted(expected - set(record)), sorted(set(record) - expected)
+    if missing or unknown:
+        raise ValueError(f"missing keys {missing}, unknown keys {unknown}")
+    if "base" in record:
+        shape_keys = ("num_embeddings", "embedding_dim") if cls_name == "LiMEEmbedding" else ("in_features", "out_features")
+        missing = sorted({"type", *shape_keys} - set(record["base"]))
+        if missing:
+            raise ValueError(f"its base lacks {missing}")
+    # The options' own checks: unknown fields and invalid values.
+    RoutingOptions(**record["routing"])
+    AdapterOptions(**_adapter_kwargs(record))
 
 
 def _read_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -340,6 +387,7 @@ def _plan(model: nn.Module, config: dict, by_layer: Dict[str, Dict[str, torch.Te
         if record["class"] == "LiMEPromptEncoder":
             existing = getattr(model, "lime_prompt_encoder", None)
             if existing is not None:
+                _check_same_settings(name, record, existing)
                 layer, new = existing, False
             else:
                 device = model.get_input_embeddings().weight.device
@@ -359,9 +407,36 @@ def _plan(model: nn.Module, config: dict, by_layer: Dict[str, Dict[str, torch.Te
                         f"adapter layer {name} is a {record['class']} (peft={record['peft']!r}); the model's is a "
                         f"{_class_name(module)} (peft={module.peft!r})"
                     )
+                _check_same_settings(name, record, module)
                 layer, new = module, False
             else:
                 layer, new = _build_layer(name, record, module), True
         _check_tensors(name, layer, by_layer[name])
         plan[name] = (layer, new)
     return plan
+
+
+# Settings that do not change what a layer computes: whether it records statistics, which backend
+# computes it, how its experts were initialized, the type of the frozen layer it wraps (an adapter
+# trained over a bf16 layer loads over a quantized one).
+_NOT_COMPARED = {"track_aux", "backend", "LiME_init_std", "type"}
+
+
+def _check_same_settings(name: str, record: dict, layer: LiMEModule) -> None:
+    """A ValueError naming every saved setting the model's existing LiME layer does not share: loading
+    only the tensors would give another function than the saved one."""
+    current = _layer_record(layer)
+    differences = []
+    for key in sorted(record):
+        saved, own = record[key], current.get(key)
+        if isinstance(saved, dict) and isinstance(own, dict):
+            differences += [f"{key}.{field}: adapter {saved.get(field)!r}, model {own.get(field)!r}"
+                            for field in sorted(set(saved) | set(own))
+                            if field not in _NOT_COMPARED and saved.get(field) != own.get(field)]
+        elif saved != own:
+            differences.append(f"{key}: adapter {saved!r}, model {own!r}")
+    if differences:
+        raise ValueError(
+            f"adapter layer {name}: the model's LiME layer there is set up differently "
+            f"({'; '.join(differences)}); load into a fresh base model (or remove_lime(model) first) to get "
+            "the saved layer")

@@ -36,8 +36,11 @@ class MaskScope:
     The module (a scope owner: the model given to `apply_peft` and every Hugging Face
     `PreTrainedModel` inside it) gets hooks that record the 2-D `attention_mask` of each call. Its
     LiME layers read the mask of the call in progress; during backward (recomputation under
-    gradient checkpointing, after the call has returned) they read the mask of the latest call
-    that recorded gradients, which is the one being recomputed in ordinary training.
+    gradient checkpointing, after the call has returned) they read the mask of the latest training
+    call that recorded gradients, which is the one being recomputed when each forward is followed by
+    its backward. When several training calls with different masks wait for one backward (two
+    batches, one summed loss), which of them a recomputation belongs to cannot be told: that
+    recomputation raises instead of guessing.
 
     An owner with no other owner inside it is the model that consumes the token sequence (a
     language model, a vision tower); an owner with sub-models inside is a composite whose own
@@ -50,6 +53,9 @@ class MaskScope:
         self._mask_position = self._positional_index(owner)
         self._active: List[Optional[ContextMask]] = []
         self._latest_with_grad: Optional[ContextMask] = None
+        # The training calls recorded since a backward last read a context, and whether they differ.
+        self._calls_since_backward = 0
+        self._mixed_since_backward = False
         self._warned = False
         self.handles: list = []  # the owner's hooks, removed by `remove_lime`
 
@@ -95,7 +101,10 @@ class MaskScope:
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self._context_of_call(args, kwargs)
         self._active.append(context)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and module.training:
+            if self._calls_since_backward and not _same_context(self._latest_with_grad, context):
+                self._mixed_since_backward = True
+            self._calls_since_backward += 1
             self._latest_with_grad = context
 
     def exit(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -105,8 +114,26 @@ class MaskScope:
         if self._active:
             return self._active[-1]
         if torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
+            mixed, self._mixed_since_backward, self._calls_since_backward = self._mixed_since_backward, False, 0
+            if mixed:
+                raise RuntimeError(
+                    f"gradient checkpointing is recomputing a LiME layer of {self.owner_name}, but several "
+                    "training calls with different padding masks ran before this backward: which one is "
+                    "being recomputed cannot be told, and the wrong mask would give wrong gradients. Run "
+                    "backward after each training forward, concatenate the batches into one call, or run "
+                    "the calls whose outputs take no gradient under torch.no_grad() (a training call made "
+                    "before checkpointing was enabled counts too: the record starts afresh after this error)")
             return self._latest_with_grad
         return None
+
+
+def _same_context(first: Optional[ContextMask], second: Optional[ContextMask]) -> bool:
+    """Whether two calls offer their layers the very same tensors (compared by identity: comparing
+    values would synchronize with the device on every training call of a run without checkpointing,
+    where this record is never read)."""
+    if first is None or second is None:
+        return first is second
+    return all(a is b for a, b in zip(first, second))
 
 
 def is_target_type(module: nn.Module) -> bool:

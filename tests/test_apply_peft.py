@@ -154,10 +154,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_mask():
         model, processor = fresh(rep_mode="mean", jitter_noise=0.1)
         _randomize_adapters(model)
         if checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(model)
         model.train()
         batch = make_batch(processor, ["What is shown?", "How many objects are there in the picture?"], ["a dog", "2"])
         torch.manual_seed(5)
@@ -168,6 +165,37 @@ def test_gradient_checkpointing_recomputes_with_the_same_mask():
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _enable_checkpointing(model):
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def test_checkpointing_two_training_calls_with_different_masks_before_one_backward_raises():
+    """Two batches, one summed loss: the recomputation cannot tell whose padding mask it needs (it
+    used the second call's for both: gradients 42% off), so it raises; one forward per backward, and
+    two calls sharing their mask, still train; after the error the record starts afresh."""
+    model, processor = fresh(jitter_noise=0.0)
+    _randomize_adapters(model)
+    _enable_checkpointing(model)
+    model.train()
+    first = make_batch(processor, ["What is shown?", "How many objects are there in the picture?"], ["a dog", "2"])
+    second = {key: value.clone() for key, value in first.items()}
+    second["attention_mask"][1, -6:] = 0
+    second["labels"][1, -6:] = -100
+    with pytest.raises(RuntimeError, match="several training calls with different padding masks ran before this "
+                                           "backward"):
+        (model(**first).loss + model(**second).loss).backward()
+    model.zero_grad()
+    (model(**first).loss + model(**first).loss).backward()  # the same mask twice: either call's is right
+    for batch in (first, second):
+        model(**batch).loss.backward()
+    with torch.no_grad():  # a call that takes no gradient is not one backward could recompute
+        model(**second)
+    model(**first).loss.backward()
 
 
 def test_language_model_called_directly_uses_its_own_mask():

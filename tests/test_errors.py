@@ -1,5 +1,6 @@
 """Invalid hyperparameters and shapes raise a ValueError that names the value."""
 
+import json
 import re
 
 import pytest
@@ -229,3 +230,76 @@ def test_corrupt_adapter_files_are_named_before_the_model_changes(tmp_path, dama
         lime.load_adapter(fresh, str(tmp_path / "adapter"))
     assert "corrupt or truncated" in str(error.value)
     assert not list(lime.lime_layers(fresh)) and [p.requires_grad for p in fresh.parameters()] == flags
+
+
+def _edit_config(path, edit):
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    edit(config)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c["lime_config"].update(use_rslora=False), "its lime_config is not one this version writes: unknown "
+                                                           "LiMEConfig field"),
+    (lambda c: c["layers"]["encoder.query"].pop("routing"), r"layer encoder.query .*missing keys \['routing'\]"),
+    (lambda c: c["layers"]["encoder.query"]["routing"].update(foo=1), "layer encoder.query .*unexpected keyword "
+                                                                       "argument 'foo'"),
+    (lambda c: c["layers"]["encoder.query"]["routing"].update(temperature=-1.0), "temperature"),
+    (lambda c: c["layers"]["encoder.query"]["base"].pop("out_features"), r"base lacks \['out_features'\]"),
+    (lambda c: c["layers"]["encoder.query"].update({"class": "LiMEMystery"}), "unknown class 'LiMEMystery'"),
+], ids=["lime-config-field", "missing-key", "unknown-option", "invalid-value", "base-shape", "class"])
+def test_adapter_configs_this_version_did_not_write_are_named_before_the_model_changes(tmp_path, edit, expected):
+    """A record or a lime_config from another writer is a ValueError naming the file, raised before any
+    layer is added (not a KeyError / TypeError from half-way through, with the model already wrapped)."""
+    model = lime.apply_peft(_small_model(), targets=["query"])
+    directory = lime.save_adapter(model, str(tmp_path / "adapter"))
+    _edit_config(str(tmp_path / "adapter" / "adapter_config.json"), edit)
+    fresh = _small_model()
+    flags = [p.requires_grad for p in fresh.parameters()]
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "adapter" / "adapter_config.json")) + ".*" + expected):
+        lime.load_adapter(fresh, directory)
+    assert not list(lime.lime_layers(fresh)) and [p.requires_grad for p in fresh.parameters()] == flags
+    assert not hasattr(fresh, "lime_config")
+
+
+def test_loading_into_layers_set_up_differently_names_every_difference(tmp_path):
+    """Only the tensors would be loaded into a model already wrapped: a layer whose routing or adapter
+    options differ from the saved ones would compute another function than the saved one."""
+    saved = lime.apply_peft(_small_model(), targets=["query"], temperature=2.0, alpha=64.0, top_k=2, auto_topk=False)
+    directory = lime.save_adapter(saved, str(tmp_path / "adapter"))
+    other = lime.apply_peft(_small_model(), targets=["query"], top_k=2, auto_topk=False)
+    before = {name: tensor.clone() for name, tensor in other.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        lime.load_adapter(other, directory)
+    assert str(error.value).startswith("adapter layer encoder.query: the model's LiME layer there is set up differently ")
+    assert "adapter.alpha: adapter 64.0, model 16.0; routing.temperature: adapter 2.0, model 0.5)" in str(error.value)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in other.state_dict().items())
+    # What does not change the function (statistics, backend) may differ.
+    same = lime.apply_peft(_small_model(), targets=["query"], temperature=2.0, alpha=64.0, top_k=2, auto_topk=False,
+                           track_aux=False, backend="reference")
+    lime.load_adapter(same, directory)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(same.encoder.query(x), saved.encoder.query(x))
+
+
+def test_a_module_shared_by_two_parents_is_loaded_under_both(tmp_path):
+    """apply_peft wraps a shared module once, under every parent; save_adapter records it under its
+    first name; load_adapter must put the loaded layer under every parent too."""
+    def build():
+        torch.manual_seed(0)
+        shared = torch.nn.Linear(8, 8)
+        return torch.nn.Sequential(torch.nn.Sequential(shared, torch.nn.ReLU()),
+                                   torch.nn.Sequential(shared, torch.nn.ReLU())).eval()
+
+    model = lime.apply_peft(build(), targets=["0"], num_experts=2)
+    assert model[0][0] is model[1][0]
+    with torch.no_grad():
+        model[0][0].B.normal_(0, 0.5)
+    loaded = lime.load_adapter(build(), lime.save_adapter(model, str(tmp_path / "adapter")))
+    assert isinstance(loaded[0][0], LiMELinear) and loaded[0][0] is loaded[1][0]
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

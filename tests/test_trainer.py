@@ -189,7 +189,13 @@ def test_load_mismatches_name_the_module_and_the_shapes(tmp_path):
 
 def test_a_failed_save_never_replaces_a_good_one(tmp_path, monkeypatch):
     model, _ = _wrapped()
+    # A run's output directory: what else it holds stays (a save replaces the adapter's two files only).
+    (tmp_path / "adapter" / "checkpoint-100").mkdir(parents=True)
+    (tmp_path / "adapter" / "notes.txt").write_text("keep me")
     directory = save_adapter(model, str(tmp_path / "adapter"))
+    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint-100",
+                                             "notes.txt"]
+    assert (tmp_path / "adapter" / "notes.txt").read_text() == "keep me"
     good = open(os.path.join(directory, "adapter_model.safetensors"), "rb").read()
 
     def broken(*args, **kwargs):
@@ -201,7 +207,9 @@ def test_a_failed_save_never_replaces_a_good_one(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, directory)
     assert open(os.path.join(directory, "adapter_model.safetensors"), "rb").read() == good
-    assert sorted(os.listdir(tmp_path)) == ["adapter"], "no temporary directory is left behind"
+    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint-100",
+                                             "notes.txt"], "no staging file is left behind"
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
 
 
 def test_resume_from_checkpoint_continues_exactly(tmp_path):
