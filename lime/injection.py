@@ -368,23 +368,35 @@ def apply_peft(
         more = f" (and {len(bypassed) - 4} more)" if len(bypassed) > 4 else ""
         warnings.warn(f"left unwrapped: {', '.join(bypassed[:4])}{more}: {multihead_reason}", stacklevel=2)
 
+    # The layers are built on the side first: a variant's own checks (SliceFine's rank) may still refuse
+    # a target, and the model must then be left as it was (building a layer freezes the module it wraps).
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    layer_kwargs = config.layer_kwargs()
+    wrapped: Dict[int, LiMEModule] = {}
+    try:
+        for path, module in replacements:
+            if id(module) in wrapped:  # a module shared by several parents is wrapped once
+                continue
+            try:
+                if isinstance(module, nn.Embedding):
+                    wrapped[id(module)] = LiMEEmbedding(module, pad_token_id=pad_token_id, peft=peft, **layer_kwargs)
+                elif peft == "dora":
+                    wrapped[id(module)] = LINEAR_VARIANTS[peft](module, dora_detach_norm=dora_detach_norm,
+                                                                **layer_kwargs)
+                else:
+                    wrapped[id(module)] = LINEAR_VARIANTS[peft](module, **layer_kwargs)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
     # Validated: from here on the model is changed.
     record_base_flags(model)
     freeze_base(model)
-
-    layer_kwargs = config.layer_kwargs()
-    wrapped: Dict[int, LiMEModule] = {}
     for path, module in replacements:
         parent_path, _, child_name = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        if id(module) not in wrapped:  # a module shared by several parents is wrapped once
-            if isinstance(module, nn.Embedding):
-                wrapped[id(module)] = LiMEEmbedding(module, pad_token_id=pad_token_id, peft=peft, **layer_kwargs)
-            elif peft == "dora":
-                wrapped[id(module)] = LINEAR_VARIANTS[peft](module, dora_detach_norm=dora_detach_norm, **layer_kwargs)
-            else:
-                wrapped[id(module)] = LINEAR_VARIANTS[peft](module, **layer_kwargs)
-        setattr(parent, child_name, wrapped[id(module)])
+        setattr(model.get_submodule(parent_path), child_name, wrapped[id(module)])
 
     _install_mask_scopes(model)
     if use_compile:

@@ -303,3 +303,17 @@ def test_a_module_shared_by_two_parents_is_loaded_under_both(tmp_path):
     x = torch.randn(2, 3, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_a_target_its_variant_refuses_leaves_the_model_as_it_was():
+    """SliceFine's rank must fit every target's rows: the check of the narrower target, after the wider
+    one was accepted, must leave neither a wrapped layer nor frozen parameters behind, and name the path."""
+    model = _small_model()
+    model.encoder.value = torch.nn.Linear(16, 4)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"^encoder\.value: rank must be <= out_features \(4\) for SliceFine"):
+        lime.apply_peft(model, targets=["query", "value"], peft="slicefine", rank=8, num_experts=2)
+    assert not list(lime.lime_layers(model)) and not hasattr(model, "lime_config")
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    lime.apply_peft(model, targets=["query", "value"], peft="slicefine", rank=4, num_experts=2)  # a corrected retry
+    assert [name for name, _ in lime.lime_layers(model)] == ["encoder.query", "encoder.value"]
