@@ -153,6 +153,7 @@ def attach_prompt_encoder(model: nn.Module, encoder: LiMEPromptEncoder) -> nn.Mo
         )
     record_base_flags(model)
     freeze_base(model)
+    encoder.train(model.training)  # as the linear layers take their base's mode: no jitter in an eval model
     model.lime_prompt_encoder = encoder
     model._lime_prompt_hook = model.register_forward_pre_hook(PromptInjector(model, encoder), with_kwargs=True)
     return model

@@ -258,6 +258,22 @@ def test_prompt_tuning_generates_the_same_with_and_without_a_cache():
         lime.prompt_tuning.apply_peft(model)
 
 
+def test_prompt_encoder_takes_the_model_mode(tmp_path):
+    model, processor = build_tiny_llava_onevision(seed=0)
+    model.eval()
+    lime.prompt_tuning.apply_peft(model, num_virtual_tokens=4)
+    assert not model.lime_prompt_encoder.training
+    with torch.no_grad():
+        model.lime_prompt_encoder.prompt_delta.normal_(0, 0.5)
+        batch = make_batch(processor, ["What is shown?"], padding_side="left")
+        assert torch.equal(model(**batch).logits, model(**batch).logits)  # no routing jitter
+    lime.save_adapter(model, str(tmp_path))
+    for training in (False, True):
+        fresh, _ = build_tiny_llava_onevision(seed=0)
+        lime.load_adapter(fresh.train(training), str(tmp_path))
+        assert fresh.lime_prompt_encoder.training == training
+
+
 VARIANT_COUNTS = {
     # trainable PEFT parameters per wrapped linear layer (Din, Dout, r); MoE: E*Dout + Dout + 1
     "lora": lambda d_in, d_out, r: r * (d_in + d_out),
