@@ -292,6 +292,9 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
                                                     value.placements, src_data_rank=None)
                 value.copy_(saved_value)
         if not new:
+            # The saved routing (a schedule may have changed the temperature, say): the saved function.
+            layer.update_routing(**{key: value for key, value in config["layers"][name]["routing"].items()
+                                    if key != "num_experts"})
             continue
         if isinstance(layer, LiMEPromptEncoder):
             attach_prompt_encoder(model, layer)
@@ -314,7 +317,8 @@ def _replace_everywhere(model: nn.Module, module: nn.Module, layer: LiMEModule) 
 
 
 def _read_config(path: str) -> dict:
-    """The adapter's config, or a ValueError naming the file and what is wrong with it."""
+    """The adapter's config (its lime_config as a LiMEConfig), or a ValueError naming the file and what
+    is wrong with it."""
     try:
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
@@ -423,11 +427,12 @@ _NOT_COMPARED = {"track_aux", "backend", "LiME_init_std", "type"}
 
 
 def _check_same_settings(name: str, record: dict, layer: LiMEModule) -> None:
-    """A ValueError naming every saved setting the model's existing LiME layer does not share: loading
-    only the tensors would give another function than the saved one."""
+    """A ValueError naming every saved setting the model's existing LiME layer does not share and
+    `load_adapter` cannot switch (the routing options are runtime switches, set from the record):
+    loading only the tensors would give another function than the saved one."""
     current = _layer_record(layer)
     differences = []
-    for key in sorted(record):
+    for key in sorted(set(record) - {"routing"}):
         saved, own = record[key], current.get(key)
         if isinstance(saved, dict) and isinstance(own, dict):
             differences += [f"{key}.{field}: adapter {saved.get(field)!r}, model {own.get(field)!r}"

@@ -265,21 +265,25 @@ def test_adapter_configs_this_version_did_not_write_are_named_before_the_model_c
 
 
 def test_loading_into_layers_set_up_differently_names_every_difference(tmp_path):
-    """Only the tensors would be loaded into a model already wrapped: a layer whose routing or adapter
-    options differ from the saved ones would compute another function than the saved one."""
-    saved = lime.apply_peft(_small_model(), targets=["query"], temperature=2.0, alpha=64.0, top_k=2, auto_topk=False)
+    """Only the tensors would be loaded into a model already wrapped: a layer whose adapter options
+    differ from the saved ones would compute another function than the saved one. Its routing options
+    are runtime switches: they are set from the adapter."""
+    saved = lime.apply_peft(_small_model(), targets=["query"], temperature=2.0, alpha=64.0, dropout=0.1)
     directory = lime.save_adapter(saved, str(tmp_path / "adapter"))
     other = lime.apply_peft(_small_model(), targets=["query"], top_k=2, auto_topk=False)
     before = {name: tensor.clone() for name, tensor in other.state_dict().items()}
     with pytest.raises(ValueError) as error:
         lime.load_adapter(other, directory)
-    assert str(error.value).startswith("adapter layer encoder.query: the model's LiME layer there is set up differently ")
-    assert "adapter.alpha: adapter 64.0, model 16.0; routing.temperature: adapter 2.0, model 0.5)" in str(error.value)
+    assert str(error.value).startswith("adapter layer encoder.query: the model's LiME layer there is set up differently "
+                                       "(adapter.alpha: adapter 64.0, model 16.0; adapter.dropout: adapter 0.1, model "
+                                       "0.0)"), str(error.value)
     assert all(torch.equal(tensor, before[name]) for name, tensor in other.state_dict().items())
-    # What does not change the function (statistics, backend) may differ.
-    same = lime.apply_peft(_small_model(), targets=["query"], temperature=2.0, alpha=64.0, top_k=2, auto_topk=False,
+    assert other.encoder.query.routing.top_k == 2, "a refused load changes nothing"
+    # What does not change the function (statistics, backend) may differ; the routing is the adapter's.
+    same = lime.apply_peft(_small_model(), targets=["query"], alpha=64.0, dropout=0.1, top_k=2, auto_topk=False,
                            track_aux=False, backend="reference")
     lime.load_adapter(same, directory)
+    assert same.encoder.query.routing == saved.encoder.query.routing
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         assert torch.equal(same.encoder.query(x), saved.encoder.query(x))
