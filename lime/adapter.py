@@ -43,7 +43,7 @@ from lime_kernels.bases import is_wrappable_linear, linear_features
 from lime_kernels.options import AdapterOptions, RoutingOptions
 
 from .config import LiMEConfig, _dtype_from_name, _dtype_name
-from .injection import _install_mask_scopes, freeze_base, lime_layers, record_base_flags
+from .injection import _install_mask_scopes, freeze_base, lime_layers, record_base_flags, requires_grad_restored
 from .prompt_tuning import attach_prompt_encoder
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -261,26 +261,17 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
             raise ValueError(f"adapter tensor {key} belongs to no layer of the adapter's config")
         by_layer[owner][tensor_name] = value
 
-    # Build everything on the side first, so that a mismatch leaves the model untouched (building a
-    # layer freezes the module it wraps: the flags are restored if anything does not fit).
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
+    # Build everything on the side first, so that a mismatch leaves the model untouched.
+    with requires_grad_restored(model):
         plan = _plan(model, config, by_layer)
-        if any(new for _, new in plan.values()) and any(isinstance(p, DTensor) for p, _ in flags):
+        if any(new for _, new in plan.values()) and any(isinstance(p, DTensor) for p in model.parameters()):
             # FSDP manages the parameters it saw when it sharded the model: layers added later would
             # be neither sharded nor gathered.
             raise ValueError(
                 f"{type(model).__name__} is sharded (DTensor parameters) but lacks the adapter's LiME layers "
                 f"({sorted(name for name, (_, new) in plan.items() if new)[:3]}...): load the adapter before "
                 "sharding, or shard a model that apply_peft has wrapped the same way")
-    except Exception:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        raise
-    if not hasattr(model, "_lime_base_requires_grad"):  # the flags before the new layers froze their bases
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        record_base_flags(model)
+    record_base_flags(model)  # once: a model already wrapped keeps the flags recorded then
 
     for name, (layer, new) in plan.items():
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -53,8 +54,9 @@ class MaskScope:
         self._mask_position = self._positional_index(owner)
         self._active: List[Optional[ContextMask]] = []
         self._latest_with_grad: Optional[ContextMask] = None
-        # The training calls recorded since a backward last read a context, and whether they differ.
-        self._calls_since_backward = 0
+        # Whether a training call was recorded since a backward last read a context, and whether
+        # another one with different tensors was too.
+        self._called_since_backward = False
         self._mixed_since_backward = False
         self._warned = False
         self.handles: list = []  # the owner's hooks, removed by `remove_lime`
@@ -102,9 +104,9 @@ class MaskScope:
         context = self._context_of_call(args, kwargs)
         self._active.append(context)
         if torch.is_grad_enabled() and module.training:
-            if self._calls_since_backward and not _same_context(self._latest_with_grad, context):
+            if self._called_since_backward and not _same_context(self._latest_with_grad, context):
                 self._mixed_since_backward = True
-            self._calls_since_backward += 1
+            self._called_since_backward = True
             self._latest_with_grad = context
 
     def exit(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -114,7 +116,7 @@ class MaskScope:
         if self._active:
             return self._active[-1]
         if torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
-            mixed, self._mixed_since_backward, self._calls_since_backward = self._mixed_since_backward, False, 0
+            mixed, self._mixed_since_backward, self._called_since_backward = self._mixed_since_backward, False, False
             if mixed:
                 raise RuntimeError(
                     f"gradient checkpointing is recomputing a LiME layer of {self.owner_name}, but several "
@@ -224,6 +226,19 @@ def _base_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
     """Every parameter that is not a LiME layer's own (a wrapped layer's included)."""
     lime_parameters = {id(p) for _, layer in lime_layers(model) for p in layer.parameters(recurse=False)}
     return ((name, p) for name, p in model.named_parameters() if id(p) not in lime_parameters)
+
+
+@contextlib.contextmanager
+def requires_grad_restored(model: nn.Module):
+    """LiME layers are built inside the block before any is installed; building one freezes the module
+    it wraps, so on leaving (refused or not) every parameter of the model gets its flag back: a refused
+    build leaves the model as it was, and `record_base_flags` then sees the flags from before."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -369,11 +384,10 @@ def apply_peft(
         warnings.warn(f"left unwrapped: {', '.join(bypassed[:4])}{more}: {multihead_reason}", stacklevel=2)
 
     # The layers are built on the side first: a variant's own checks (SliceFine's rank) may still refuse
-    # a target, and the model must then be left as it was (building a layer freezes the module it wraps).
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    # a target, and the model must then be left as it was.
     layer_kwargs = config.layer_kwargs()
     wrapped: Dict[int, LiMEModule] = {}
-    try:
+    with requires_grad_restored(model):
         for path, module in replacements:
             if id(module) in wrapped:  # a module shared by several parents is wrapped once
                 continue
@@ -387,9 +401,6 @@ def apply_peft(
                     wrapped[id(module)] = LINEAR_VARIANTS[peft](module, **layer_kwargs)
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from None
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
 
     # Validated: from here on the model is changed.
     record_base_flags(model)
