@@ -16,11 +16,22 @@ def compute_balance_loss(model: nn.Module, importance_coef: float = 0.1, kl_coef
 
     Reads the statistics of each layer's latest training forward (`track_aux=True`) and consumes
     their differentiable parts, so a statistic is never counted twice and its graph is released.
+    Raises if a layer with trainable parameters recorded them without a graph (reentrant checkpointing).
     """
     collected = []
     for name, layer in lime_layers(model):
         stats = layer.last_stats
         if stats is not None and stats.importance is not None:
+            if (torch.is_grad_enabled() and stats.importance.grad_fn is None
+                    and any(parameter.requires_grad for parameter in layer.parameters())):
+                # Reentrant checkpointing runs the forward under no_grad: the loss would train nothing.
+                raise RuntimeError(
+                    f"LiME layer {name} recorded its balance statistics without a graph although its parameters "
+                    "require grad, so the balance loss would carry no gradient. Reentrant gradient checkpointing "
+                    "does this (it runs the forward under torch.no_grad): enable checkpointing with "
+                    "use_reentrant=False. A forward run under torch.no_grad on purpose needs compute_balance_loss "
+                    "under torch.no_grad too"
+                )
             collected.append(stats)
             layer.last_stats = stats._replace(importance=None, kl_uniform=None)
     if not collected:

@@ -101,6 +101,21 @@ def test_floating_masks_are_refused():
         layer(torch.randn(2, 3, 8), attention_mask=torch.zeros(2, 3))
 
 
+def test_balance_loss_without_a_graph_names_reentrant_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    model = lime.apply_peft(torch.nn.Sequential(torch.nn.Linear(8, 16))).train()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    checkpoint(model, x, use_reentrant=True)  # the forward runs under no_grad
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        lime.compute_balance_loss(model)
+    checkpoint(model, x, use_reentrant=False)
+    assert lime.compute_balance_loss(model).requires_grad
+    with torch.no_grad():  # statistics recorded and read without grad on purpose
+        model(x)
+        lime.compute_balance_loss(model)
+
+
 def test_targets_matching_nothing_list_existing_names():
     model = torch.nn.Sequential()
     model.add_module("encoder", torch.nn.Sequential())
