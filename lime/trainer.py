@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -31,7 +32,6 @@ from .adapter import TRAINER_ADAPTER_DIR, is_sharded, load_adapter, save_adapter
 from .balance import compute_balance_loss
 from .injection import lime_layers
 from .summary import MOE_PARAMETERS, PEFT_PARAMETERS
-from .switches import set_track_aux
 
 
 @dataclass
@@ -67,6 +67,20 @@ def checkpointing_arguments(**checkpoint_kwargs) -> Dict[str, object]:
     fields = {item.name for item in dataclasses.fields(TrainingArguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {name: True, **({f"{name}_kwargs": checkpoint_kwargs} if checkpoint_kwargs else {})}
+
+
+@contextlib.contextmanager
+def _track_aux_set_to(model: nn.Module, track_aux: bool):
+    """Every LiME layer's `track_aux` set to `track_aux` inside the block; the layers' own values after it
+    (the user's configuration, which `save_adapter` writes)."""
+    changed = [layer for _, layer in lime_layers(model) if layer.adapter.track_aux != track_aux]
+    for layer in changed:
+        layer.set_track_aux(track_aux)
+    try:
+        yield
+    finally:
+        for layer in changed:
+            layer.set_track_aux(not track_aux)
 
 
 # The logged LiME metrics, averaged over the balance micro-batches since the last log.
@@ -150,10 +164,18 @@ class LiMETrainer(Trainer):
             return decided
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Through the backward too: checkpointing recomputes the forward there, and must do the same.
+        with _track_aux_set_to(self.accelerator.unwrap_model(model), self.is_balance_step()):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with _track_aux_set_to(self.accelerator.unwrap_model(model), False):  # evaluation needs no statistics
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
         balance_step = model.training and self.is_balance_step()
-        set_track_aux(unwrapped, balance_step)
         task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         loss = task_loss
         if balance_step:

@@ -129,6 +129,35 @@ def test_balance_loss_every_n_steps_with_accumulation(tmp_path, monkeypatch):
                                                    "lime/usage_entropy", "lime/imbalance_ratio", "lime/active_experts"))
 
 
+class _TinyRegression(torch.nn.Module):
+    """A LiME layer and a squared error: the Trainer's loop in milliseconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x, labels):
+        return {"loss": (self.proj(x) - labels).square().mean()}
+
+
+def test_balance_schedule_leaves_the_layers_track_aux_as_configured(tmp_path):
+    import json
+
+    model = lime.apply_peft(_TinyRegression())
+    generator = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(3, 8, generator=generator), "labels": torch.randn(3, 8, generator=generator)}
+            for _ in range(4)]
+    trainer = LiMETrainer(model=model, args=_args(tmp_path, max_steps=2, balance_every_n_steps=2),
+                          train_dataset=data, eval_dataset=data[:2])
+    trainer.train()  # the last step, 1, is not a balance step
+    assert model.proj.adapter.track_aux
+    trainer.evaluate()
+    assert model.proj.adapter.track_aux
+    trainer.save_model(str(tmp_path / "saved"))
+    with open(tmp_path / "saved" / "lime_adapter" / "adapter_config.json") as file:
+        assert json.load(file)["layers"]["proj"]["adapter"]["track_aux"]
+
+
 @pytest.mark.parametrize("peft", ["lora", "dora", "lora_fa", "slicefine", "embedding", "prompt"])
 def test_save_and_load_round_trip_is_bit_identical(tmp_path, peft):
     model, processor = _wrapped(peft, n_gram=2, router="maxabs")
