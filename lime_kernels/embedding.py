@@ -113,10 +113,13 @@ class LiMEEmbedding(LiMEModule):
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"LiMEEmbedding expects integer token ids of shape (batch, tokens) or (tokens,); got {shape}")
         base = self.embedding(input_ids)
-        sequences = as_sequences(base, self.embedding_dim)
+        # (tokens,) ids are one sequence, not `tokens` sequences of one token; their explicit mask is (tokens,).
+        sequences = base.unsqueeze(0) if input_ids.dim() == 1 else as_sequences(base, self.embedding_dim)
         valid = self._valid_tokens(base, attention_mask)  # an explicit mask, else the model call's
         if valid is None and self.pad_token_id is not None:
-            valid = (input_ids != self.pad_token_id).reshape(sequences.shape[:2])
+            valid = input_ids != self.pad_token_id
+        if valid is not None:
+            valid = valid.reshape(sequences.shape[:2])
         jitter, dropped = self._random_draws(sequences)
         out = self._modulate(
             backend=self.resolve_backend(base), x=None, adapter_input=dropped if dropped is not None else sequences,

@@ -173,7 +173,11 @@ def test_embedding_variant_matches_the_loop_and_masks_pad_tokens():
                             mask=ids != 0, jitter=jitter)
     tolerance_check("embedding output", out, expected)
     assert torch.equal(out[ids == 0], base[ids == 0])
-    assert layer(torch.tensor([3, 4])).shape == (2, 10)
+    layer.eval()
+    one = torch.tensor([0, 3, 4, 9, 11])  # (tokens,): one sequence, whose n-gram windows span its tokens
+    torch.testing.assert_close(layer(one), layer(one[None])[0])
+    keep = torch.tensor([1, 1, 0, 1, 1])
+    torch.testing.assert_close(layer(one, keep), layer(one[None], keep[None])[0])
     with pytest.raises(ValueError, match="integer token ids"):
         layer(torch.randn(2, 3))
     with pytest.raises(ValueError, match="peft='dora'"):
