@@ -61,6 +61,21 @@ def _check_mask_dtype(mask: torch.Tensor) -> None:
         raise ValueError(f"attention_mask must be bool or integer (1 = valid token, 0 = padding); got dtype {mask.dtype}")
 
 
+def _check_model_mask(mask: torch.Tensor) -> None:
+    """A model's padding mask may also be floating with only 0s and 1s, as Hugging Face models take it;
+    other floating values (an additive mask) are refused."""
+    if not mask.dtype.is_floating_point:
+        _check_mask_dtype(mask)
+        return
+    # A host sync, on this path only. A compiled graph cannot branch on values: it skips the check.
+    if not torch.compiler.is_compiling() and not ((mask == 0) | (mask == 1)).all():
+        other = mask[(mask != 0) & (mask != 1)][0].item()
+        raise ValueError(
+            f"a floating attention_mask must hold only 0 and 1 (1 = valid token, 0 = padding); got {other} in a "
+            f"{mask.dtype} mask (an additive mask, 0 = attend and -inf = masked, would read backwards)"
+        )
+
+
 def explicit_valid_mask(attention_mask: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
     """The `(B, T)` bool mask for an attention mask passed to the layer itself.
 
@@ -113,7 +128,7 @@ def context_valid_mask(context: ContextMask, input_shape: torch.Size) -> Tuple[O
     sequence model, a 2-D input with one row per token of the mask is the flattened sequence.
     """
     mask = context.mask
-    _check_mask_dtype(mask)
+    _check_model_mask(mask)
     if mask.dim() != 2:
         return None, False
     if len(input_shape) == 2 and context.in_sequence_model and input_shape[0] == mask.numel():

@@ -314,3 +314,24 @@ def test_context_mask_alignment_rules():
     valid, matched = context_valid_mask(ContextMask(mask, True), torch.Size([8, 8]))
     assert matched and torch.equal(valid, mask.reshape(8, 1).bool())
     assert context_valid_mask(ContextMask(mask, False), torch.Size([8, 8])) == (None, False)
+
+
+def test_a_floating_model_mask_of_zeros_and_ones_is_a_padding_mask():
+    class Masked(torch.nn.Module):  # takes a padding mask, as Hugging Face models do
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 16)
+
+        def forward(self, x, attention_mask=None):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = lime.apply_peft(Masked(), n_gram=2).eval()
+    _randomize_adapters(model)
+    x = torch.randn(2, 4, 8)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.no_grad():
+        assert not torch.allclose(model(x, attention_mask=mask), model(x))
+        torch.testing.assert_close(model(x, attention_mask=mask.float()), model(x, attention_mask=mask))
+        with pytest.raises(ValueError, match="got -inf in a torch.float32 mask"):
+            model(x, attention_mask=torch.zeros(2, 4).masked_fill(mask == 0, float("-inf")))
