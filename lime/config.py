@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from lime_kernels.layer import LINEAR_VARIANTS
-from lime_kernels.options import ADAPTER_FIELDS, ROUTING_FIELDS, AdapterOptions, RoutingOptions
+from lime_kernels.options import ADAPTER_FIELDS, ROUTING_FIELDS, AdapterOptions, RoutingOptions, python_number
 
 _DTYPE_FIELDS = ("peft_dtype", "moe_dtype")
 
@@ -70,18 +71,23 @@ class LiMEConfig:
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         if self.targets is not None:
-            self.targets = list(self.targets)
-            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            if isinstance(self.targets, Iterable):
+                self.targets = list(self.targets)
+            if not (isinstance(self.targets, list) and self.targets
+                    and all(isinstance(t, str) and t for t in self.targets)):
                 raise ValueError(f"targets must be None or a non-empty list of module-name suffixes; got targets={self.targets!r}")
         if self.peft not in LINEAR_VARIANTS:
             raise ValueError(f"peft must be one of {', '.join(map(repr, LINEAR_VARIANTS))}; got peft={self.peft!r}")
         for name in ("preserve_tying", "use_compile", "dora_detach_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {name}={getattr(self, name)!r}")
+        self.pad_token_id = python_number("pad_token_id", self.pad_token_id)
         if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)):
             raise ValueError(f"pad_token_id must be an integer or None; got pad_token_id={self.pad_token_id!r}")
-        self.routing_options()
-        self.adapter_options()
+        # The validated options hold Python numbers (NumPy scalars converted), which JSON takes.
+        for options in (self.routing_options(), self.adapter_options()):
+            for field in fields(options):
+                setattr(self, field.name, getattr(options, field.name))
 
     def routing_options(self) -> RoutingOptions:
         return RoutingOptions(**{name: getattr(self, name) for name in ROUTING_FIELDS})

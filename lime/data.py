@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lime_kernels.options import python_number
+
 REQUIRED_COLUMNS = ("source_type", "media_path", "question", "answer")
 SOURCE_TYPES = ("text", "image", "video")
 TEST_SPLIT = re.compile(r"^(image|text|glue|video)_test_(.+)$")
@@ -169,6 +171,8 @@ class MultiModalDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, processor, data_root: str = "", num_video_frames: int = 8, max_length: int = 2048,
                  with_answer: bool = True, split: str = "train"):
+        num_video_frames = python_number("num_video_frames", num_video_frames)
+        max_length = python_number("max_length", max_length)
         for name, value in (("num_video_frames", num_video_frames), ("max_length", max_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from transformers import Trainer, TrainingArguments
 
+from lime_kernels.options import python_number
+
 from .adapter import TRAINER_ADAPTER_DIR, is_sharded, load_adapter, save_adapter
 from .balance import compute_balance_loss
 from .injection import lime_layers
@@ -46,14 +48,16 @@ class LiMEArguments(TrainingArguments):
 
     def __post_init__(self):
         for name in ("moe_lr", "peft_lr"):
-            value = getattr(self, name)
+            value = python_number(name, getattr(self, name))
+            setattr(self, name, value)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number; got {name}={value!r}")
         for name in ("importance_coef", "kl_coef"):
-            value = getattr(self, name)
+            value = python_number(name, getattr(self, name))
+            setattr(self, name, value)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0; got {name}={value!r}")
-        steps = self.balance_every_n_steps
+        steps = self.balance_every_n_steps = python_number("balance_every_n_steps", self.balance_every_n_steps)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"balance_every_n_steps must be an integer >= 1; got balance_every_n_steps={steps!r}")
         super().__post_init__()

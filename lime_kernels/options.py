@@ -9,6 +9,7 @@ raises the same `ValueError` that names the offending hyperparameter and its val
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -18,6 +19,21 @@ ROUTERS = ("cosine", "maxabs")
 NGRAM_MODES = ("window", "anchor")
 REP_MODES = ("token", "mean", "last")
 BACKENDS = ("auto", "reference", "triton")
+
+
+def python_number(name: str, value):
+    """`value` with a NumPy (or other `numbers`) scalar made a Python int or float, which JSON and the
+    kernels take; a tensor is refused; anything else is left for the caller to judge."""
+    if isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a Python number, not a tensor (use .item()); got {name}={value!r}")
+    if isinstance(value, (int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _as_python_numbers(options) -> None:
+    for field in fields(options):
+        object.__setattr__(options, field.name, python_number(field.name, getattr(options, field.name)))
 
 
 def _require_int(name: str, value) -> None:
@@ -64,6 +80,7 @@ class RoutingOptions:
     sparse_mode: bool = False
 
     def __post_init__(self) -> None:
+        _as_python_numbers(self)
         _require_int("num_experts", self.num_experts)
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1; got num_experts={self.num_experts}")
@@ -130,6 +147,7 @@ class AdapterOptions:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        _as_python_numbers(self)
         _require_int("rank", self.rank)
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1; got rank={self.rank}")

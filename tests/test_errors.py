@@ -56,6 +56,21 @@ def test_apply_peft_validates_before_touching_the_model(kwargs, named):
     assert not any(True for _ in lime.lime_layers(model))
 
 
+def test_numpy_scalars_are_numbers_and_tensors_are_refused():
+    import numpy as np
+
+    layer = LiMELinear(torch.nn.Linear(8, 16), temperature=np.float32(0.25), num_experts=np.int64(3))
+    # Stored as Python numbers, which JSON (adapter_config.json) takes.
+    assert type(layer.routing.temperature) is float and type(layer.routing.num_experts) is int
+    assert (layer.routing.temperature, layer.routing.num_experts) == (0.25, 3)
+    config = lime.LiMEConfig(rank=np.int64(3), pad_token_id=np.int64(0), alpha=np.float32(8))
+    assert '"rank": 3' in config.to_json_string() and type(config.pad_token_id) is int
+    with pytest.raises(ValueError, match=re.escape("a Python number, not a tensor (use .item()); got temperature=")):
+        LiMELinear(torch.nn.Linear(8, 16), temperature=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="targets=3"):
+        lime.apply_peft(torch.nn.Sequential(torch.nn.Linear(8, 16)), targets=3)
+
+
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     layer = LiMELinear(torch.nn.Linear(8, 16), backend="triton")
