@@ -81,6 +81,8 @@ class LiMEConfig:
         for name in ("preserve_tying", "use_compile", "dora_detach_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {name}={getattr(self, name)!r}")
+        if self.dora_detach_norm and self.peft != "dora":
+            raise ValueError(f"dora_detach_norm=True applies to peft='dora' only; got peft={self.peft!r}")
         self.pad_token_id = python_number("pad_token_id", self.pad_token_id)
         if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)):
             raise ValueError(f"pad_token_id must be an integer or None; got pad_token_id={self.pad_token_id!r}")

@@ -322,8 +322,12 @@ def apply_peft(
     targets given no mask). `use_compile` runs the layers' math through `torch.compile`
     (`LiMELinear.compile_reference`). The other keywords are `LiMELinear`'s.
     """
-    if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
-        pad_token_id = tokenizer.pad_token_id
+    tokenizer_pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    if tokenizer_pad is not None:
+        if pad_token_id is not None and pad_token_id != tokenizer_pad:
+            raise ValueError(f"pad_token_id={pad_token_id!r} differs from the tokenizer's pad_token_id={tokenizer_pad!r}: "
+                             "give one of them")
+        pad_token_id = tokenizer_pad
     config = LiMEConfig(
         targets=None if targets is None or callable(targets) else targets,
         num_experts=num_experts, rank=rank, alpha=alpha, top_k=top_k, dropout=dropout, temperature=temperature,

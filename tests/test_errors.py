@@ -71,6 +71,20 @@ def test_numpy_scalars_are_numbers_and_tensors_are_refused():
         lime.apply_peft(torch.nn.Sequential(torch.nn.Linear(8, 16)), targets=3)
 
 
+def test_conflicting_or_inapplicable_options_are_refused():
+    from types import SimpleNamespace
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(20, 8)
+    tokenizer = SimpleNamespace(pad_token_id=0)
+    with pytest.raises(ValueError, match=r"pad_token_id=7 differs from the tokenizer's pad_token_id=0"):
+        lime.apply_peft(model, targets=["embed"], tokenizer=tokenizer, pad_token_id=7)
+    lime.apply_peft(model, targets=["embed"], tokenizer=tokenizer, pad_token_id=0)  # the same id: no conflict
+    assert model.embed.pad_token_id == 0
+    with pytest.raises(ValueError, match=r"dora_detach_norm=True applies to peft='dora' only; got peft='lora'"):
+        lime.apply_peft(torch.nn.Sequential(torch.nn.Linear(8, 16)), dora_detach_norm=True)
+
+
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     layer = LiMELinear(torch.nn.Linear(8, 16), backend="triton")
