@@ -52,7 +52,8 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-video-frames", type=int, default=8, help="frames sampled per video (default 8)")
     parser.add_argument("--max-length", type=int, default=2048, help="longest sequence in tokens (default 2048)")
     parser.add_argument("--skip-bad-rows", action="store_true",
-                        help="skip (and list) rows with an unknown source_type or a missing/unreadable media file")
+                        help="skip (and list) rows with an unknown source_type, an empty question or answer, or a "
+                             "missing/unreadable media file (a missing column stays an error)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model weights' dtype (default float32)")
 
 
@@ -73,7 +74,7 @@ def _lime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n-gram", type=int, default=1, help="n-gram routing window (default 1)")
     group.add_argument("--ngram-mode", choices=NGRAM_MODES, default="window", help="n-gram pooling")
     group.add_argument("--jitter-noise", type=float, default=0.1, help="training routing noise (default 0.1)")
-    group.add_argument("--no-auto-topk", action="store_true", help="soft top-k instead of AutoTop-K")
+    group.add_argument("--no-auto-topk", action="store_true", help="fixed top-k instead of AutoTop-K (soft, or hard with --sparse)")
     group.add_argument("--auto-topk-threshold", type=float, default=0.5, help="AutoTop-K theta (default 0.5)")
     group.add_argument("--no-shared", action="store_true", help="no shared modulation vector")
     group.add_argument("--sparse", action="store_true", help="hard masks with exact zeros")
@@ -97,6 +98,8 @@ def _trainer_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--balance-every", type=int, default=50, help="balance loss every n steps (default 50)")
     group.add_argument("--optim", default="adamw_torch", help="Trainer optimizer, e.g. adamw_bnb_8bit")
     group.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    group.add_argument("--cpu", action="store_true",
+                       help="train on the CPU even where a GPU exists (also what --bf16 needs without a GPU)")
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     group.add_argument("--logging-steps", type=int, default=10, help="log every n steps (default 10)")
     group.add_argument("--save-steps", type=int, default=500, help="checkpoint every n steps (default 500)")
@@ -108,15 +111,20 @@ def _trainer_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lime", description="LiME: train and evaluate LLaVA-OneVision on MMT-47")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    # --debug is also taken after the subcommand; SUPPRESS keeps a subcommand from resetting `lime --debug ...`.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="wrap a model with LiME and train it on MMT-47's train split")
+    train = commands.add_parser("train", parents=[debug],
+                                help="wrap a model with LiME and train it on MMT-47's train split")
     train.add_argument("--model", required=True, help="local LLaVA-OneVision checkpoint directory")
     _data_options(train)
     _lime_options(train)
     _trainer_options(train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a LiME adapter on MMT-47's test splits")
+    evaluate = commands.add_parser("eval", parents=[debug], help="evaluate a LiME adapter on MMT-47's test splits")
     evaluate.add_argument("--model", required=True, help="local LLaVA-OneVision checkpoint directory (the base)")
     evaluate.add_argument("--adapter", required=True, help="LiME adapter directory (lime train's output/adapter)")
     _data_options(evaluate)
@@ -126,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-samples", type=int, default=None, help="first n rows of each split (default all)")
     evaluate.add_argument("--splits", nargs="+", default=None, help="test splits to evaluate (default all)")
 
-    demo = commands.add_parser("demo", help="the offline demo on a tiny model and generated data")
+    demo = commands.add_parser("demo", parents=[debug], help="the offline demo on a tiny model and generated data")
     demo.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -135,28 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> None:
     from .adapter import save_adapter
+    from .config import LiMEConfig
     from .data import MultiModalCollator, MultiModalDataset, load_mmt47, validate_split
     from .injection import apply_peft
     from .summary import print_lime_summary
     from .trainer import LiMEArguments, LiMETrainer, checkpointing_arguments
 
     data_root = _directory(args.data_root or args.data, "--data-root")
-    data = load_mmt47(args.data)
-    if "train" not in data:
-        raise UserError(f"{args.data} has no train split (splits: {list(data)})")
-    train_split, skipped = validate_split(data["train"], "train", data_root, skip_bad_rows=args.skip_bad_rows)
-    if skipped:
-        print(f"skipped {len(skipped)} bad row(s):\n" + "\n".join(f"  {row}" for row in skipped))
-    model, processor = _load_model(args.model, args.dtype)
-    apply_peft(
-        model, targets=args.targets, peft=args.peft, num_experts=args.num_experts, rank=args.rank, alpha=args.alpha,
+    if args.resume is not None:
+        _directory(args.resume, "--resume")
+    lime_options = dict(
+        targets=args.targets, peft=args.peft, num_experts=args.num_experts, rank=args.rank, alpha=args.alpha,
         top_k=args.top_k, dropout=args.dropout, temperature=args.temperature, gamma_routing=args.gamma_routing,
         router=args.router, rep_mode=args.rep_mode, n_gram=args.n_gram, ngram_mode=args.ngram_mode,
         jitter_noise=args.jitter_noise, auto_topk=not args.no_auto_topk, auto_topk_threshold=args.auto_topk_threshold,
         use_shared_LiME=not args.no_shared, sparse_mode=args.sparse, backend=args.backend,
-        tokenizer=processor.tokenizer,
     )
-    print_lime_summary(model)
+    LiMEConfig(**lime_options)  # every option checked before the model loads, which can take minutes
     training = LiMEArguments(
         output_dir=args.output, num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -164,9 +167,18 @@ def _train(args) -> None:
         importance_coef=args.importance_coef, kl_coef=args.kl_coef, balance_every_n_steps=args.balance_every,
         optim=args.optim, bf16=args.bf16, logging_steps=args.logging_steps, save_steps=args.save_steps,
         seed=args.seed, report_to=args.report_to, remove_unused_columns=False, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available() and not args.cpu, use_cpu=args.cpu,
         **(checkpointing_arguments() if args.gradient_checkpointing else {}),
     )
+    data = load_mmt47(args.data)
+    if "train" not in data:
+        raise UserError(f"{args.data} has no train split (splits: {list(data)})")
+    train_split, skipped = validate_split(data["train"], "train", data_root, skip_bad_rows=args.skip_bad_rows)
+    if skipped:
+        print(f"skipped {len(skipped)} bad row(s):\n" + "\n".join(f"  {row}" for row in skipped))
+    model, processor = _load_model(args.model, args.dtype)
+    apply_peft(model, **lime_options, tokenizer=processor.tokenizer)
+    print_lime_summary(model)
     dataset = MultiModalDataset(train_split, processor, data_root, args.num_video_frames, args.max_length)
     trainer = LiMETrainer(model=model, args=training, train_dataset=dataset, processing_class=processor,
                           data_collator=MultiModalCollator(processor, max_length=args.max_length))

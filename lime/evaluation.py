@@ -217,8 +217,9 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
             rows.append({"row": row, "question": question, "answer": reference, "prediction": prediction,
                          "correct": correct, "how": how})
         group, task = split_group(name) or ("other", name)
+        # A split left with no rows (every row skipped) has no accuracy: NaN, and the means leave it out.
         metrics = {"group": group, "task": task, "samples": len(rows),
-                   "accuracy": sum(r["correct"] for r in rows) / max(len(rows), 1)}
+                   "accuracy": sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")}
         if is_regression(name):
             metrics.update(_correlations(answers, references))
         results[name] = metrics
@@ -231,8 +232,8 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
         groups[metrics["group"]].append(metrics["accuracy"])
     summary = {
         "splits": results,
-        "groups": {g: {"splits": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(groups.items())},
-        "overall": {"splits": len(results), "accuracy": sum(m["accuracy"] for m in results.values()) / len(results),
+        "groups": {g: {"splits": len(v), "accuracy": _mean_of_scored(v)} for g, v in sorted(groups.items())},
+        "overall": {"splits": len(results), "accuracy": _mean_of_scored([m["accuracy"] for m in results.values()]),
                     "samples": sum(m["samples"] for m in results.values())},
         "predictions": predictions,
         "skipped": skipped,
@@ -245,6 +246,12 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
         with open(save_json, "w", encoding="utf-8") as handle:
             json.dump(_without_nan(summary), handle, indent=2, allow_nan=False)
     return summary
+
+
+def _mean_of_scored(accuracies: Sequence[float]) -> float:
+    """The mean over the splits that had rows (NaN if none had)."""
+    scored = [a for a in accuracies if not math.isnan(a)]
+    return sum(scored) / len(scored) if scored else float("nan")
 
 
 def _without_nan(value):

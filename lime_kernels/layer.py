@@ -52,7 +52,7 @@ class LiMEModule(nn.Module):
     last forward, the padding mask, the runtime switches and the choice of backend.
 
     Subclasses provide the frozen path and the adapter (`LiMELinear` and its PEFT variants,
-    `LiMEEmbedding`) and call `_modulate`, which runs `shared/lime-semantics.md` on the reference or
+    `LiMEEmbedding`) and call `_modulate`, which runs `docs/lime-semantics.md` on the reference or
     the fused backend.
     """
 
@@ -233,7 +233,7 @@ class LiMELinear(LiMEModule):
 
     Keyword names and parameter names (`A`, `B`, `LiMEs`, `LiME_shared`, `gamma`) are those of the
     original LiME code; `router`, `ngram_mode` and `backend` are new. The exact function is
-    `shared/lime-semantics.md`; `lime_kernels.reference` is its readable implementation. The
+    `docs/lime-semantics.md`; `lime_kernels.reference` is its readable implementation. The
     wrapped layer is any `nn.Linear`, bitsandbytes' `Linear8bitLt` / `Linear4bit` included (their
     own kernels then compute the frozen output), or a transformers `Conv1D` (GPT-2: the weight
     stored as `(in, out)`; `weight` below is that parameter as stored, the fused path reads its

@@ -59,7 +59,7 @@ def _require_choice(name: str, value, choices) -> None:
 
 @dataclass(frozen=True)
 class RoutingOptions:
-    """Zero-parameter routing and expert mixing (steps 2-10 of `shared/lime-semantics.md`).
+    """Zero-parameter routing and expert mixing (steps 2-10 of `docs/lime-semantics.md`).
 
     Defaults follow the LiME README's recommended configuration.
     """

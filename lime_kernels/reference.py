@@ -1,6 +1,6 @@
 """The PyTorch reference path: the readable specification of the LiME layer.
 
-Every function here follows one step of `shared/lime-semantics.md` and is plain, vectorized,
+Every function here follows one step of `docs/lime-semantics.md` and is plain, vectorized,
 differentiable PyTorch (no Python loop over tokens; the n-gram window loops over its n offsets).
 Routing and mixing run in float32 when activations are bf16/fp16/fp32 (float64 when any input is
 float64, for gradcheck); the output is cast once, to the dtype of the frozen output.

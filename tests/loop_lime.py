@@ -1,6 +1,6 @@
 """A second, plainly written LiME layer: loops over sequences, tokens and experts.
 
-Written from `shared/lime-semantics.md` alone, without looking at `lime_kernels.reference`'s
+Written from `docs/lime-semantics.md` alone, without looking at `lime_kernels.reference`'s
 vectorized tricks (shifted sums, scatters, masked where), so that the two can disagree. Slow by
 design: use small shapes, float64.
 """

@@ -217,3 +217,39 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "invalid choice: 'qlora'" in result.stderr and "Traceback" not in result.stderr
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "--moe-lr" in help_text and "--skip-bad-rows" in help_text
+
+
+def test_cli_debug_after_the_subcommand_and_checks_before_the_model_loads(tmp_path):
+    data_dir, root = write_demo_dataset(str(tmp_path / "data"))
+    unloadable = str(tmp_path / "not-a-checkpoint")  # a directory, but loading it would fail
+    os.makedirs(unloadable)
+    base = ["train", "--model", unloadable, "--data", data_dir, "--data-root", root]
+    # Checked before the model loads: the error names the option, not the checkpoint.
+    with pytest.raises(cli.UserError, match="--resume"):
+        cli.main(base + ["--resume", str(tmp_path / "no-checkpoint"), "--debug"])
+    with pytest.raises(ValueError, match="top_k"):
+        cli.main(["--debug"] + base + ["--num-experts", "2", "--top-k", "3"])
+    with pytest.raises(ValueError, match="moe_lr"):
+        cli.main(base + ["--debug", "--moe-lr", "0"])
+    assert cli.main(base + ["--num-experts", "2", "--top-k", "3"]) == 2  # without --debug: the one-line error
+    parser = cli.build_parser()
+    assert parser.parse_args(["--debug", "demo"]).debug and parser.parse_args(["demo", "--debug"]).debug
+    assert not parser.parse_args(["demo"]).debug
+
+
+def test_a_split_whose_rows_were_all_skipped_has_no_accuracy_and_leaves_the_means(tmp_path):
+    from lime.evaluation import run_full_evaluation
+
+    data_dir, root = write_demo_dataset(str(tmp_path / "data"))
+    data = load_mmt47(data_dir)
+    broken = data["image_test_color"].map(lambda row: {"media_path": "images/missing.png"})
+    data = datasets.DatasetDict({"image_test_color": broken, "text_test_parity": data["text_test_parity"]})
+    model, processor = build_tiny_llava_onevision(seed=0)
+    summary = run_full_evaluation(model, processor, data, root, num_samples_per_split=2, max_new_tokens=2,
+                                  max_length=512, skip_bad_rows=True, save_json=str(tmp_path / "results.json"))
+    image, text = summary["splits"]["image_test_color"], summary["splits"]["text_test_parity"]
+    assert image["samples"] == 0 and np.isnan(image["accuracy"]) and np.isnan(summary["groups"]["image"]["accuracy"])
+    assert text["samples"] == 2 and summary["overall"]["accuracy"] == text["accuracy"]
+    assert len(summary["skipped"]) == 2
+    written = json.load(open(tmp_path / "results.json"))
+    assert written["splits"]["image_test_color"]["accuracy"] is None
