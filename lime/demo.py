@@ -5,7 +5,8 @@ writes a small MMT-47-format dataset to a temporary folder (real PNG images and 
 text, image and video rows; test splits in every group, one of them a regression), wraps every
 linear layer with LiME (the README's hyperparameters; a random toy model needs the capacity),
 trains it with `LiMETrainer`, evaluates every test split and writes `DIR/adapter/`,
-`DIR/eval/results.csv`, `DIR/eval/results.json` and `DIR/routing.png`. The base model is random:
+`DIR/eval/results.csv`, `DIR/eval/results.json` and `DIR/routing.png`; returns the evaluation summary with
+`training_loss` (the first and last logged values) added. The base model is random:
 the accuracies show the pipeline at work, not what LiME achieves on a pretrained model.
 """
 
@@ -140,7 +141,7 @@ def run(out: str, steps: int = 300, seed: int = 0) -> Dict:
         train_set = MultiModalDataset(train_split, processor, data_root, num_video_frames=4, max_length=512)
         args = LiMEArguments(
             output_dir=os.path.join(scratch, "trainer"), per_device_train_batch_size=4, max_steps=steps,
-            moe_lr=3e-2, peft_lr=2e-2, weight_decay=0.0, warmup_steps=0.05, balance_every_n_steps=5,
+            moe_lr=1e-2, peft_lr=5e-3, weight_decay=0.0, warmup_steps=0.05, balance_every_n_steps=5,
             logging_steps=10, save_strategy="no", report_to=[], seed=seed, dataloader_num_workers=0,
             remove_unused_columns=False, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
             dataloader_pin_memory=torch.cuda.is_available(),
@@ -148,6 +149,7 @@ def run(out: str, steps: int = 300, seed: int = 0) -> Dict:
         trainer = LiMETrainer(model=model, args=args, train_dataset=train_set,
                               data_collator=MultiModalCollator(processor, max_length=512), processing_class=processor)
         trainer.train()
+        logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         adapter = save_adapter(model, os.path.join(out, "adapter"))
         summary = run_full_evaluation(
             model, processor, data, data_root, batch_size=6, max_new_tokens=8, num_video_frames=4, max_length=512,
@@ -168,5 +170,9 @@ def run(out: str, steps: int = 300, seed: int = 0) -> Dict:
     for group, metrics in summary["groups"].items():
         print(f"{'group ' + group:<22} {'':>7} {metrics['accuracy']:>9.3f}")
     print(f"{'overall':<22} {summary['overall']['samples']:>7} {summary['overall']['accuracy']:>9.3f}")
+    if logged:
+        summary["training_loss"] = {"first_logged": logged[0], "last_logged": logged[-1]}
+        print(f"\ntraining loss: {logged[0]:.3f} over the first {args.logging_steps} steps, "
+              f"{logged[-1]:.3f} over the last {args.logging_steps}")
     print(f"\nwrote {adapter}, {os.path.join(out, 'eval')}/results.csv and results.json, {os.path.join(out, 'routing.png')}")
     return summary
