@@ -442,6 +442,7 @@ def remove_lime(model: nn.Module) -> nn.Module:
         model._lime_prompt_hook.remove()
         del model._lime_prompt_hook
         del model.lime_prompt_encoder
+        model.__dict__.pop("generate", None)  # the class's generate again
     for scope in getattr(model, "_lime_mask_scopes", {}).values():
         for handle in scope.handles:
             handle.remove()

@@ -5,7 +5,13 @@
 (no cache yet) the hook embeds `input_ids`, computes the prompts from them, and passes
 `inputs_embeds = [prompts, embeddings]`; on every call it prepends ones to the `attention_mask`
 (the prompts are always attended, also from a cache), -100 to the `labels` (no loss on the prompts)
-and shifts given `position_ids`. `generate()` works, with or without a cache.
+and shifts given `position_ids`.
+
+Input-conditioned prompts read the context, not the targets: the valid tokens whose label is -100
+(in training the answer's tokens would otherwise leak into the prompts that precede them, which
+generation, reading the question alone, never sees again), and inside `generate()` the tokens of its
+first call only. So `generate()` gives the same prompts, and answers, with or without a cache: without
+one every step runs the whole sequence again, generated tokens included.
 
 Multimodal models find their image and video placeholders in `inputs_embeds` (Hugging Face
 LLaVA-OneVision does), so the prompts go in front of the merged sequence.
@@ -13,6 +19,8 @@ LLaVA-OneVision does), so the prompts go in front of the merged sequence.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 from typing import Optional, Sequence
 
@@ -31,6 +39,35 @@ class PromptInjector:
         self.encoder = encoder
         self.embed = model.get_input_embeddings
         self.signature = inspect.signature(model.forward)
+        self.generating = False
+        self.prompt_length: Optional[int] = None  # tokens of the running generate()'s first call
+
+    @contextlib.contextmanager
+    def generation(self):
+        """Inside one `generate()`: later calls without a cache condition on the first call's tokens."""
+        outer = self.generating, self.prompt_length
+        self.generating, self.prompt_length = True, None
+        try:
+            yield
+        finally:
+            self.generating, self.prompt_length = outer
+
+    def context_mask(self, call: dict, tokens: int) -> Optional[torch.Tensor]:
+        """(B, tokens) bool: the tokens the prompts are conditioned on (see the module's docstring);
+        None when every token counts."""
+        mask = call.get("attention_mask")
+        context = None if mask is None else mask != 0
+        labels = call.get("labels")
+        if labels is not None:
+            unlabelled = labels == -100
+            context = unlabelled if context is None else context & unlabelled
+        if self.generating:
+            if self.prompt_length is None:
+                self.prompt_length = tokens
+            elif tokens > self.prompt_length:
+                first_call = torch.arange(tokens, device=self.encoder.prompt_delta.device) < self.prompt_length
+                context = first_call.unsqueeze(0) if context is None else context & first_call.to(context.device)
+        return context
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         call = dict(self.signature.bind_partial(*args, **kwargs).arguments)
@@ -45,7 +82,10 @@ class PromptInjector:
                 if call.get("input_ids") is None:
                     raise ValueError("LiME prompt tuning needs input_ids or inputs_embeds")
                 embeds = self.embed()(call["input_ids"])
-            prompts = self.encoder(embeds, mask)
+            context = self.context_mask(call, embeds.shape[1])
+            if context is not None and context.shape[0] != embeds.shape[0]:
+                context = context.expand(embeds.shape[0], -1)
+            prompts = self.encoder(embeds, context)
             call["inputs_embeds"] = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
             call["input_ids"] = None
             labels = call.get("labels")
@@ -155,5 +195,23 @@ def attach_prompt_encoder(model: nn.Module, encoder: LiMEPromptEncoder) -> nn.Mo
     freeze_base(model)
     encoder.train(model.training)  # as the linear layers take their base's mode: no jitter in an eval model
     model.lime_prompt_encoder = encoder
-    model._lime_prompt_hook = model.register_forward_pre_hook(PromptInjector(model, encoder), with_kwargs=True)
+    injector = PromptInjector(model, encoder)
+    model._lime_prompt_hook = model.register_forward_pre_hook(injector, with_kwargs=True)
+    if hasattr(model, "generate"):
+        # An instance attribute, which remove_lime drops; a class, not a closure, so that a deep copy of the
+        # model calls its own generate with its own injector.
+        model.generate = GenerateConditionedOnThePrompt(injector, model.generate)
     return model
+
+
+class GenerateConditionedOnThePrompt:
+    """The model's `generate`, run inside `PromptInjector.generation()`."""
+
+    def __init__(self, injector: PromptInjector, generate):
+        self.injector = injector
+        self.generate = generate
+        functools.update_wrapper(self, generate)
+
+    def __call__(self, *args, **kwargs):
+        with self.injector.generation():
+            return self.generate(*args, **kwargs)

@@ -26,11 +26,19 @@ def image(seed, height, width):
     return Image.fromarray(rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8))
 
 
-def make_batch(processor, questions, answers=None, padding_side="right"):
-    """A batch of one image per conversation, padded on `padding_side`."""
-    texts = []
+def make_batch(processor, questions, answers=None, padding_side="right", labels_on_answers_only=False):
+    """A batch of one image per conversation, padded on `padding_side`. With answers, labels on every
+    token; `labels_on_answers_only`: as `MultiModalDataset` writes training rows, the generation prompt
+    followed by the answer and the end-of-turn token, labels on those last two only."""
+    texts, answer_lengths = [], []
     for index, question in enumerate(questions):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        if labels_on_answers_only:
+            prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+            suffix = answers[index] + processor.tokenizer.eos_token
+            answer_lengths.append(len(processor.tokenizer(suffix, add_special_tokens=False)["input_ids"]))
+            texts.append(prompt + suffix)
+            continue
         if answers is not None:
             conversation.append({"role": "assistant", "content": [{"type": "text", "text": answers[index]}]})
         texts.append(processor.apply_chat_template(conversation, add_generation_prompt=answers is None))
@@ -39,6 +47,12 @@ def make_batch(processor, questions, answers=None, padding_side="right"):
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
     if answers is not None:
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    if labels_on_answers_only:
+        ends = batch["attention_mask"].sum(dim=1) if padding_side == "right" else torch.full(
+            (len(texts),), batch["input_ids"].shape[1])
+        positions = torch.arange(batch["input_ids"].shape[1])
+        answer = (positions >= (ends - torch.tensor(answer_lengths))[:, None]) & (positions < ends[:, None])
+        batch["labels"] = batch["input_ids"].masked_fill(~answer, -100)
     return batch
 
 

@@ -254,12 +254,43 @@ def test_prompt_tuning_generates_the_same_with_and_without_a_cache():
                        padding_side="left")
     assert (batch["attention_mask"] == 0).any()
     model.eval()
-    with torch.no_grad():
-        cached = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=True)
-        uncached = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    single = processor(text=["a cat"], return_tensors="pt")  # one unpadded prompt
+    for inputs in (batch, single):
+        runs = []
+        with torch.no_grad():
+            for use_cache in (True, False):
+                runs.append(model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=use_cache,
+                                           output_scores=True, return_dict_in_generate=True))
+        # Without a cache every step runs the whole sequence again: its prompts still read the first call's
+        # tokens only, so the scores (not just the greedy ids) agree.
+        assert torch.equal(runs[0].sequences, runs[1].sequences)
+        for cached, uncached in zip(runs[0].scores, runs[1].scores):
+            torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="already has LiME prompt tuning"):
         lime.prompt_tuning.apply_peft(model)
+    lime.remove_lime(model)
+    assert "generate" not in model.__dict__ and not hasattr(model, "lime_prompt_encoder")
+
+
+def test_input_conditioned_prompts_read_the_question_not_the_answer():
+    model, processor = build_tiny_llava_onevision(seed=0)
+    lime.prompt_tuning.apply_peft(model, num_virtual_tokens=4, jitter_noise=0.0)
+    with torch.no_grad():
+        model.lime_prompt_encoder.prompt_delta.normal_(0, 0.5)
+    prompts = []
+    model.lime_prompt_encoder.register_forward_hook(lambda module, args, out: prompts.append(out.detach()))
+    questions = ["What is shown?", "How many objects are there?"]
+    for answers in (["a cat", "3"], ["the dog runs in the park", "a red car"]):
+        batch = make_batch(processor, questions, answers, labels_on_answers_only=True)
+        model.train()(**batch)
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    trained_on_first, unlabelled_first, trained_on_second, unlabelled_second = prompts
+    # The answers would leak into the prompts in front of them: with labels the prompts read the question only.
+    torch.testing.assert_close(trained_on_first, trained_on_second, rtol=0, atol=0)
+    assert not torch.allclose(unlabelled_first, unlabelled_second)  # without labels every valid token counts
+    with torch.no_grad():
+        model.eval()(**make_batch(processor, questions))
+    torch.testing.assert_close(prompts[-1], trained_on_first)  # what generation will read
 
 
 def test_prompt_encoder_takes_the_model_mode(tmp_path):
