@@ -46,6 +46,9 @@ class MaskScope:
     An owner with no other owner inside it is the model that consumes the token sequence (a
     language model, a vision tower); an owner with sub-models inside is a composite whose own
     layers (projector, head) see the sequence only when their input has the mask's exact shape.
+    A layer called while its owner has no call in progress (a language model's `embed_tokens`, which
+    LLaVA calls before its language model) reads the call of the nearest enclosing owner that has
+    one, under the composite's exact-shape rule.
     """
 
     def __init__(self, owner_name: str, owner: nn.Module, in_sequence_model: bool):
@@ -60,6 +63,7 @@ class MaskScope:
         self._mixed_since_backward = False
         self._warned = False
         self.handles: list = []  # the owner's hooks, removed by `remove_lime`
+        self.enclosing: Optional["MaskScope"] = None  # the nearest owner around this one
 
     @staticmethod
     def _positional_index(owner: nn.Module) -> Optional[int]:
@@ -126,6 +130,12 @@ class MaskScope:
                     "the calls whose outputs take no gradient under torch.no_grad() (a training call made "
                     "before checkpointing was enabled counts too: the record starts afresh after this error)")
             return self._latest_with_grad
+        enclosing = self.enclosing
+        while enclosing is not None:
+            if enclosing._active:
+                context = enclosing._active[-1]
+                return None if context is None else context._replace(in_sequence_model=False)
+            enclosing = enclosing.enclosing
         return None
 
 
@@ -253,8 +263,11 @@ def _install_mask_scopes(model: nn.Module) -> None:
     if scopes is None:
         scopes = model._lime_mask_scopes = {}
     owners = {name: module for name, module in model.named_modules() if name == "" or isinstance(module, PreTrainedModel)}
-    for name, layer in lime_layers(model):
-        owner_name = max((o for o in owners if o == "" or name.startswith(o + ".")), key=len)
+
+    def nearest_owner(path: str) -> str:
+        return max((o for o in owners if o == "" or path.startswith(o + ".")), key=len)
+
+    def scope_of(owner_name: str) -> MaskScope:
         owner = owners[owner_name]
         scope = scopes.get(id(owner))
         if scope is None:
@@ -264,7 +277,12 @@ def _install_mask_scopes(model: nn.Module) -> None:
                 owner.register_forward_pre_hook(scope.enter, with_kwargs=True),
                 owner.register_forward_hook(scope.exit, with_kwargs=True, always_call=True),
             ]
-        layer.mask_provider = scope.current
+            if owner_name != "":  # the owners around it too, for layers called outside its calls
+                scope.enclosing = scope_of(nearest_owner(owner_name))
+        return scope
+
+    for name, layer in lime_layers(model):
+        layer.mask_provider = scope_of(nearest_owner(name)).current
 
 
 def apply_peft(

@@ -103,6 +103,33 @@ def test_the_padding_mask_reaches_language_layers_only():
     assert layer.mask_provider() is None
 
 
+def test_embed_tokens_called_before_its_language_model_reads_the_enclosing_call_mask():
+    """LLaVA calls the language model's embed_tokens itself, before the language model's call (whose
+    scope the layer belongs to) begins: the padding mask comes from the enclosing model's call."""
+    model, processor = build_tiny_llava_onevision(seed=0)
+    lime.apply_peft(model, targets=["embed_tokens", "q_proj"], jitter_noise=0.0)  # no tokenizer: no pad id
+    _randomize_adapters(model)
+    embedding = dict(lime.lime_layers(model))["model.language_model.embed_tokens"]
+    with torch.no_grad():  # the pad row is zero (padding_idx), whose delta would be zero masked or not
+        embedding.embedding.weight[processor.tokenizer.pad_token_id].normal_()
+    outputs = []
+    embedding.register_forward_hook(lambda module, args, out: outputs.append(out))
+    batch = make_batch(processor, ["What is shown?", "How many objects are there in the picture? answer with one number"],
+                       padding_side="left")
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+        frozen = embedding.embedding(batch["input_ids"])
+    # Invalid tokens keep the frozen output exactly; valid ones are modulated.
+    assert torch.equal(outputs[0][padding], frozen[padding])
+    assert not torch.allclose(outputs[0][~padding], frozen[~padding])
+    with torch.no_grad():
+        embedding(batch["input_ids"])  # outside any model call: no mask, every token modulated
+    assert not torch.allclose(outputs[1][padding], frozen[padding])
+
+
 def test_padding_does_not_change_valid_tokens():
     """With rep_mode='mean' padding would enter every token's routing unless the mask reaches the layers."""
     model, processor = fresh(rep_mode="mean", jitter_noise=0.0)
