@@ -295,6 +295,9 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     _install_mask_scopes(model)
     if config.get("lime_config") is not None:
         model.lime_config = config["lime_config"]
+        if model.lime_config.use_compile:  # as apply_peft(use_compile=True) left them
+            for _, layer in lime_layers(model):
+                layer.compile_reference()
     return model
 
 

@@ -7,6 +7,8 @@ from typing import Dict
 
 import torch.nn as nn
 
+from lime_kernels import LiMEPromptEncoder
+
 from .injection import lime_layers
 
 # The adapter's trainable parameters in every variant (LoRA / LoRA-FA: A, B; DoRA: + m;
@@ -44,6 +46,10 @@ def lime_summary(model: nn.Module) -> Dict:
             trainable_outside += parameter.numel()
     routing = [layer.routing for _, layer in layers]
     adapters = [layer.adapter for _, layer in layers]
+    # A prompt encoder's rank and alpha are its virtual-token count (its delta is one row per token):
+    # reported as such, not mixed with the layers' ranks.
+    prompts = [layer for _, layer in layers if isinstance(layer, LiMEPromptEncoder)]
+    low_rank = [layer.adapter for _, layer in layers if not isinstance(layer, LiMEPromptEncoder)]
     return {
         "model": type(model).__name__,
         "wrapped_layers": len(layers),
@@ -59,8 +65,9 @@ def lime_summary(model: nn.Module) -> Dict:
                                      if n in PEFT_PARAMETERS}),
         "moe_dtypes": _sorted_text({layer.LiMEs.dtype for _, layer in layers}),
         "num_experts": _sorted_text({r.num_experts for r in routing}),
-        "rank": _sorted_text({a.rank for a in adapters}),
-        "alpha": _sorted_text({a.alpha for a in adapters}),
+        "rank": _sorted_text({a.rank for a in low_rank}) or "-",
+        "alpha": _sorted_text({a.alpha for a in low_rank}) or "-",
+        "virtual_tokens": _sorted_text({layer.num_virtual_tokens for layer in prompts}) or "-",
         "shared_vector": _sorted_text({a.use_shared_LiME for a in adapters}),
         "router": _sorted_text({r.router for r in routing}),
         "representation": _sorted_text(
@@ -96,6 +103,7 @@ def print_lime_summary(model: nn.Module) -> Dict:
         ("Trainable / total", f"{trainable:,} / {total:,} ({100.0 * trainable / max(total, 1):.4f}%)"),
         ("PEFT dtype / MoE dtype", f"{summary['peft_dtypes']} / {summary['moe_dtypes']}"),
         ("Experts / rank / alpha", f"{summary['num_experts']} / {summary['rank']} / {summary['alpha']}"),
+        *([("Prompt virtual tokens", summary["virtual_tokens"])] if summary["virtual_tokens"] != "-" else []),
         ("Shared vector", summary["shared_vector"]),
         ("Router / representation", f"{summary['router']} / {summary['representation']}"),
         ("Selection", summary["selection"]),

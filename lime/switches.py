@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch.nn as nn
 
+from .config import LiMEConfig
 from .injection import lime_layers
 
 
@@ -20,7 +22,15 @@ def _update_all(model: nn.Module, **changes) -> int:
     layers = _layers_of(model)
     for layer in layers:
         layer.update_routing(**changes)
+    _record(model, **changes)
     return len(layers)
+
+
+def _record(model: nn.Module, **changes) -> None:
+    """The model's `lime_config` (which `save_adapter` writes) follows the layers it describes."""
+    config = getattr(model, "lime_config", None)
+    if isinstance(config, LiMEConfig):
+        model.lime_config = dataclasses.replace(config, **changes)
 
 
 def set_temperature(model: nn.Module, temperature: float) -> int:
@@ -66,4 +76,5 @@ def set_track_aux(model: nn.Module, track_aux: bool) -> int:
     layers = _layers_of(model)
     for layer in layers:
         layer.set_track_aux(track_aux)
+    _record(model, track_aux=track_aux)
     return len(layers)

@@ -267,6 +267,9 @@ def test_runtime_switches_reach_every_layer():
         assert (r.temperature, r.gamma_routing, r.auto_topk, r.soft_topk, r.jitter_noise, r.sparse_mode) == (
             2.0, 0.25, False, False, 0.0, True)
         assert layer.adapter.track_aux is False
+    config = model.lime_config  # what save_adapter writes follows the layers
+    assert (config.temperature, config.gamma_routing, config.auto_topk, config.soft_topk, config.jitter_noise,
+            config.sparse_mode, config.track_aux) == (2.0, 0.25, False, False, 0.0, True, False)
 
 
 def test_multihead_attention_out_proj_is_left_alone_with_its_reason():

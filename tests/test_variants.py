@@ -331,6 +331,23 @@ def test_summary_counts_follow_the_variant_formulas(peft):
     assert trainable == summary["peft_parameters"] + summary["moe_parameters"]
 
 
+def test_summary_reports_prompt_tokens_apart_from_the_layers_rank(tmp_path):
+    model, processor = build_tiny_llava_onevision(seed=0)
+    lime.prompt_tuning.apply_peft(model, num_virtual_tokens=20)
+    summary = lime.lime_summary(model)
+    assert (summary["rank"], summary["alpha"], summary["virtual_tokens"]) == ("-", "-", "20")
+    lime.apply_peft(model, targets=README_TARGETS, rank=2, alpha=16.0)
+    summary = lime.lime_summary(model)
+    assert (summary["rank"], summary["alpha"], summary["virtual_tokens"]) == ("2", "16.0", "20")
+
+
+def test_an_adapter_saved_with_use_compile_loads_compiled(tmp_path):
+    model = lime.apply_peft(torch.nn.Sequential(torch.nn.Linear(8, 8)), use_compile=True)
+    lime.save_adapter(model, str(tmp_path))
+    loaded = lime.load_adapter(torch.nn.Sequential(torch.nn.Linear(8, 8)), str(tmp_path))
+    assert loaded.lime_config.use_compile and loaded[0].compiled
+
+
 def test_variant_modules_default_to_their_variant():
     for module, cls in ((lime.lora, LiMELinear), (lime.dora, LiMEDoRALinear), (lime.lora_fa, LiMELoRAFALinear),
                         (lime.slicefine, LiMESliceFineLinear)):
