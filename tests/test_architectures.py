@@ -295,6 +295,10 @@ def test_mixtral_experts_are_refused_with_their_type():
     model = _build(FAMILIES[[f.name for f in FAMILIES].index("mixtral")])
     with pytest.raises(ValueError, match=r"mlp.experts is a MixtralExperts, not a layer LiME wraps"):
         lime.apply_peft(model, targets=["experts"])
+    # Naming the experts' 3-D parameters says what they are too, not only which layers exist.
+    with pytest.raises(ValueError, match=r"mlp.experts.gate_up_proj is a \(4, \d+, \d+\) parameter of a "
+                                         r"MixtralExperts, not a layer LiME wraps"):
+        lime.apply_peft(model, targets=["gate_up_proj"])
     assert not list(lime.lime_layers(model))
 
 
