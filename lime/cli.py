@@ -191,10 +191,12 @@ def _evaluate(args) -> None:
 
     from .adapter import load_adapter
     from .data import load_mmt47
-    from .evaluation import run_full_evaluation
+    from .evaluation import check_evaluation_sizes, run_full_evaluation
 
     data_root = _directory(args.data_root or args.data, "--data-root")
     _directory(args.adapter, "--adapter")
+    check_evaluation_sizes(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           num_samples_per_split=args.num_samples)  # before the model loads
     # Under torchrun / accelerate launch, accelerate joins the process group (gloo on CPU, NCCL on GPUs)
     # and gives each process its device; run_full_evaluation then splits the batches among them.
     # (accelerate starts CPU processes only when told that there is no GPU.)

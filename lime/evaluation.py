@@ -31,6 +31,8 @@ import torch.distributed as dist
 from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 
+from lime_kernels.options import python_number
+
 from .data import MultiModalCollator, MultiModalDataset, split_group, test_splits, validate_split
 
 # Labels a yes/no answer stands for, per task family; each has the opposite that must never match it.
@@ -181,6 +183,14 @@ def _process_rank_and_count() -> Tuple[int, int]:
     return 0, 1
 
 
+def check_evaluation_sizes(**sizes) -> None:
+    """Each size a positive integer (None: not given), else a ValueError naming it."""
+    for name, value in sizes.items():
+        value = python_number(name, value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+
+
 def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samples_per_split: Optional[int] = None,
                         batch_size: int = 6, max_new_tokens: int = 50, save_csv: Optional[str] = None,
                         save_json: Optional[str] = None, num_video_frames: int = 8, max_length: int = 2048,
@@ -193,6 +203,8 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
     writes `save_csv` (one row per split, group and overall) and `save_json` (everything) if given
     (on rank 0 only when several processes share the work; every process returns the summary).
     """
+    check_evaluation_sizes(batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           num_samples_per_split=num_samples_per_split)
     names = list(splits) if splits is not None else test_splits(dataset)
     if not names:
         raise ValueError(f"no test split to evaluate: splits are named <group>_test_<task>; got {list(dataset)}")
