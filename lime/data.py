@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lime_kernels.options import python_number
+from lime_kernels.options import positive_integer
 
 REQUIRED_COLUMNS = ("source_type", "media_path", "question", "answer")
 SOURCE_TYPES = ("text", "image", "video")
@@ -171,11 +171,8 @@ class MultiModalDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, processor, data_root: str = "", num_video_frames: int = 8, max_length: int = 2048,
                  with_answer: bool = True, split: str = "train"):
-        num_video_frames = python_number("num_video_frames", num_video_frames)
-        max_length = python_number("max_length", max_length)
-        for name, value in (("num_video_frames", num_video_frames), ("max_length", max_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+        num_video_frames = positive_integer("num_video_frames", num_video_frames)
+        max_length = positive_integer("max_length", max_length)
         self.dataset = dataset
         self.processor = processor
         self.data_root = data_root

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 
-from lime_kernels.options import python_number
+from lime_kernels.options import positive_integer
 
 from .data import MultiModalCollator, MultiModalDataset, split_group, test_splits, validate_split
 
@@ -186,9 +186,8 @@ def _process_rank_and_count() -> Tuple[int, int]:
 def check_evaluation_sizes(**sizes) -> None:
     """Each size a positive integer (None: not given), else a ValueError naming it."""
     for name, value in sizes.items():
-        value = python_number(name, value)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+        if value is not None:
+            positive_integer(name, value)
 
 
 def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samples_per_split: Optional[int] = None,

@@ -187,13 +187,15 @@ def _describe_target_names(model: nn.Module, targets: Targets, limit: int = 12) 
     unwrappable = []
     if targets is not None and not callable(targets):
         named = _suffix_matcher(targets)
-        unwrappable = [f"{path} is a {type(module).__name__}" for path, module in _base_modules(model)
-                       if path and named(path) and not is_target_type(module)]
-        # Parameters the names match (MoE models keep every expert as slices of 3-D parameters).
-        unwrappable += [f"{path} is a {tuple(parameter.shape)} parameter of a {type(model.get_submodule(owner)).__name__}"
-                        for path, parameter in model.named_parameters()
-                        for owner in [path.rpartition(".")[0]]
-                        if named(path) and not is_target_type(model.get_submodule(owner))]
+        for path, module in _base_modules(model):
+            if is_target_type(module):
+                continue
+            if path and named(path):
+                unwrappable.append(f"{path} is a {type(module).__name__}")
+            # Its parameters too: MoE models keep every expert as slices of 3-D parameters.
+            unwrappable += [f"{path}.{name} is a {tuple(parameter.shape)} parameter of a {type(module).__name__}"
+                            for name, parameter in module.named_parameters(recurse=False)
+                            if named(f"{path}.{name}" if path else name)]
     names = []
     for path, module in _base_modules(model):
         leaf = path.rsplit(".", 1)[-1]

@@ -52,9 +52,10 @@ class PromptInjector:
         finally:
             self.generating, self.prompt_length = outer
 
-    def context_mask(self, call: dict, tokens: int) -> Optional[torch.Tensor]:
-        """(B, tokens) bool: the tokens the prompts are conditioned on (see the module's docstring);
-        None when every token counts."""
+    def context_mask(self, call: dict, embeds: torch.Tensor) -> Optional[torch.Tensor]:
+        """(B, T) bool for the embedded input `embeds` (B, T, H): the tokens the prompts are conditioned
+        on (see the module's docstring); None when every token counts."""
+        batch, tokens = embeds.shape[:2]
         mask = call.get("attention_mask")
         context = None if mask is None else mask != 0
         labels = call.get("labels")
@@ -65,8 +66,8 @@ class PromptInjector:
             if self.prompt_length is None:
                 self.prompt_length = tokens
             elif tokens > self.prompt_length:
-                first_call = torch.arange(tokens, device=self.encoder.prompt_delta.device) < self.prompt_length
-                context = first_call.unsqueeze(0) if context is None else context & first_call.to(context.device)
+                first_call = (torch.arange(tokens, device=embeds.device) < self.prompt_length).expand(batch, -1)
+                context = first_call if context is None else context & first_call
         return context
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -82,10 +83,7 @@ class PromptInjector:
                 if call.get("input_ids") is None:
                     raise ValueError("LiME prompt tuning needs input_ids or inputs_embeds")
                 embeds = self.embed()(call["input_ids"])
-            context = self.context_mask(call, embeds.shape[1])
-            if context is not None and context.shape[0] != embeds.shape[0]:
-                context = context.expand(embeds.shape[0], -1)
-            prompts = self.encoder(embeds, context)
+            prompts = self.encoder(embeds, self.context_mask(call, embeds))
             call["inputs_embeds"] = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
             call["input_ids"] = None
             labels = call.get("labels")

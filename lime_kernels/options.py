@@ -31,6 +31,15 @@ def python_number(name: str, value):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
+def positive_integer(name: str, value) -> int:
+    """`value` as a Python int (a NumPy integer converted), or a ValueError naming it unless it is an
+    integer >= 1."""
+    value = python_number(name, value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+    return value
+
+
 def _as_python_numbers(options) -> None:
     for field in fields(options):
         object.__setattr__(options, field.name, python_number(field.name, getattr(options, field.name)))

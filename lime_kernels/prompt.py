@@ -10,7 +10,7 @@ import torch.nn as nn
 from . import reference
 from .inputs import full_precision
 from .layer import LiMEModule
-from .options import AdapterOptions, RoutingOptions, python_number
+from .options import AdapterOptions, RoutingOptions, positive_integer
 
 
 class LiMEPromptEncoder(LiMEModule):
@@ -54,11 +54,8 @@ class LiMEPromptEncoder(LiMEModule):
         device=None,
     ):
         super().__init__()
-        num_virtual_tokens = python_number("num_virtual_tokens", num_virtual_tokens)
-        hidden_size = python_number("hidden_size", hidden_size)
-        for name, value in (("num_virtual_tokens", num_virtual_tokens), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {name}={value!r}")
+        num_virtual_tokens = positive_integer("num_virtual_tokens", num_virtual_tokens)
+        hidden_size = positive_integer("hidden_size", hidden_size)
         if not isinstance(input_conditioned, bool):
             raise ValueError(f"input_conditioned must be True or False; got input_conditioned={input_conditioned!r}")
         if init_embeddings is not None and tuple(init_embeddings.shape) != (num_virtual_tokens, hidden_size):
