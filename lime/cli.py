@@ -145,6 +145,7 @@ def _train(args) -> None:
     from .adapter import save_adapter
     from .config import LiMEConfig
     from .data import MultiModalCollator, MultiModalDataset, load_mmt47, validate_split
+    from .evaluation import check_sizes
     from .injection import apply_peft
     from .summary import print_lime_summary
     from .trainer import LiMEArguments, LiMETrainer, checkpointing_arguments
@@ -160,6 +161,7 @@ def _train(args) -> None:
         use_shared_LiME=not args.no_shared, sparse_mode=args.sparse, backend=args.backend,
     )
     LiMEConfig(**lime_options)  # every option checked before the model loads, which can take minutes
+    check_sizes(num_video_frames=args.num_video_frames, max_length=args.max_length)
     training = LiMEArguments(
         output_dir=args.output, num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -191,12 +193,13 @@ def _evaluate(args) -> None:
 
     from .adapter import load_adapter
     from .data import load_mmt47
-    from .evaluation import check_evaluation_sizes, run_full_evaluation
+    from .evaluation import check_sizes, run_full_evaluation
 
     data_root = _directory(args.data_root or args.data, "--data-root")
     _directory(args.adapter, "--adapter")
-    check_evaluation_sizes(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                           num_samples_per_split=args.num_samples)  # before the model loads
+    check_sizes(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           num_samples_per_split=args.num_samples, num_video_frames=args.num_video_frames,
+                           max_length=args.max_length)  # before the model loads
     # Under torchrun / accelerate launch, accelerate joins the process group (gloo on CPU, NCCL on GPUs)
     # and gives each process its device; run_full_evaluation then splits the batches among them.
     # (accelerate starts CPU processes only when told that there is no GPU.)

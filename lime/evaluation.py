@@ -183,7 +183,7 @@ def _process_rank_and_count() -> Tuple[int, int]:
     return 0, 1
 
 
-def check_evaluation_sizes(**sizes) -> None:
+def check_sizes(**sizes) -> None:
     """Each size a positive integer (None: not given), else a ValueError naming it."""
     for name, value in sizes.items():
         if value is not None:
@@ -202,8 +202,9 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
     writes `save_csv` (one row per split, group and overall) and `save_json` (everything) if given
     (on rank 0 only when several processes share the work; every process returns the summary).
     """
-    check_evaluation_sizes(batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           num_samples_per_split=num_samples_per_split)
+    check_sizes(batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           num_samples_per_split=num_samples_per_split, num_video_frames=num_video_frames,
+                           max_length=max_length)
     names = list(splits) if splits is not None else test_splits(dataset)
     if not names:
         raise ValueError(f"no test split to evaluate: splits are named <group>_test_<task>; got {list(dataset)}")

@@ -232,9 +232,13 @@ def test_cli_debug_after_the_subcommand_and_checks_before_the_model_loads(tmp_pa
     with pytest.raises(ValueError, match="moe_lr"):
         cli.main(base + ["--debug", "--moe-lr", "0"])
     assert cli.main(base + ["--num-experts", "2", "--top-k", "3"]) == 2  # without --debug: the one-line error
+    for option, name in (("--num-video-frames", "num_video_frames"), ("--max-length", "max_length")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer; got {name}=0"):
+            cli.main(base + [option, "0", "--debug"])
     evaluate = ["eval", "--model", unloadable, "--adapter", str(tmp_path), "--data", data_dir, "--data-root", root]
     for option, name in (("--batch-size", "batch_size"), ("--max-new-tokens", "max_new_tokens"),
-                         ("--num-samples", "num_samples_per_split")):
+                         ("--num-samples", "num_samples_per_split"), ("--num-video-frames", "num_video_frames"),
+                         ("--max-length", "max_length")):
         with pytest.raises(ValueError, match=f"{name} must be a positive integer; got {name}=0"):
             cli.main(evaluate + [option, "0", "--debug"])
     parser = cli.build_parser()
