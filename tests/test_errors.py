@@ -189,6 +189,16 @@ def test_every_entry_point_has_the_same_defaults():
         assert injector[name] == value, name
         assert config[name] == value, name
     assert set(injector) - {"tokenizer"} == set(config)
+    # The embedding layer, the prompt encoder and prompt tuning's injector repeat the shared keywords.
+    from lime.prompt_tuning import apply_peft as apply_prompt_tuning
+    from lime_kernels.embedding import LiMEEmbedding
+    from lime_kernels.prompt import LiMEPromptEncoder
+
+    for entry in (LiMEEmbedding.__init__, LiMEPromptEncoder.__init__, apply_prompt_tuning):
+        defaults = signature_defaults(entry)
+        shared = set(defaults) & set(layer)
+        assert len(shared) >= 20, (entry.__qualname__, sorted(shared))
+        assert {name: defaults[name] for name in shared} == {name: layer[name] for name in shared}, entry.__qualname__
     readme = dict(num_experts=4, rank=2, n_gram=1, top_k=1, temperature=0.5, gamma_routing=0.7,
                   auto_topk_threshold=0.5, jitter_noise=0.1)
     assert {k: layer[k] for k in readme} == readme
