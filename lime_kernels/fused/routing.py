@@ -136,6 +136,22 @@ def _pooled(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_
 
 
 @triton.jit
+def _pooled_features(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, row_ok, lanes, num_tokens, num_experts,
+                     seq_len, n_gram, HAS_MASK: tl.constexpr, REP: tl.constexpr, WINDOW: tl.constexpr,
+                     ANCHOR: tl.constexpr):
+    """Pooled u and v of `rows` from the raw features (2, tokens, E) and their sequence summaries, and
+    the window counts."""
+    pos = rows % seq_len
+    seq = rows // seq_len
+    u, count = _pooled(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes,
+                       num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
+    v, _ = _pooled(raw_ptr + num_tokens * num_experts, summary_ptr + (num_tokens // seq_len) * num_experts,
+                   seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes, num_experts, seq_len, n_gram, HAS_MASK,
+                   REP, WINDOW, ANCHOR)
+    return u, v, count
+
+
+@triton.jit
 def _top(probs, lanes, lane_ok, count):
     """The `count` largest probabilities of each row: (chosen 0/1, the count-th value, its index)."""
     work = tl.where(lane_ok[None, :], probs, -1.0)
@@ -455,14 +471,8 @@ def _pooled_absmax_kernel(
     rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     lanes = tl.arange(0, LANES)
     row_ok = rows < num_tokens
-    pos = rows % seq_len
-    seq = rows // seq_len
-    plane = num_tokens * num_experts
-    u, _ = _pooled(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes,
-                   num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
-    v, _ = _pooled(raw_ptr + plane, summary_ptr + (num_tokens // seq_len) * num_experts, seq_state_ptr,
-                   valid_ptr, rows, pos, seq, row_ok, lanes, num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW,
-                   ANCHOR)
+    u, v, _ = _pooled_features(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, row_ok, lanes, num_tokens,
+                               num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
     tl.store(absmax_ptr + pid * 2, tl.max(tl.max(tl.abs(u), axis=1), axis=0))
     tl.store(absmax_ptr + pid * 2 + 1, tl.max(tl.max(tl.abs(v), axis=1), axis=0))
 
@@ -483,14 +493,8 @@ def _routing_forward_kernel(
     lanes = tl.arange(0, LANES)
     row_ok = rows < num_tokens
     lane_ok = lanes < num_experts
-    pos = rows % seq_len
-    seq = rows // seq_len
-    plane = num_tokens * num_experts
-    u, count = _pooled(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, pos, seq, row_ok, lanes,
-                       num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
-    v, _ = _pooled(raw_ptr + plane, summary_ptr + (num_tokens // seq_len) * num_experts, seq_state_ptr,
-                   valid_ptr, rows, pos, seq, row_ok, lanes, num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW,
-                   ANCHOR)
+    u, v, count = _pooled_features(raw_ptr, summary_ptr, seq_state_ptr, valid_ptr, rows, row_ok, lanes, num_tokens,
+                                   num_experts, seq_len, n_gram, HAS_MASK, REP, WINDOW, ANCHOR)
     if WINDOW:
         tl.store(window_count_ptr + rows, count, mask=row_ok)
     u_scale = 1.0
