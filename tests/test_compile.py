@@ -1,4 +1,5 @@
-"""`use_compile=True` compiles every LiME layer; compiled equals eager (slow: ~30 s of compilation)."""
+"""`use_compile=True` compiles every LiME layer, and torch.compile compiles a whole LiME model: both equal
+eager (slow: ~30 s and ~60 s of compilation)."""
 
 import pytest
 import torch
@@ -29,3 +30,34 @@ def test_use_compile_matches_eager():
         grads.append((out.detach(), model[0].B.grad.clone(), model[0].LiMEs.grad.clone()))
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_whole_model_compile_trains_as_eager(monkeypatch):
+    """torch.compile over a whole LiME model (the tiny LLaVA-OneVision, the README's call): the padding
+    mask reaches the layers through their hooks and a training step's loss and gradients equal eager
+    ones, once inductor draws random numbers as eager does (~60 s of compilation)."""
+    import torch._inductor.config as inductor_config
+    from llava_helpers import make_batch, readme_call
+
+    from lime.tiny import build_tiny_llava_onevision
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    results = []
+    for compiled in (False, True):
+        model, processor = build_tiny_llava_onevision(seed=0)
+        torch.manual_seed(1)
+        readme_call(model, processor)
+        batch = make_batch(processor, ["What is shown?", "Which option is correct? A B C D"], ["a cat", "B"])
+        model.train()
+        call = torch.compile(model) if compiled else model
+        torch.manual_seed(7)
+        loss = call(**batch).loss + lime.compute_balance_loss(model)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert set(compiled_grads) == set(eager_grads) and len(eager_grads) > 0
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(),
+                                   msg=lambda message, name=name: f"{name}: {message}")
