@@ -198,8 +198,8 @@ def _evaluate(args) -> None:
     data_root = _directory(args.data_root or args.data, "--data-root")
     _directory(args.adapter, "--adapter")
     check_sizes(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                           num_samples_per_split=args.num_samples, num_video_frames=args.num_video_frames,
-                           max_length=args.max_length)  # before the model loads
+                num_samples_per_split=args.num_samples, num_video_frames=args.num_video_frames,
+                max_length=args.max_length)  # before the model loads
     # Under torchrun / accelerate launch, accelerate joins the process group (gloo on CPU, NCCL on GPUs)
     # and gives each process its device; run_full_evaluation then splits the batches among them.
     # (accelerate starts CPU processes only when told that there is no GPU.)

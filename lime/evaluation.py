@@ -202,9 +202,8 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
     writes `save_csv` (one row per split, group and overall) and `save_json` (everything) if given
     (on rank 0 only when several processes share the work; every process returns the summary).
     """
-    check_sizes(batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           num_samples_per_split=num_samples_per_split, num_video_frames=num_video_frames,
-                           max_length=max_length)
+    check_sizes(batch_size=batch_size, max_new_tokens=max_new_tokens, num_samples_per_split=num_samples_per_split,
+                num_video_frames=num_video_frames, max_length=max_length)
     names = list(splits) if splits is not None else test_splits(dataset)
     if not names:
         raise ValueError(f"no test split to evaluate: splits are named <group>_test_<task>; got {list(dataset)}")
