@@ -43,7 +43,8 @@ from lime_kernels.bases import is_wrappable_linear, linear_features
 from lime_kernels.options import AdapterOptions, RoutingOptions
 
 from .config import LiMEConfig, _dtype_from_name, _dtype_name
-from .injection import _install_mask_scopes, freeze_base, lime_layers, record_base_flags, requires_grad_restored
+from .injection import (_install_mask_scopes, freeze_base, lime_layers, record_base_flags, replace_children,
+                        requires_grad_restored)
 from .prompt_tuning import attach_prompt_encoder
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -273,6 +274,9 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
                 "sharding, or shard a model that apply_peft has wrapped the same way")
     record_base_flags(model)  # once: a model already wrapped keeps the flags recorded then
 
+    # New layers take the place of the modules they wrap, under every parent (`save_adapter` records a module
+    # shared by several parents under its first name only, as `apply_peft` wraps it once).
+    new_layers = {}
     for name, (layer, new) in plan.items():
         with torch.no_grad():
             for key, value in _own_tensors(layer).items():
@@ -290,7 +294,8 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
         if isinstance(layer, LiMEPromptEncoder):
             attach_prompt_encoder(model, layer)
         else:
-            _replace_everywhere(model, model.get_submodule(name), layer)
+            new_layers[id(model.get_submodule(name))] = layer
+    replace_children(model, lambda child: new_layers.get(id(child)))
     freeze_base(model)
     _install_mask_scopes(model)
     if config.get("lime_config") is not None:
@@ -299,15 +304,6 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
             for _, layer in lime_layers(model):
                 layer.compile_reference()
     return model
-
-
-def _replace_everywhere(model: nn.Module, module: nn.Module, layer: LiMEModule) -> None:
-    """Put `layer` in place of `module` under every parent holding it (`save_adapter` records a module
-    shared by several parents under its first name only, as `apply_peft` wraps it once)."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if child is module:
-                setattr(parent, child_name, layer)
 
 
 def _read_config(path: str) -> dict:

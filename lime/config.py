@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from lime_kernels.layer import LINEAR_VARIANTS
-from lime_kernels.options import ADAPTER_FIELDS, ROUTING_FIELDS, AdapterOptions, RoutingOptions, python_number
+from lime_kernels.options import ADAPTER_FIELDS, ROUTING_FIELDS, AdapterOptions, RoutingOptions, optional_integer
 
 _DTYPE_FIELDS = ("peft_dtype", "moe_dtype")
 
@@ -83,9 +83,7 @@ class LiMEConfig:
                 raise ValueError(f"{name} must be True or False; got {name}={getattr(self, name)!r}")
         if self.dora_detach_norm and self.peft != "dora":
             raise ValueError(f"dora_detach_norm=True applies to peft='dora' only; got peft={self.peft!r}")
-        self.pad_token_id = python_number("pad_token_id", self.pad_token_id)
-        if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)):
-            raise ValueError(f"pad_token_id must be an integer or None; got pad_token_id={self.pad_token_id!r}")
+        self.pad_token_id = optional_integer("pad_token_id", self.pad_token_id)
         # The validated options hold Python numbers (NumPy scalars converted), which JSON takes.
         for options in (self.routing_options(), self.adapter_options()):
             for field in fields(options):

@@ -245,6 +245,16 @@ def _base_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
     return ((name, p) for name, p in model.named_parameters() if id(p) not in lime_parameters)
 
 
+def replace_children(model: nn.Module, replacement: Callable[[nn.Module], Optional[nn.Module]]) -> None:
+    """Put `replacement(child)` in place of every child of every module of `model` for which it is not
+    None, in one walk: a module shared by several parents is replaced under each of them."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            new = replacement(child)
+            if new is not None:
+                setattr(parent, child_name, new)
+
+
 @contextlib.contextmanager
 def requires_grad_restored(model: nn.Module):
     """LiME layers are built inside the block before any is installed; building one freezes the module
@@ -456,13 +466,14 @@ def remove_lime(model: nn.Module) -> nn.Module:
     layers = list(lime_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LiME layer to remove")
-    # Every parent, so that a layer shared by several parents is unwrapped under each of them.
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, LiMEEmbedding):
-                setattr(parent, child_name, child.embedding)
-            elif isinstance(child, LiMEModule) and not isinstance(child, LiMEPromptEncoder):
-                setattr(parent, child_name, child.linear)
+    def wrapped_module(child: nn.Module) -> Optional[nn.Module]:
+        if isinstance(child, LiMEEmbedding):
+            return child.embedding
+        if isinstance(child, LiMEModule) and not isinstance(child, LiMEPromptEncoder):
+            return child.linear
+        return None
+
+    replace_children(model, wrapped_module)
     if getattr(model, "lime_prompt_encoder", None) is not None:
         model._lime_prompt_hook.remove()
         del model._lime_prompt_hook

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .inputs import as_sequences
 from .layer import LiMEModule
-from .options import AdapterOptions, RoutingOptions, python_number
+from .options import AdapterOptions, RoutingOptions, optional_integer
 
 EMBEDDING_VARIANTS = ("lora", "lora_fa")
 
@@ -57,9 +57,7 @@ class LiMEEmbedding(LiMEModule):
             raise ValueError(f"LiMEEmbedding wraps an nn.Embedding; got {type(embedding).__name__}")
         if peft not in EMBEDDING_VARIANTS:
             raise ValueError(f"nn.Embedding targets take peft='lora' or 'lora_fa'; got peft={peft!r}")
-        pad_token_id = python_number("pad_token_id", pad_token_id)
-        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
-            raise ValueError(f"pad_token_id must be an integer or None; got pad_token_id={pad_token_id!r}")
+        pad_token_id = optional_integer("pad_token_id", pad_token_id)
         routing = RoutingOptions(
             num_experts=num_experts, top_k=top_k, temperature=temperature, gamma_routing=gamma_routing,
             router=router, rep_mode=rep_mode, n_gram=n_gram, ngram_mode=ngram_mode,

@@ -40,6 +40,14 @@ def positive_integer(name: str, value) -> int:
     return value
 
 
+def optional_integer(name: str, value) -> Optional[int]:
+    """`value` as a Python int (a NumPy integer converted) or None, or a ValueError naming it."""
+    value = python_number(name, value)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an integer or None; got {name}={value!r}")
+    return value
+
+
 def _as_python_numbers(options) -> None:
     for field in fields(options):
         object.__setattr__(options, field.name, python_number(field.name, getattr(options, field.name)))
