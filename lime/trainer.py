@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from transformers import Trainer, TrainingArguments
 
-from lime_kernels.options import python_number
+from lime_kernels.options import positive_integer, python_number
 
 from .adapter import TRAINER_ADAPTER_DIR, is_sharded, load_adapter, save_adapter
 from .balance import compute_balance_loss
@@ -57,9 +57,7 @@ class LiMEArguments(TrainingArguments):
             setattr(self, name, value)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0; got {name}={value!r}")
-        steps = self.balance_every_n_steps = python_number("balance_every_n_steps", self.balance_every_n_steps)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"balance_every_n_steps must be an integer >= 1; got balance_every_n_steps={steps!r}")
+        self.balance_every_n_steps = positive_integer("balance_every_n_steps", self.balance_every_n_steps)
         super().__post_init__()
 
 
