@@ -17,7 +17,9 @@ setup(
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
-        "transformers>=5.0",
+        # Each transformers major has renamed what LiME hooks into (5.0: torch_dtype -> dtype; the cache
+        # argument moved within 5.x too): a 6.x is not assumed to work.
+        "transformers>=5.0,<6",
         "accelerate>=1.0",
         "datasets>=3.0",
         "safetensors>=0.4",

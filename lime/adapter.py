@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from dataclasses import asdict
 from typing import Dict, Tuple
@@ -28,7 +29,6 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lime_kernels import (
     LiMEDoRALinear,
@@ -97,6 +97,13 @@ def _own_tensors(layer: LiMEModule) -> Dict[str, torch.Tensor]:
     return tensors
 
 
+def is_dtensor(value: torch.Tensor) -> bool:
+    """Whether `value` is a DTensor (FSDP2, tensor parallel). No DTensor exists unless
+    `torch.distributed.tensor` was imported, and importing it costs a second, so it is not imported here."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
 def _zero3_partitioned(value: torch.Tensor) -> bool:
     """A parameter DeepSpeed ZeRO-3 has partitioned (its own attribute; the tensor itself is empty)."""
     return hasattr(value, "ds_id")
@@ -105,7 +112,7 @@ def _zero3_partitioned(value: torch.Tensor) -> bool:
 def is_sharded(model: nn.Module) -> bool:
     """Whether any LiME tensor of `model` is a DTensor (FSDP2 / tensor parallel) or partitioned by
     DeepSpeed ZeRO-3: saving is then collective."""
-    return any(isinstance(value, DTensor) or _zero3_partitioned(value)
+    return any(is_dtensor(value) or _zero3_partitioned(value)
                for _, layer in lime_layers(model) for value in _own_tensors(layer).values())
 
 
@@ -123,7 +130,7 @@ def _gathered_tensors(layers) -> Dict[str, torch.Tensor]:
 
 def _full_cpu(value: torch.Tensor) -> torch.Tensor:
     # full_tensor() is a collective: every process of the tensor's mesh must reach it, in the same order.
-    if isinstance(value, DTensor):
+    if is_dtensor(value):
         value = value.full_tensor()
     return value.detach().to("cpu", copy=True).contiguous()
 
@@ -265,7 +272,7 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     # Build everything on the side first, so that a mismatch leaves the model untouched.
     with requires_grad_restored(model):
         plan = _plan(model, config, by_layer)
-        if any(new for _, new in plan.values()) and any(isinstance(p, DTensor) for p in model.parameters()):
+        if any(new for _, new in plan.values()) and any(is_dtensor(p) for p in model.parameters()):
             # FSDP manages the parameters it saw when it sharded the model: layers added later would
             # be neither sharded nor gathered.
             raise ValueError(
@@ -281,7 +288,9 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
         with torch.no_grad():
             for key, value in _own_tensors(layer).items():
                 saved_value = by_layer[name][key]
-                if isinstance(value, DTensor):
+                if is_dtensor(value):
+                    from torch.distributed.tensor import distribute_tensor
+
                     # Every process read the whole file; each keeps its own shard of it.
                     saved_value = distribute_tensor(saved_value.to(value.device, value.dtype), value.device_mesh,
                                                     value.placements, src_data_rank=None)

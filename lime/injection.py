@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from transformers import PreTrainedModel
 
 from lime_kernels import LINEAR_VARIANTS, LiMEEmbedding, LiMEModule, LiMEPromptEncoder
 from lime_kernels.bases import is_wrappable_linear, linear_features
@@ -274,12 +274,19 @@ def freeze_base(model: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
+def _is_pretrained_model(module: nn.Module) -> bool:
+    """A transformers `PreTrainedModel`, looked up without importing transformers (a slow import that
+    `import lime` avoids): no such model exists unless transformers' modeling code is imported."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(module, modeling.PreTrainedModel)
+
+
 def _install_mask_scopes(model: nn.Module) -> None:
     """Give every LiME layer the scope of its nearest owner (the model or a PreTrainedModel)."""
     scopes: Dict[int, MaskScope] = getattr(model, "_lime_mask_scopes", None)
     if scopes is None:
         scopes = model._lime_mask_scopes = {}
-    owners = {name: module for name, module in model.named_modules() if name == "" or isinstance(module, PreTrainedModel)}
+    owners = {name: module for name, module in model.named_modules() if name == "" or _is_pretrained_model(module)}
 
     def nearest_owner(path: str) -> str:
         return max((o for o in owners if o == "" or path.startswith(o + ".")), key=len)

@@ -32,6 +32,10 @@ from lime_kernels import LiMEPromptEncoder
 from .injection import freeze_base, record_base_flags
 
 
+# The model's KV cache argument: `cache` from transformers 5.25 on, `past_key_values` before.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
 class PromptInjector:
     """The forward pre-hook: prepends the prompts, extends the mask, the labels and the positions."""
 
@@ -74,7 +78,7 @@ class PromptInjector:
         call = dict(self.signature.bind_partial(*args, **kwargs).arguments)
         call.update(call.pop("kwargs", {}))
         virtual = self.encoder.num_virtual_tokens
-        cache = call.get("past_key_values")
+        cache = next((call[name] for name in CACHE_ARGUMENTS if call.get(name) is not None), None)
         starting = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
         mask = call.get("attention_mask")
         if starting:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .inputs import as_sequences
-from .layer import LiMEModule
+from .layer import LiMEModule, check_rank
 from .options import AdapterOptions, RoutingOptions, optional_integer
 
 EMBEDDING_VARIANTS = ("lora", "lora_fa")
@@ -69,6 +69,8 @@ class LiMEEmbedding(LiMEModule):
             LiME_init_std=LiME_init_std, track_aux=track_aux, peft_dtype=peft_dtype,
             moe_dtype=moe_dtype, backend=backend,
         )
+        check_rank("LiMEEmbedding", adapter.rank, (embedding.num_embeddings, embedding.embedding_dim),
+                   ("num_embeddings", "embedding_dim"))
         device = embedding.weight.device
         self._init_lime(embedding.embedding_dim, routing, adapter)
         self.peft = peft

@@ -47,6 +47,13 @@ def _compiled_reference():
     return torch.compile(reference.lime_linear)
 
 
+def check_rank(layer: str, rank: int, sizes, names) -> None:
+    """A ValueError naming the layer and its sizes unless rank <= min(sizes)."""
+    if rank > min(sizes):
+        described = ", ".join(f"{name}={size}" for name, size in zip(names, sizes))
+        raise ValueError(f"{layer}({described}): rank={rank} must be <= min({', '.join(names)}) = {min(sizes)}")
+
+
 class LiMEModule(nn.Module):
     """What every LiME layer shares: validated options, the expert vectors, the statistics of the
     last forward, the padding mask, the runtime switches and the choice of backend.
@@ -65,6 +72,12 @@ class LiMEModule(nn.Module):
             raise ValueError(
                 f"num_experts must be <= the wrapped layer's output size ({out_features}): routing reads the first "
                 f"num_experts output channels; got num_experts={routing.num_experts}"
+            )
+        if adapter.backend == "triton" and not torch.cuda.is_available() and not triton_interpreting() \
+                and _kernels_execute():
+            raise ValueError(
+                "backend='triton' needs a CUDA device and torch.cuda.is_available() is False; on CPU the kernels run "
+                "only under Triton's interpreter (TRITON_INTERPRET=1). Use backend='reference' or 'auto'."
             )
         self.routing = routing
         self.adapter = adapter
@@ -303,7 +316,9 @@ class LiMELinear(LiMEModule):
     # --- what the variants change -----------------------------------------------------------------
 
     def _check_variant(self, linear: nn.Linear, adapter: AdapterOptions) -> None:
-        """Variant-specific validation, before anything is created."""
+        """Variant-specific validation, before anything is created: a LoRA's rank is at most
+        min(in_features, out_features) (beyond it the factors add memory, not freedom)."""
+        check_rank(type(self).__name__, adapter.rank, linear_features(linear), ("in_features", "out_features"))
 
     def _init_adapter(self, device, dtype) -> None:
         self.A = nn.Parameter(torch.empty(self.adapter.rank, self.in_features, device=device, dtype=dtype))

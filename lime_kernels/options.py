@@ -168,7 +168,8 @@ class AdapterOptions:
         _require_int("rank", self.rank)
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1; got rank={self.rank}")
-        _require_real("alpha", self.alpha)
+        if _require_real("alpha", self.alpha) <= 0:
+            raise ValueError(f"alpha must be > 0 (the adapter's scaling is alpha / rank); got alpha={self.alpha}")
         if not 0 <= _require_real("dropout", self.dropout) < 1:
             raise ValueError(f"dropout must lie in [0, 1); got dropout={self.dropout}")
         _require_bool("use_shared_LiME", self.use_shared_LiME)

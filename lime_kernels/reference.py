@@ -203,16 +203,20 @@ def balance_statistics(
     if aux == "none":
         return None
     num_experts = probs_sum.shape[-1]
+    has_tokens = num_valid > 0
     num_valid = num_valid.clamp_min(1).to(probs_sum.dtype)
     mean_probs = probs_sum / num_valid
     usage = mean_probs.detach()
     if aux == "usage":
         return RoutingStats(None, None, None, usage, None)
-    importance = num_experts * mean_probs.square().sum() - 1.0
+    # Without a valid token every statistic is 0 (E * sum(p^2) - 1 would read -1, a reward for nothing);
+    # masked, not branched on, so that no host sync is needed.
+    zero = probs_sum.new_zeros(())
+    importance = torch.where(has_tokens, num_experts * mean_probs.square().sum() - 1.0, zero)
     kl_uniform = (mean_probs * (mean_probs.clamp_min(LOG_EPS).log() + math.log(num_experts))).sum()
     counts = selection_counts.to(probs_sum.dtype)
     load_share = counts / counts.sum().clamp_min(1.0)
-    load = num_experts * load_share.square().sum() - 1.0
+    load = torch.where(has_tokens, num_experts * load_share.square().sum() - 1.0, zero)
     active = counts.sum() / num_valid
     return RoutingStats(importance, kl_uniform, load.detach(), usage, active.detach(),
                         None if histogram is None else histogram.detach())

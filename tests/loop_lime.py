@@ -138,11 +138,12 @@ def loop_lime(x, weight, bias, A, B, LiMEs, LiME_shared, gamma, *, options, scal
     valid_keys = [(b, t) for b in range(batch) for t in range(tokens) if valid[b][t]]
     count = max(len(valid_keys), 1)
     usage = [sum((probs_of[key][e] for key in valid_keys), torch.zeros((), dtype=x.dtype)) / count for e in range(num_experts)]
-    importance = num_experts * sum(value ** 2 for value in usage) - 1
+    # No valid token: no statistic (importance and load would read -1 otherwise).
+    importance = num_experts * sum(value ** 2 for value in usage) - 1 if valid_keys else torch.zeros((), dtype=x.dtype)
     kl_uniform = sum(value * (torch.log(torch.clamp(value, min=1e-8)) + math.log(num_experts)) for value in usage)
     selections = [sum(1 for key in valid_keys if e in chosen_of[key]) for e in range(num_experts)]
     total_selections = max(sum(selections), 1)
-    load = num_experts * sum((s / total_selections) ** 2 for s in selections) - 1
+    load = num_experts * sum((s / total_selections) ** 2 for s in selections) - 1 if valid_keys else 0.0
     active = sum(len(chosen_of[key]) for key in valid_keys) / count
     histogram = [sum(1 for key in valid_keys if len(chosen_of[key]) == n) for n in range(num_experts + 1)]
     stats = dict(importance=importance, kl_uniform=kl_uniform, load=load, usage=torch.stack(usage), active_experts=active,

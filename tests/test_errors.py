@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lime
-from lime_kernels import LiMELinear
+from lime_kernels import LiMEEmbedding, LiMELinear
 
 INVALID = [
     (dict(num_experts=0), "num_experts=0"),
@@ -17,6 +17,9 @@ INVALID = [
     (dict(num_experts=4, top_k=5), "top_k=5"),
     (dict(rank=0), "rank=0"),
     (dict(rank=True), "rank=True"),
+    (dict(rank=9), "LiMELinear(in_features=8, out_features=16): rank=9 must be <= min(in_features, out_features) = 8"),
+    (dict(alpha=0), "alpha=0"),
+    (dict(alpha=-1.0), "alpha=-1.0"),
     (dict(temperature=0.0), "temperature=0.0"),
     (dict(temperature=float("nan")), "temperature=nan"),
     (dict(gamma_routing=1.5), "gamma_routing=1.5"),
@@ -56,6 +59,19 @@ def test_apply_peft_validates_before_touching_the_model(kwargs, named):
     assert not any(True for _ in lime.lime_layers(model))
 
 
+def test_rank_above_the_layer_sizes_names_the_layer_its_sizes_and_path():
+    with pytest.raises(ValueError, match=re.escape(
+            "LiMEEmbedding(num_embeddings=6, embedding_dim=16): rank=7 must be <= min(num_embeddings, embedding_dim) = 6")):
+        LiMEEmbedding(torch.nn.Embedding(6, 16), rank=7)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=re.escape("1: LiMELinear(in_features=64, out_features=32): rank=48")):
+        lime.apply_peft(model, rank=48)
+    assert not any(True for _ in lime.lime_layers(model))
+    with pytest.raises(ValueError, match=re.escape("LiMELinear(in_features=32, out_features=32): rank=1000000")):
+        LiMELinear(torch.nn.Linear(32, 32), rank=10**6)  # refused before anything is allocated
+    assert LiMELinear(torch.nn.Linear(64, 32), rank=32).A.shape == (32, 64)  # the bound itself is allowed
+
+
 def test_numpy_scalars_are_numbers_and_tensors_are_refused():
     import numpy as np
 
@@ -85,16 +101,26 @@ def test_conflicting_or_inapplicable_options_are_refused():
         lime.apply_peft(torch.nn.Sequential(torch.nn.Linear(8, 16)), dora_detach_norm=True)
 
 
-def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA refuses backend='triton'")
+def test_triton_backend_without_cuda_is_refused_when_built(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    layer = LiMELinear(torch.nn.Linear(8, 16), backend="triton")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        layer(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match=r"backend='triton' needs a CUDA device.*TRITON_INTERPRET=1"):
+        LiMELinear(torch.nn.Linear(8, 16), backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' needs a CUDA device"):
+        LiMEEmbedding(torch.nn.Embedding(10, 16), backend="triton")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8))
+    with pytest.raises(ValueError, match=r"^0: backend='triton' needs a CUDA device"):
+        lime.apply_peft(model, backend="triton")
+    assert isinstance(model[0], torch.nn.Linear) and model[0].weight.requires_grad  # the model as it was
     assert LiMELinear(torch.nn.Linear(8, 16), backend="auto").resolve_backend(torch.randn(2, 8)) == "reference"
+    # Under the interpreter the kernels run on CPU; a CPU input is then accepted.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert LiMELinear(torch.nn.Linear(8, 16), backend="triton").resolve_backend(torch.randn(2, 8)) == "triton"
 
 
-def test_triton_backend_refuses_what_it_cannot_fuse():
-    for layer, reason in [(LiMELinear(torch.nn.Linear(8, 200), rank=129, backend="triton"), "rank=129"),
+def test_triton_backend_refuses_what_it_cannot_fuse(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # built without CUDA (refused otherwise)
+    for layer, reason in [(LiMELinear(torch.nn.Linear(200, 200), rank=129, backend="triton"), "rank=129"),
                           (LiMELinear(torch.nn.Linear(8, 200), num_experts=65, backend="triton"), "num_experts=65")]:
         with pytest.raises(ValueError, match=reason):
             layer.resolve_backend(torch.randn(2, 8))

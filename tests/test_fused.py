@@ -671,6 +671,23 @@ def test_empty_batches_give_empty_outputs_and_zero_gradients(shape, variant):
                 assert parameter.grad is not None and not parameter.grad.any(), name
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_a_batch_without_valid_tokens_has_zero_statistics_on_both_backends(variant):
+    """All padding: importance, kl, load and active experts are 0 (not E*sum(0^2)-1 = -1), fused as reference."""
+    reference, fused = _variant_pair(torch.float32, lambda backend: AUTOCAST_VARIANTS[variant](backend, torch.float32,
+                                                                                               "cosine"))
+    x = torch.randn(2, 5, 40, device=DEVICE)
+    mask = torch.zeros(2, 5, dtype=torch.long, device=DEVICE)
+    outputs = []
+    for layer in (reference, fused):
+        outputs.append(layer.train()(x, attention_mask=mask))
+        stats = layer.last_stats
+        values = [stats.importance.item(), stats.kl_uniform.item(), stats.load.item(), stats.active_experts.item()]
+        assert values == [0.0, 0.0, 0.0, 0.0], (layer.adapter.backend, values)
+        assert not stats.usage.any() and not stats.active_histogram.any()
+    torch.testing.assert_close(outputs[1], outputs[0])
+
+
 def _training_step(layer, x, mask):
     out = layer.train()(x, attention_mask=mask)
     (out.float().square().mean() + 0.1 * layer.last_stats.importance + 0.01 * layer.last_stats.kl_uniform).backward()

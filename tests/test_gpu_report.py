@@ -178,7 +178,8 @@ def test_pytest_rows_and_the_session_time_box(tmp_path):
     assert "the marker message" in (tmp_path / "report" / "pytest.log").read_text()
 
 
-def test_parity_comparison_flags_every_difference():
+def test_parity_comparison_flags_every_difference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the pair's fused layer is built (not run) on CPU
     torch.manual_seed(0)
     reference, _ = gpu_report.parity_pair("dora", "maxabs", torch.float32, torch.device("cpu"), gpu_report.SMOKE_PARITY,
                                           seed=3)

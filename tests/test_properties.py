@@ -138,3 +138,28 @@ def test_exposes_the_wrapped_layer():
     assert layer.LiME_shared.shape == (16,) and layer.gamma.shape == (1,)
     assert torch.equal(layer.B, torch.zeros(16, 2)) and torch.equal(layer.gamma, torch.zeros(1))
     assert ((layer.LiMEs >= 0.9) & (layer.LiMEs <= 1.1)).all()
+
+
+@pytest.mark.parametrize("selection", ["auto", "hard"])
+def test_a_batch_without_valid_tokens_has_zero_statistics_and_zero_balance_loss(selection):
+    """All padding in training: no statistic (importance and load read E*sum(0^2)-1 = -1 before), so the
+    balance loss neither rewards nor penalizes that layer; the output is the frozen output."""
+    import lime
+
+    options = dict(auto_topk=True) if selection == "auto" else dict(auto_topk=False, soft_topk=False, top_k=2)
+    layer = make_layer(num_experts=4, **options).train()
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    out = layer(x, attention_mask=torch.zeros(2, 3, dtype=torch.long))
+    torch.testing.assert_close(out, layer.linear(x), rtol=0, atol=0)
+    stats = layer.last_stats
+    for name in ("importance", "kl_uniform", "load", "active_experts"):
+        assert getattr(stats, name).item() == 0.0, name
+    assert not stats.usage.any() and not stats.active_histogram.any()
+    loss = lime.compute_balance_loss(model)
+    assert loss.item() == 0.0
+    loss.backward()  # a zero with a graph: nothing to learn from no tokens
+    assert layer.LiMEs.grad is None or not layer.LiMEs.grad.any()
+    # One valid token back: the statistics are the usual ones again (importance >= 0).
+    layer(x, attention_mask=torch.tensor([[1, 0, 0], [0, 0, 0]]))
+    assert layer.last_stats.importance.item() >= 0.0 and layer.last_stats.load.item() >= 0.0

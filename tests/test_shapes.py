@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 def layer_cases(draw):
     num_experts = draw(st.integers(1, 5))
     d_out = draw(st.integers(num_experts, 11))
+    d_in = draw(st.integers(1, 9))
     rep_mode = draw(st.sampled_from(["token", "token", "mean", "last"]))
     options = dict(
         num_experts=num_experts,
-        rank=draw(st.integers(1, 4)),
+        rank=draw(st.integers(1, min(4, d_in, d_out))),
         alpha=draw(st.sampled_from([1.0, 8.0, 16.0])),
         top_k=draw(st.integers(1, num_experts)),
         router=draw(st.sampled_from(["cosine", "maxabs"])),
@@ -32,7 +33,7 @@ def layer_cases(draw):
     batch = draw(st.integers(1, 3))
     tokens = draw(st.integers(1, 6))
     mask = draw(st.none() | st.lists(st.lists(st.booleans(), min_size=tokens, max_size=tokens), min_size=batch, max_size=batch))
-    return options, draw(st.integers(1, 9)), d_out, batch, tokens, mask, draw(st.booleans()), draw(st.integers(0, 2**16))
+    return options, d_in, d_out, batch, tokens, mask, draw(st.booleans()), draw(st.integers(0, 2**16))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -311,12 +311,13 @@ def finish_statistics(partials_ptr, num_blocks, importance_ptr, kl_ptr, stats_pt
     experts = tl.sum(lane_ok.to(tl.float32), axis=0)  # E, as a tensor even when E is specialized to 1
     valid_clamped = tl.maximum(num_valid, 1.0)
     mean_probs = tl.where(lane_ok, probs_sum / valid_clamped, 0.0)
-    importance = experts * tl.sum(mean_probs * mean_probs, axis=0) - 1.0
+    has_tokens = num_valid > 0.0  # without a valid token every statistic is 0, as in the reference
+    importance = tl.where(has_tokens, experts * tl.sum(mean_probs * mean_probs, axis=0) - 1.0, 0.0)
     log_terms = tl.log(tl.maximum(mean_probs, _LOG_EPS)) + tl.log(experts)
     kl_uniform = tl.sum(tl.where(lane_ok, mean_probs * log_terms, 0.0), axis=0)
     total_count = tl.sum(counts, axis=0)
     share = counts / tl.maximum(total_count, 1.0)
-    load = experts * tl.sum(share * share, axis=0) - 1.0
+    load = tl.where(has_tokens, experts * tl.sum(share * share, axis=0) - 1.0, 0.0)
     tl.store(importance_ptr, importance)
     tl.store(kl_ptr, kl_uniform)
     tl.store(stats_ptr + 0, load)
