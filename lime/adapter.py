@@ -5,9 +5,21 @@
 
 The config records every LiME layer by its qualified name: its class (the PEFT variant), the shape
 of the layer it wraps and every hyperparameter, so `load_adapter` re-creates the same layers on a
-fresh base model and the outputs are bit-identical. Each of the two files is written beside its final
-name and renamed into place, so a save that fails half-way leaves the previous adapter's files as they
-were; nothing else in the directory is touched (it may be a training run's output directory).
+fresh base model and the outputs are bit-identical. It also records the base model's class and sizes;
+`load_adapter` into a model of another class warns, naming both.
+
+A save is all or nothing, whenever it is interrupted (Ctrl-C, a crash, a full disk): both files are
+written in full beside their final names (flushed to disk), then renamed into place, the weights
+first. Both carry the same save id (a hash of their content), so the two files of one save are recognised as
+a pair:
+- interrupted before the first rename, the previous adapter is untouched;
+- interrupted between the renames, the new weights sit beside the previous config, and the new
+  config waits complete under its staging name: `load_adapter` reads the pair by its save id, and
+  the next save finishes the rename;
+- files of two different saves with no staged config to pair them (copied by hand) are refused,
+  naming both ids.
+Every other staging file is removed by the next save. Nothing else in the directory is touched (it may
+be a training run's output directory).
 
 A model sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`: its parameters are DTensors) or by
 DeepSpeed ZeRO-3 is saved by every process together: each LiME tensor is gathered in full (a
@@ -18,12 +30,14 @@ shard of the saved tensors); into a ZeRO-3-partitioned one it does not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sys
-import uuid
-from dataclasses import asdict
-from typing import Dict, Tuple
+import warnings
+from dataclasses import asdict, replace
+from typing import Dict, Optional, Tuple
 
 import safetensors.torch
 import torch
@@ -40,7 +54,7 @@ from lime_kernels import (
     LiMESliceFineLinear,
 )
 from lime_kernels.bases import is_wrappable_linear, linear_features
-from lime_kernels.options import AdapterOptions, RoutingOptions
+from lime_kernels.options import BACKENDS, AdapterOptions, RoutingOptions, require_choice
 
 from .config import LiMEConfig, _dtype_from_name, _dtype_name
 from .injection import (_install_mask_scopes, freeze_base, lime_layers, record_base_flags, replace_children,
@@ -135,9 +149,40 @@ def _full_cpu(value: torch.Tensor) -> torch.Tensor:
     return value.detach().to("cpu", copy=True).contiguous()
 
 
+def _model_class(model: nn.Module) -> str:
+    """The model's own class: `fully_shard` swaps it for a subclass it builds (FSDP<name>)."""
+    return next(cls.__name__ for cls in type(model).__mro__ if not cls.__module__.startswith("torch.distributed"))
+
+
+# The sizes of a Hugging Face config that tell one base model from another of the same class.
+_BASE_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "vocab_size")
+
+
+def _base_model_record(model: nn.Module) -> dict:
+    """The base model's class and, for a Hugging Face model, its type and sizes (those of its sub-configs
+    too, e.g. `text_config.hidden_size`)."""
+    record = {"class": _model_class(model), "model_type": None, "sizes": {}}
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return record
+    values = config.to_dict()
+    record["model_type"] = values.get("model_type")
+
+    def collect(prefix: str, entries: dict) -> None:
+        for key, value in sorted(entries.items()):
+            if isinstance(value, dict) and key.endswith("_config"):
+                collect(f"{prefix}{key}.", value)
+            elif key in _BASE_SIZES and isinstance(value, int) and not isinstance(value, bool):
+                record["sizes"][prefix + key] = value
+
+    collect("", values)
+    return record
+
+
 def save_adapter(model: nn.Module, directory: str) -> str:
-    """Write the LiME layers of `model` to `directory` (its two files each replaced atomically, the
-    directory's other contents kept); returns the directory.
+    """Write the LiME layers of `model` to `directory` (all or nothing, however it is interrupted: see
+    the module's docstring; the directory's other contents kept); returns the directory.
 
     For a sharded model every process must call it: the tensors are gathered on all of them, rank 0
     writes, and a failed write raises on every process (the previous adapter stays in place).
@@ -149,6 +194,7 @@ def save_adapter(model: nn.Module, directory: str) -> str:
         "format": FORMAT,
         "version": VERSION,
         "lime_config": model.lime_config.to_dict() if isinstance(getattr(model, "lime_config", None), LiMEConfig) else None,
+        "base_model": _base_model_record(model),
         "layers": {name: _layer_record(layer) for name, layer in layers},
     }
     sharded = is_sharded(model)
@@ -171,24 +217,84 @@ def save_adapter(model: nn.Module, directory: str) -> str:
     return directory
 
 
+# `.adapter_model.safetensors.saving-<save id>`, `.adapter_config.json.saving-<save id>`
+_STAGED = re.compile(r"\.(adapter_model\.safetensors|adapter_config\.json)\.saving-([0-9a-f]{32})")
+
+
+def _staged_path(directory: str, name: str, save_id: str) -> str:
+    return os.path.join(directory, f".{name}.saving-{save_id}")
+
+
 def _write(config: dict, tensors: Dict[str, torch.Tensor], directory: str) -> str:
-    """Write the weights, then the config, each to a staging name in `directory` renamed over its final
-    name (a rename within one directory is atomic); the directory's other files are left alone."""
+    """Stage both files in full (flushed to disk), then rename the weights, then the config, over their
+    final names; see the module's docstring for what an interruption at each point leaves."""
     os.makedirs(directory, exist_ok=True)
-    tag = uuid.uuid4().hex
-    staged = {name: os.path.join(directory, f".{name}.saving-{tag}") for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
+    _settle_staging(directory)
+    save_id = _content_id(config, tensors)
+    config = dict(config, save_id=save_id)
+    staged = {name: _staged_path(directory, name, save_id) for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
     try:
-        safetensors.torch.save_file(tensors, staged[ADAPTER_WEIGHTS], metadata={"format": FORMAT})
+        # One metadata entry: safetensors writes several in no fixed order, and the bytes must repeat.
+        safetensors.torch.save_file(tensors, staged[ADAPTER_WEIGHTS], metadata={"save_id": save_id})
+        _flush_to_disk(staged[ADAPTER_WEIGHTS])
         with open(staged[ADAPTER_CONFIG], "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
     except BaseException:
         for path in staged.values():
             if os.path.exists(path):
                 os.remove(path)
         raise
-    for name, path in staged.items():
-        os.replace(path, os.path.join(directory, name))
+    os.replace(staged[ADAPTER_WEIGHTS], os.path.join(directory, ADAPTER_WEIGHTS))
+    os.replace(staged[ADAPTER_CONFIG], os.path.join(directory, ADAPTER_CONFIG))
+    _flush_to_disk(directory)  # the renames themselves
     return directory
+
+
+def _content_id(config: dict, tensors: Dict[str, torch.Tensor]) -> str:
+    """The save id: a hash of what is saved, so that the same adapter saved twice (or by every way of
+    saving it: sharded, from one process) gives byte-identical files."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for key in sorted(tensors):
+        value = tensors[key]
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _flush_to_disk(path: str) -> None:
+    """fsync a file, or a directory (its entries: a rename survives a power cut only then)."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _settle_staging(directory: str) -> None:
+    """Before a save: finish a save interrupted between its two renames (its staged config is renamed
+    over the previous one), and remove every other staging file an interrupted save left."""
+    weights_id = _weights_save_id(os.path.join(directory, ADAPTER_WEIGHTS))
+    for entry in sorted(os.listdir(directory)):
+        match = _STAGED.fullmatch(entry)
+        if match is None:
+            continue
+        path = os.path.join(directory, entry)
+        if match.group(1) == ADAPTER_CONFIG and match.group(2) == weights_id:
+            os.replace(path, os.path.join(directory, ADAPTER_CONFIG))
+        else:
+            os.remove(path)
+
+
+def _weights_save_id(path: str) -> Optional[str]:
+    """The save id in a weights file's metadata; None for a missing or unreadable file, or one written
+    before save ids existed."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as handle:
+            return (handle.metadata() or {}).get("save_id")
+    except (OSError, safetensors.SafetensorError):
+        return None
 
 
 def _adapter_directory(directory: str) -> str:
@@ -237,8 +343,10 @@ def _build_layer(name: str, record: dict, module: nn.Module) -> LiMEModule:
     raise ValueError(f"adapter layer {name}: unknown class {cls_name!r}")
 
 
-def _check_tensors(name: str, layer: LiMEModule, tensors: Dict[str, torch.Tensor]) -> None:
+def _check_tensors(name: str, layer: LiMEModule, tensors: Dict[str, torch.Tensor], new: bool) -> None:
     own = _own_tensors(layer)
+    # A new layer is built from the adapter's own config: a shape that differs is the files disagreeing.
+    holder = f"the layer {ADAPTER_CONFIG} describes" if new else "the model's LiME layer"
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
@@ -246,22 +354,31 @@ def _check_tensors(name: str, layer: LiMEModule, tensors: Dict[str, torch.Tensor
     for key, value in tensors.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(
-                f"adapter tensor {name}.{key} has shape {tuple(value.shape)} in the adapter and "
-                f"{tuple(own[key].shape)} in the model"
+                f"adapter tensor {name}.{key} has shape {tuple(value.shape)} in {ADAPTER_WEIGHTS} and "
+                f"{tuple(own[key].shape)} in {holder}"
             )
 
 
-def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str, backend: Optional[str] = None) -> nn.Module:
     """Re-create the saved LiME layers on `model` (a fresh base model, or one already holding the
     same layers) and load their tensors; returns the model. `directory` is a `save_adapter`
-    directory or a LiMETrainer output / checkpoint directory.
+    directory or a LiMETrainer output / checkpoint directory. `backend` ('auto', 'reference',
+    'triton') replaces the saved one (it changes how the layers compute, not what): an adapter
+    trained with backend='triton' loads on a machine without CUDA with backend='auto'.
 
-    Every mismatch is a ValueError before the model is changed: a saved layer with no module at its
-    path, a module of another type or shape, a model already wrapped with another variant.
+    Every mismatch is a ValueError before the model is changed: files of two different saves, a saved
+    layer with no module at its path, a module of another type or shape, a model already wrapped with
+    another variant. A model of another class than the adapter's base model gets a warning naming both.
     """
     directory = _adapter_directory(directory)
-    config = _read_config(os.path.join(directory, ADAPTER_CONFIG))
-    saved = _read_weights(os.path.join(directory, ADAPTER_WEIGHTS))
+    config, saved = _read_adapter(directory)
+    if backend is not None:
+        require_choice("backend", backend, BACKENDS)
+        for record in config["layers"].values():
+            record["adapter"]["backend"] = backend
+        if config.get("lime_config") is not None:
+            config["lime_config"] = replace(config["lime_config"], backend=backend)
+    _warn_on_another_base_model(model, config.get("base_model"), directory)
     by_layer: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in config["layers"]}
     for key, value in saved.items():
         owner, _, tensor_name = key.rpartition(".")
@@ -313,6 +430,45 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
             for _, layer in lime_layers(model):
                 layer.compile_reference()
     return model
+
+
+def _read_adapter(directory: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(config, tensors) of one save: the config whose save id is the weights' (the final one, or the
+    staged one a save interrupted between its renames left), else a ValueError naming both ids."""
+    config_path, weights_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
+    config = _read_config(config_path)
+    tensors, metadata = _read_weights(weights_path)
+    weights_id, config_id = metadata.get("save_id"), config.get("save_id")
+    if weights_id == config_id:
+        return config, tensors
+    staged = _staged_path(directory, ADAPTER_CONFIG, weights_id) if weights_id is not None else None
+    if staged is not None and os.path.isfile(staged):
+        warnings.warn(f"the last save to {directory} was interrupted between writing its weights and its config; "
+                      f"loading that save with its config {os.path.basename(staged)} (the next save_adapter there "
+                      "moves it into place)", stacklevel=3)
+        config = _read_config(staged)
+        if config.get("save_id") == weights_id:
+            return config, tensors
+    raise ValueError(
+        f"{weights_path} and {config_path} come from different saves (save id {weights_id} and {config_id}): "
+        "they do not describe one adapter. Save the adapter again, or copy both files of one save")
+
+
+def _warn_on_another_base_model(model: nn.Module, saved: Optional[dict], directory: str) -> None:
+    """A warning naming both models when `model` is not of the class (or sizes) the adapter was trained on;
+    the layer shapes are checked anyway, but two models can share every shape and compute differently."""
+    if saved is None:  # an adapter saved before base models were recorded
+        return
+    current = _base_model_record(model)
+    differences = []
+    if current["class"] != saved["class"]:
+        differences.append(f"the adapter was saved from a {saved['class']}, this model is a {current['class']}")
+    differences += [f"{key}: {saved['sizes'][key]} in the adapter's base model, {current['sizes'][key]} here"
+                    for key in sorted(set(saved["sizes"]) & set(current["sizes"]))
+                    if saved["sizes"][key] != current["sizes"][key]]
+    if differences:
+        warnings.warn(f"loading the LiME adapter {directory} into another base model: {'; '.join(differences)}",
+                      stacklevel=3)
 
 
 def _read_config(path: str) -> dict:
@@ -370,12 +526,13 @@ def _check_record(record: dict) -> None:
     AdapterOptions(**_adapter_kwargs(record))
 
 
-def _read_weights(path: str) -> Dict[str, torch.Tensor]:
-    """The adapter's tensors, or a ValueError naming the file and what is wrong with it."""
+def _read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The adapter's tensors and the file's metadata, or an error naming the file and what is wrong."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the LiME adapter's weights are missing: {path}")
     try:
-        return safetensors.torch.load_file(path)
+        with safetensors.safe_open(path, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
     except safetensors.SafetensorError as error:
         size = os.path.getsize(path)
         raise ValueError(
@@ -414,7 +571,7 @@ def _plan(model: nn.Module, config: dict, by_layer: Dict[str, Dict[str, torch.Te
                 layer, new = module, False
             else:
                 layer, new = _build_layer(name, record, module), True
-        _check_tensors(name, layer, by_layer[name])
+        _check_tensors(name, layer, by_layer[name], new)
         plan[name] = (layer, new)
     return plan
 

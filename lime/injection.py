@@ -403,6 +403,13 @@ def apply_peft(
         "torch.nn.MultiheadAttention reads out_proj.weight directly in its forward, so a LiME adapter there "
         "would never run"
     )
+    if not replacements and is_target_type(model):
+        wrapper = "LiMEEmbedding" if isinstance(model, nn.Embedding) else "LiMELinear"
+        raise ValueError(
+            f"the model is itself a {type(model).__name__}: apply_peft wraps the layers inside a model, in place. "
+            f"Wrap a bare layer with lime_kernels.{wrapper}(layer, ...) (the same keywords), or give apply_peft a "
+            f"container of it, e.g. apply_peft(nn.Sequential(layer))"
+        )
     if not replacements:
         bypass = f"; {', '.join(bypassed[:4])} left alone: {multihead_reason}" if bypassed else ""
         raise ValueError(

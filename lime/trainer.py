@@ -10,6 +10,10 @@
   expert usage, its imbalance ratio and AutoTop-K's mean number of active experts.
 - Checkpoints and `save_model` hold the LiME adapter (`lime_adapter/` inside the output directory,
   see `lime.save_adapter`), and `resume_from_checkpoint` reloads it: resuming continues exactly.
+  A checkpoint is complete once its `trainer_state.json`, the Trainer's last write, is: an
+  interrupted checkpoint save leaves a `checkpoint-N` without it, which `resume_from_checkpoint=True`
+  passes over (with a warning) for the newest complete one, an explicit path to it is refused, and
+  the next checkpoint save removes it.
 - Multi-device: run under `torchrun` / `accelerate launch` (DDP). Each rank adds the balance loss of
   its own batch; DDP averages the gradients, so the effective balance term is the mean over ranks.
   A model sharded by FSDP2 is saved by every process together (see `lime.save_adapter`).
@@ -19,10 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
+import re
+import shutil
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -34,6 +42,54 @@ from .adapter import TRAINER_ADAPTER_DIR, is_sharded, load_adapter, save_adapter
 from .balance import compute_balance_loss
 from .injection import lime_layers
 from .summary import MOE_PARAMETERS, PEFT_PARAMETERS
+
+
+# The Trainer's checkpoint folders (`checkpoint-<global step>`) and the file it writes last into each.
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """None if `path` is a complete Trainer checkpoint (its trainer_state.json, written after every other
+    file of the checkpoint, reads whole and names its step), else what is wrong with it."""
+    state_path = os.path.join(path, TRAINER_STATE)
+    if not os.path.isdir(path):
+        return "it is not a directory"
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            step = json.load(handle).get("global_step")
+    except FileNotFoundError:
+        return f"it has no {TRAINER_STATE}: its save was interrupted"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return f"its {TRAINER_STATE} is truncated or corrupt: its save was interrupted"
+    match = CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
+    if match is not None and step != int(match.group(1)):
+        return f"its {TRAINER_STATE} is of step {step}, not {match.group(1)}"
+    return None
+
+
+def _checkpoints(directory: str) -> List[str]:
+    """The `checkpoint-N` folders of `directory`, newest (highest N) first."""
+    if not os.path.isdir(directory):
+        return []
+    found = [(int(match.group(1)), entry) for entry in os.listdir(directory)
+             if (match := CHECKPOINT.fullmatch(entry)) and os.path.isdir(os.path.join(directory, entry))]
+    return [os.path.join(directory, entry) for _, entry in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(directory: str) -> str:
+    """The newest complete checkpoint of `directory` (a warning names each newer incomplete one), or a
+    ValueError naming the directory and every checkpoint it holds."""
+    incomplete = []
+    for path in _checkpoints(directory):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if incomplete:
+                warnings.warn(f"resuming from {path}, passing over {'; '.join(incomplete)}", stacklevel=3)
+            return path
+        incomplete.append(f"{os.path.basename(path)} ({problem})")
+    raise ValueError(f"no complete checkpoint to resume from in {directory}"
+                     + (f": {'; '.join(incomplete)}" if incomplete else ""))
 
 
 @dataclass
@@ -232,6 +288,27 @@ class LiMETrainer(Trainer):
         super().log(logs, start_time)
 
     # --- checkpoints ------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args, **kwargs):
+        """The Trainer's `train`; `resume_from_checkpoint=True` takes the newest *complete* checkpoint, and a
+        path to an incomplete one is refused (see the module's docstring)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        elif resume_from_checkpoint:
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise ValueError(f"cannot resume from {resume_from_checkpoint}: {problem}")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Checkpoints an interrupted save left (none is being written now: every process is here, and the
+        # one about to be written, which another process may already have started, is left alone).
+        if self.args.should_save:
+            current = f"checkpoint-{self.state.global_step}"
+            for path in _checkpoints(self._get_output_dir(trial=trial)):
+                if os.path.basename(path) != current and checkpoint_problem(path) is not None:
+                    shutil.rmtree(path)
+        super()._save_checkpoint(model, trial)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         model = self.accelerator.unwrap_model(self.model)

@@ -69,7 +69,7 @@ def _require_real(name: str, value) -> float:
     return float(value)
 
 
-def _require_choice(name: str, value, choices) -> None:
+def require_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {name}={value!r}")
 
@@ -111,12 +111,12 @@ class RoutingOptions:
             raise ValueError(f"temperature must be > 0; got temperature={self.temperature}")
         if not 0 <= _require_real("gamma_routing", self.gamma_routing) <= 1:
             raise ValueError(f"gamma_routing must lie in [0, 1]; got gamma_routing={self.gamma_routing}")
-        _require_choice("router", self.router, ROUTERS)
-        _require_choice("rep_mode", self.rep_mode, REP_MODES)
+        require_choice("router", self.router, ROUTERS)
+        require_choice("rep_mode", self.rep_mode, REP_MODES)
         _require_int("n_gram", self.n_gram)
         if self.n_gram < 1:
             raise ValueError(f"n_gram must be >= 1; got n_gram={self.n_gram}")
-        _require_choice("ngram_mode", self.ngram_mode, NGRAM_MODES)
+        require_choice("ngram_mode", self.ngram_mode, NGRAM_MODES)
         if self.n_gram > 1 and self.rep_mode != "token":
             # n-gram smoothing is defined along the tokens; a per-sequence representation has none.
             raise ValueError(
@@ -180,7 +180,7 @@ class AdapterOptions:
             dtype = getattr(self, name)
             if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise ValueError(f"{name} must be a floating torch.dtype or None; got {name}={dtype!r}")
-        _require_choice("backend", self.backend, BACKENDS)
+        require_choice("backend", self.backend, BACKENDS)
 
     @property
     def scaling(self) -> float:

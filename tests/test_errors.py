@@ -401,3 +401,14 @@ def test_a_target_its_variant_refuses_leaves_the_model_as_it_was():
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     lime.apply_peft(model, targets=["query", "value"], peft="slicefine", rank=4, num_experts=2)  # a corrected retry
     assert [name for name, _ in lime.lime_layers(model)] == ["encoder.query", "encoder.value"]
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Linear(8, 8), torch.nn.Embedding(10, 8)], ids=["Linear", "Embedding"])
+def test_a_bare_layer_given_as_the_model_says_what_to_do(layer):
+    wrapper = "LiMEEmbedding" if isinstance(layer, torch.nn.Embedding) else "LiMELinear"
+    for targets in (None, ["weight"], lambda path, module: True):
+        with pytest.raises(ValueError, match=(rf"the model is itself a {type(layer).__name__}: apply_peft wraps the layers "
+                                              rf"inside a model.*lime_kernels\.{wrapper}\(layer, \.\.\.\).*nn\.Sequential")):
+            lime.apply_peft(layer, targets=targets)
+    model = lime.apply_peft(torch.nn.Sequential(layer), targets=None if wrapper == "LiMELinear" else ["0"])
+    assert len(list(lime.lime_layers(model))) == 1  # the advice works
