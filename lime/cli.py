@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 import torch
@@ -34,6 +35,18 @@ class UserError(Exception):
 def _directory(path: str, what: str) -> str:
     if not os.path.isdir(path):
         raise UserError(f"{what} {path!r} is not a directory")
+    return path
+
+
+def _writable_directory(path: str, what: str) -> str:
+    """`path`, created if needed, once a file could be written there: a run whose results cannot be saved
+    stops before it starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UserError(f"{what} {path!r} is not a writable directory: {error.strerror or error}") from None
     return path
 
 
@@ -153,6 +166,7 @@ def _train(args) -> None:
     data_root = _directory(args.data_root or args.data, "--data-root")
     if args.resume is not None:
         _directory(args.resume, "--resume")
+    _writable_directory(args.output, "--output")
     lime_options = dict(
         targets=args.targets, peft=args.peft, num_experts=args.num_experts, rank=args.rank, alpha=args.alpha,
         top_k=args.top_k, dropout=args.dropout, temperature=args.temperature, gamma_routing=args.gamma_routing,
@@ -192,11 +206,12 @@ def _evaluate(args) -> None:
     from accelerate import PartialState
 
     from .adapter import load_adapter
-    from .data import load_mmt47
+    from .data import check_columns, load_mmt47, test_splits
     from .evaluation import check_sizes, run_full_evaluation
 
     data_root = _directory(args.data_root or args.data, "--data-root")
     _directory(args.adapter, "--adapter")
+    _writable_directory(args.out, "--out")
     check_sizes(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 num_samples_per_split=args.num_samples, num_video_frames=args.num_video_frames,
                 max_length=args.max_length)  # before the model loads
@@ -205,6 +220,9 @@ def _evaluate(args) -> None:
     # (accelerate starts CPU processes only when told that there is no GPU.)
     state = PartialState(cpu=not torch.cuda.is_available())
     data = load_mmt47(args.data)
+    for name in args.splits or test_splits(data):  # before the model loads (unknown names: run_full_evaluation)
+        if name in data:
+            check_columns(data[name], name)
     model, processor = _load_model(args.model, args.dtype)
     load_adapter(model, args.adapter)
     model.to(state.device)
@@ -238,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.steps < 1:
                 raise UserError(f"--steps must be >= 1; got {args.steps}")
             demo.run(args.out, steps=args.steps, seed=args.seed)
-    except (UserError, FileNotFoundError, NotADirectoryError, ValueError) as error:
+    except (UserError, OSError, ValueError) as error:  # OSError: a missing file, a full disk, no permission
         if args.debug:
             raise
         print(f"lime {args.command}: error: {error}", file=sys.stderr)

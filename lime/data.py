@@ -49,6 +49,22 @@ def _split_files(path: str) -> Tuple[str, Dict[str, List[str]]]:
     return formats.pop(), found
 
 
+def _check_data_file(path: str, data_format: str) -> None:
+    """An empty file, or a text file (json, csv) that is not UTF-8, is a ValueError naming the file (the
+    loader's own errors name neither file nor line)."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty data file (its split would have no rows)")
+    if data_format == "parquet":
+        return
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path} line {number}: not UTF-8 text (byte {line[error.start]:#04x} at column "
+                                 f"{error.start + 1}); re-save the file as UTF-8") from None
+
+
 def load_mmt47(path: str) -> datasets.DatasetDict:
     """A local MMT-47 copy: a `save_to_disk` directory, or a directory of data files (parquet, json,
     jsonl or csv) named by split, such as a download of the dataset repository."""
@@ -57,6 +73,9 @@ def load_mmt47(path: str) -> datasets.DatasetDict:
     if os.path.isfile(os.path.join(path, "dataset_dict.json")):
         return datasets.load_from_disk(path)
     data_format, files = _split_files(path)
+    for paths in files.values():
+        for file in paths:
+            _check_data_file(file, data_format)
     return datasets.load_dataset(data_format, data_files=files)
 
 
@@ -96,20 +115,35 @@ def _media_problem(source_type: str, media_path, data_root: str) -> Optional[str
             with av.open(path) as container:
                 if not container.streams.video:
                     return f"no video stream in {path}"
+                if next(container.decode(video=0), None) is None:  # decoding stops at the first frame
+                    return f"no frame in the video {path}"
     except (OSError, ValueError, av.error.FFmpegError) as error:  # unreadable: reported, never ignored
         return f"unreadable {source_type} file {path}: {error}"
     return None
+
+
+def check_columns(dataset: datasets.Dataset, split: str) -> None:
+    """A ValueError naming the split unless it has rows and every required column, with values."""
+    missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"split {split!r}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"split {split!r} has no rows")
+    # Data files loaded together share their columns: one missing from a split's file reads as all null.
+    absent = [column for column in REQUIRED_COLUMNS if all(value is None for value in dataset[column])]
+    if absent:
+        raise ValueError(f"split {split!r}: column(s) {absent} hold no value in any row (missing from its data "
+                         f"file?); every row needs {list(REQUIRED_COLUMNS)}")
 
 
 def validate_split(dataset: datasets.Dataset, split: str, data_root: str,
                    skip_bad_rows: bool = False) -> Tuple[datasets.Dataset, List[BadRow]]:
     """Check columns, source types and media files. Returns (the dataset, the rows skipped).
 
-    Missing columns are always an error; bad rows are one, listing them, unless `skip_bad_rows`.
+    Missing columns and an empty split are always an error (`check_columns`); bad rows are one, listing
+    them, unless `skip_bad_rows`.
     """
-    missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
-    if missing:
-        raise ValueError(f"split {split!r}: missing column(s) {missing}; it has {dataset.column_names}")
+    check_columns(dataset, split)
     bad: List[BadRow] = []
     columns = zip(dataset["source_type"], dataset["media_path"], dataset["question"], dataset["answer"])
     for row, (source_type, media_path, question, answer) in enumerate(columns):
@@ -204,7 +238,11 @@ class MultiModalDataset(torch.utils.data.Dataset):
         text = self.processor.apply_chat_template(conversation(source_type, row["question"]), add_generation_prompt=True)
         if self.with_answer:
             text += answer + self.processor.tokenizer.eos_token
-        processed = self.processor(text=[text], return_tensors="pt", **self._media(row))
+        try:
+            media = self._media(row)
+        except (OSError, ValueError, av.error.FFmpegError) as error:  # a file changed since validation
+            raise ValueError(f"split {self.split!r} row {index}: {error}") from error
+        processed = self.processor(text=[text], return_tensors="pt", **media)
         input_ids = processed["input_ids"][0]
         if input_ids.shape[0] > self.max_length:
             raise ValueError(
