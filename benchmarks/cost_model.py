@@ -205,6 +205,46 @@ def report(shapes: Sequence[str], measured: Optional[Dict[tuple, float]] = None)
     return "\n".join(lines)
 
 
+# (tokens, Din, Dout, rank, experts): the largest layer of the 7B model at 64K tokens, then the 7B and 0.5B
+# shapes whose workspace share is largest.
+WORKSPACE_SHAPES = [(65536, 3584, 18944, 16, 8), (8192, 3584, 3584, 2, 4), (8192, 3584, 512, 2, 4),
+                    (8192, 18944, 3584, 16, 8), (8192, 896, 128, 2, 4)]
+
+
+def backward_workspace(tokens: int, d_in: int, d_out: int, rank: int, experts: int):
+    """(bytes the fused backward allocates besides the gradients it returns, bytes of dout, of x),
+    accounted without computing anything (kernels and GEMMs not run), bf16 activations."""
+    from lime_kernels.fused import fused_lime_linear, fused_statistics
+    from lime_kernels.options import RoutingOptions
+
+    x = torch.empty(1, tokens, d_in, dtype=torch.bfloat16).requires_grad_(True)
+    weight = torch.empty(d_out, d_in, dtype=torch.bfloat16)
+    parameters = [torch.empty(rank, d_in), torch.empty(d_out, rank), torch.empty(experts, d_out), torch.empty(d_out),
+                  torch.empty(1)]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    A, B, P, shared, gamma = parameters
+    with account(compute=False):
+        result = fused_lime_linear(x=x, adapter_input=None, weight=weight, bias=None, base=None, A=A, B=B, LiMEs=P,
+                                   LiME_shared=shared, gamma=gamma, options=RoutingOptions(num_experts=experts),
+                                   scaling=2.0, valid=None, jitter=None)
+        stats = fused_statistics(result, "full")
+        dout = torch.empty_like(result.out)
+    with account(compute=False) as backward:
+        torch.autograd.backward((result.out, stats.importance), (dout, torch.ones(())))
+    gradients = sum(t.numel() * t.element_size() for t in [x] + parameters)
+    return backward.bytes_allocated - gradients, dout.numel() * dout.element_size(), x.numel() * x.element_size()
+
+
+def workspace_report() -> str:
+    lines = ["| tokens x Din -> Dout, r, E | backward workspace | / dout | / x |", "|:--|--:|--:|--:|"]
+    for tokens, d_in, d_out, rank, experts in WORKSPACE_SHAPES:
+        workspace, dout_bytes, x_bytes = backward_workspace(tokens, d_in, d_out, rank, experts)
+        lines.append(f"| {tokens:,} x {d_in:,} -> {d_out:,}, {rank}, {experts} | {workspace / 2**20:.1f} MiB | "
+                     f"{100 * workspace / dout_bytes:.2f}% | {100 * workspace / x_bytes:.2f}% |")
+    return "\n".join(lines)
+
+
 def host_report() -> str:
     rows = {provider: host_overhead(provider) for provider in ("frozen-linear", "lime-fused", "peft-lora")}
     floor = rows["frozen-linear"]
@@ -229,6 +269,7 @@ def main(argv: Sequence[str] = None) -> int:
     measured = read_measured(args.measured) if args.measured else None
     text = "## Modelled H100 cost of one training step (forward + backward) per layer\n\n" + report(args.shapes,
                                                                                                measured)
+    text += "\n\n## Fused backward workspace (bf16 activations, accounted)\n\n" + workspace_report()
     if not args.skip_host:
         text += ("\n\n## Host time per training step and per decoding call, device work excluded "
                  "(this machine's CPU)\n\n" + host_report())

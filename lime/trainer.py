@@ -165,7 +165,7 @@ class LiMETrainer(Trainer):
             raise ValueError(f"{type(model).__name__} has no LiME layer; call lime.apply_peft first")
         super().__init__(model=model, args=args, **kwargs)
         if self.args.fsdp and not self.is_fsdp_enabled:
-            # accelerate (1.15) turns FSDP on for accelerator processes only; CPU processes would
+            # accelerate (1.15, 1.16) turns FSDP on for accelerator processes only; CPU processes would
             # quietly train with DDP instead.
             raise ValueError(
                 f"fsdp={self.args.fsdp!r} was asked for, but accelerate did not enable FSDP for distributed type "

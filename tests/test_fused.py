@@ -10,6 +10,7 @@ Without a GPU or the interpreter it is skipped (the main run leaves it to the in
 
 import itertools
 import os
+import sys
 from unittest import mock
 
 import pytest
@@ -802,41 +803,21 @@ def test_fused_call_without_autograd_gives_the_recorded_calls_results(variant):
 
 # (tokens, Din, Dout, rank, experts): issue 12's shape, then LLaVA-OneVision-7B's q, k/v and down
 # projections and the 0.5B's k/v projection at 8,192 tokens.
-WORKSPACE_SHAPES = [(65536, 3584, 18944, 16, 8), (8192, 3584, 3584, 2, 4), (8192, 3584, 512, 2, 4),
-                    (8192, 18944, 3584, 16, 8), (8192, 896, 128, 2, 4)]
+def _cost_model():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import cost_model
+
+    return cost_model
 
 
-def backward_workspace(tokens, d_in, d_out, rank, experts):
-    """(bytes the fused backward allocates besides the gradients it returns, bytes of dout, of x),
-    accounted without computing anything (kernels and GEMMs not run), bf16 activations."""
-    from lime_kernels.accounting import account
-    from lime_kernels.fused import fused_lime_linear, fused_statistics
-    from lime_kernels.options import RoutingOptions
-
-    x = torch.empty(1, tokens, d_in, dtype=torch.bfloat16).requires_grad_(True)
-    weight = torch.empty(d_out, d_in, dtype=torch.bfloat16)
-    parameters = [torch.empty(rank, d_in), torch.empty(d_out, rank), torch.empty(experts, d_out), torch.empty(d_out),
-                  torch.empty(1)]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    A, B, P, shared, gamma = parameters
-    with account(compute=False):
-        result = fused_lime_linear(x=x, adapter_input=None, weight=weight, bias=None, base=None, A=A, B=B, LiMEs=P,
-                                   LiME_shared=shared, gamma=gamma, options=RoutingOptions(num_experts=experts),
-                                   scaling=2.0, valid=None, jitter=None)
-        stats = fused_statistics(result, "full")
-        dout = torch.empty_like(result.out)
-    with account(compute=False) as backward:
-        torch.autograd.backward((result.out, stats.importance), (dout, torch.ones(())))
-    gradients = sum(t.numel() * t.element_size() for t in [x] + parameters)
-    return backward.bytes_allocated - gradients, dout.numel() * dout.element_size(), x.numel() * x.element_size()
+WORKSPACE_SHAPES = _cost_model().WORKSPACE_SHAPES
 
 
 @pytest.mark.parametrize("shape", WORKSPACE_SHAPES)
 def test_fused_backward_workspace_is_bounded(shape):
     """The backward's temporary memory (bounded partial sums, [tokens, r] and [tokens, E] buffers) is at
     most 1/8 of the larger activation it reads (dout or x), whatever the length."""
-    workspace, dout_bytes, x_bytes = backward_workspace(*shape)
+    workspace, dout_bytes, x_bytes = _cost_model().backward_workspace(*shape)
     assert 0 < workspace <= max(dout_bytes, x_bytes) / 8, (shape, workspace / max(dout_bytes, x_bytes))
 
 
