@@ -23,7 +23,7 @@ import json
 import math
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -230,7 +230,8 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
         group, task = split_group(name) or ("other", name)
         # A split left with no rows (every row skipped) has no accuracy: NaN, and the means leave it out.
         metrics = {"group": group, "task": task, "samples": len(rows),
-                   "accuracy": sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")}
+                   "accuracy": sum(r["correct"] for r in rows) / len(rows) if rows else float("nan"),
+                   "majority": majority_rate(references)}
         if is_regression(name):
             metrics.update(_correlations(answers, references))
         results[name] = metrics
@@ -240,12 +241,16 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
 
     groups = defaultdict(list)
     for name, metrics in results.items():
-        groups[metrics["group"]].append(metrics["accuracy"])
+        groups[metrics["group"]].append(metrics)
+
+    def means(splits: Sequence[Dict]) -> Dict:
+        return {"splits": len(splits), "accuracy": _mean_of_scored([m["accuracy"] for m in splits]),
+                "majority": _mean_of_scored([m["majority"] for m in splits])}
+
     summary = {
         "splits": results,
-        "groups": {g: {"splits": len(v), "accuracy": _mean_of_scored(v)} for g, v in sorted(groups.items())},
-        "overall": {"splits": len(results), "accuracy": _mean_of_scored([m["accuracy"] for m in results.values()]),
-                    "samples": sum(m["samples"] for m in results.values())},
+        "groups": {group: means(splits) for group, splits in sorted(groups.items())},
+        "overall": {**means(list(results.values())), "samples": sum(m["samples"] for m in results.values())},
         "predictions": predictions,
         "skipped": skipped,
     }
@@ -257,6 +262,14 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
         with open(save_json, "w", encoding="utf-8") as handle:
             json.dump(_without_nan(summary), handle, indent=2, allow_nan=False)
     return summary
+
+
+def majority_rate(references: Sequence[str]) -> float:
+    """The share of the most common reference answer: the accuracy of always giving that answer, the
+    floor a model's accuracy is read against (NaN for no rows)."""
+    if not references:
+        return float("nan")
+    return Counter(references).most_common(1)[0][1] / len(references)
 
 
 def _mean_of_scored(accuracies: Sequence[float]) -> float:
@@ -276,7 +289,7 @@ def _without_nan(value):
     return value
 
 
-CSV_FIELDS = ("level", "name", "group", "task", "samples", "accuracy", "pearson", "spearman", "parsed")
+CSV_FIELDS = ("level", "name", "group", "task", "samples", "accuracy", "majority", "pearson", "spearman", "parsed")
 
 
 def write_csv(summary: Dict, path: str) -> None:
@@ -289,7 +302,7 @@ def write_csv(summary: Dict, path: str) -> None:
             writer.writerow({"level": "split", "name": name, **{k: metrics.get(k, "") for k in CSV_FIELDS[2:]}})
         for group, metrics in summary["groups"].items():
             writer.writerow({"level": "group", "name": group, "group": group, "samples": "",
-                             "accuracy": metrics["accuracy"]})
+                             "accuracy": metrics["accuracy"], "majority": metrics["majority"]})
         overall = summary["overall"]
         writer.writerow({"level": "overall", "name": "overall", "samples": overall["samples"],
-                         "accuracy": overall["accuracy"]})
+                         "accuracy": overall["accuracy"], "majority": overall["majority"]})

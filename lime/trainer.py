@@ -248,9 +248,12 @@ class LiMETrainer(Trainer):
 
     @staticmethod
     def _balance_metrics(model: nn.Module) -> Dict[str, torch.Tensor]:
-        """Per-layer means of the statistics of this forward, detached, for the logs."""
-        stats = [layer.last_stats for _, layer in lime_layers(model) if layer.last_stats is not None]
-        if not stats or stats[0].importance is None:
+        """Per-layer means of the statistics of this forward, detached, for the logs: of the layers that ran
+        in it (a layer this batch did not reach, the vision tower's for a text-only batch, still holds an
+        earlier forward's statistics, whose differentiable part the balance loss has consumed)."""
+        stats = [layer.last_stats for _, layer in lime_layers(model)
+                 if layer.last_stats is not None and layer.last_stats.importance is not None]
+        if not stats:
             raise RuntimeError("no LiME layer recorded balance statistics in this training forward")
         device = stats[0].importance.device
 

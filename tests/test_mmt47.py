@@ -198,6 +198,7 @@ def test_cli_trains_saves_and_evaluates_end_to_end(tmp_path, capsys):
     assert {r["name"] for r in rows if r["level"] == "group"} == {"glue", "image", "text", "video"}
     assert [r["level"] for r in rows].count("overall") == 1
     assert all(r["samples"] == "3" for r in rows if r["level"] == "split")
+    assert all(r["majority"] != "" for r in rows)  # beside every accuracy, the floor it is read against
     stsb = next(r for r in rows if r["name"] == "glue_test_stsb")
     assert stsb["parsed"] != "" and "pearson" in stsb
     summary = json.load(open(os.path.join(out, "results.json")))
@@ -252,13 +253,21 @@ def test_a_split_whose_rows_were_all_skipped_has_no_accuracy_and_leaves_the_mean
     data_dir, root = write_demo_dataset(str(tmp_path / "data"))
     data = load_mmt47(data_dir)
     broken = data["image_test_color"].map(lambda row: {"media_path": "images/missing.png"})
-    data = datasets.DatasetDict({"image_test_color": broken, "text_test_parity": data["text_test_parity"]})
+    data = datasets.DatasetDict({"image_test_color": broken, "text_test_clue": data["text_test_clue"]})
     model, processor = build_tiny_llava_onevision(seed=0)
     summary = run_full_evaluation(model, processor, data, root, num_samples_per_split=2, max_new_tokens=2,
                                   max_length=512, skip_bad_rows=True, save_json=str(tmp_path / "results.json"))
-    image, text = summary["splits"]["image_test_color"], summary["splits"]["text_test_parity"]
+    image, text = summary["splits"]["image_test_color"], summary["splits"]["text_test_clue"]
     assert image["samples"] == 0 and np.isnan(image["accuracy"]) and np.isnan(summary["groups"]["image"]["accuracy"])
     assert text["samples"] == 2 and summary["overall"]["accuracy"] == text["accuracy"]
     assert len(summary["skipped"]) == 2
     written = json.load(open(tmp_path / "results.json"))
     assert written["splits"]["image_test_color"]["accuracy"] is None
+
+
+def test_the_majority_rate_is_the_accuracy_of_always_giving_the_most_common_answer():
+    from lime.evaluation import majority_rate
+
+    assert majority_rate(["yes", "no", "yes", "yes"]) == 0.75
+    assert majority_rate(["a", "b"]) == 0.5 and majority_rate(["3.0", "3", "3"]) == 2 / 3  # answers as written
+    assert np.isnan(majority_rate([]))

@@ -307,3 +307,23 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in bf16_state.values())
     assert bf16_losses[-1] < bf16_losses[0]
     assert any(not torch.allclose(bf16_state[k], plain[k]) for k in plain), "autocast did run in bf16"
+
+
+def test_balance_step_after_a_batch_that_reached_other_layers(tmp_path):
+    """LiME on every linear layer, the vision tower's included: a text-only balance step after an image one
+    logs the statistics of the layers it ran (the vision layers keep the image step's, consumed), and trains."""
+    model, processor = build_tiny_llava_onevision(seed=0)
+    lime.apply_peft(model, targets=None, tokenizer=processor.tokenizer)
+    model.train()
+    lime.set_track_aux(model, True)
+    model(**make_batch(processor, ["What is shown?", "Is it a dog?"], ["a cat", "no"]))
+    lime.compute_balance_loss(model)
+    text = processor(text=["Is 4 even? yes", "Is 3 even? no"], return_tensors="pt", padding=True)
+    model(**text, labels=text["input_ids"])
+    ran = [name for name, layer in lime.lime_layers(model) if layer.last_stats.importance is not None]
+    assert ran and all(".language_model." in name or "lm_head" in name for name in ran), ran
+    metrics = LiMETrainer._balance_metrics(model)
+    expected = torch.stack([layer.last_stats.importance.detach() for name, layer in lime.lime_layers(model)
+                            if name in ran]).mean()
+    torch.testing.assert_close(metrics["importance"], expected)
+    assert lime.compute_balance_loss(model).requires_grad
