@@ -183,11 +183,16 @@ def mixing_weights(probs: torch.Tensor, options: RoutingOptions) -> Tuple[torch.
 
 
 def active_histogram(selected: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """(E + 1,) counts of valid tokens by their number of selected experts; `selected` (..., E)."""
-    per_token = selected.reshape(-1, selected.shape[-1]).sum(dim=-1).long()
+    """(E + 1,) counts of valid tokens by their number of selected experts; `selected` (..., E).
+
+    Fixed-shape masked arithmetic: a boolean index and `bincount` would each be a host sync (and a graph
+    break under torch.compile) on every training call."""
+    num_experts = selected.shape[-1]
+    per_token = selected.reshape(-1, num_experts).sum(dim=-1)
+    bins = per_token.unsqueeze(-1) == torch.arange(num_experts + 1, device=selected.device)
     if valid is not None:
-        per_token = per_token[valid.reshape(-1)]
-    return torch.bincount(per_token, minlength=selected.shape[-1] + 1)
+        bins = bins & valid.reshape(-1, 1)
+    return bins.sum(dim=0)
 
 
 def balance_statistics(

@@ -163,3 +163,22 @@ def test_a_batch_without_valid_tokens_has_zero_statistics_and_zero_balance_loss(
     # One valid token back: the statistics are the usual ones again (importance >= 0).
     layer(x, attention_mask=torch.tensor([[1, 0, 0], [0, 0, 0]]))
     assert layer.last_stats.importance.item() >= 0.0 and layer.last_stats.load.item() >= 0.0
+
+
+@pytest.mark.parametrize("options", [dict(), dict(n_gram=3), dict(rep_mode="mean", sparse_mode=True, top_k=2),
+                                     dict(router="maxabs", auto_topk=False, top_k=2)],
+                         ids=["default", "window3", "mean-sparse", "maxabs-hard"])
+def test_a_reference_training_step_has_no_host_sync(options):
+    """Forward with a padding mask, the statistics (histogram included), the balance loss and the backward
+    dispatch no operator that waits for the device (a boolean index and bincount once did, every call)."""
+    import lime
+    from lime_kernels.accounting import account
+
+    layer = make_layer(num_experts=4, backend="reference", **options).train()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    mask = padding_mask("left", 2, 5)
+    with account() as recorded:
+        out = layer(x, attention_mask=mask)
+        (out.square().mean() + lime.compute_balance_loss(torch.nn.Sequential(layer))).backward()
+    assert recorded.host_syncs == [], recorded.host_syncs
+    assert layer.last_stats.active_histogram.sum().item() == int(mask.sum())
