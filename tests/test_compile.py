@@ -1,5 +1,5 @@
 """`use_compile=True` compiles every LiME layer, and torch.compile compiles a whole LiME model: both equal
-eager (slow: ~30 s and ~60 s of compilation)."""
+eager (slow: they compile), and a training forward of a LiME model traces as one graph."""
 
 import pytest
 import torch
@@ -61,3 +61,26 @@ def test_whole_model_compile_trains_as_eager(monkeypatch):
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(),
                                    msg=lambda message, name=name: f"{name}: {message}")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(n_gram=3, router="maxabs"), dict(rep_mode="last", sparse_mode=True)],
+                         ids=["default", "window3-maxabs", "last-sparse"])
+def test_a_text_training_forward_of_the_tiny_llava_is_one_graph(options):
+    """torch.compile traces a whole LiME model's training forward (padded text, reference backend) as one
+    graph: LiME adds no graph break (the statistics' boolean index and bincount broke it 35 times). Image
+    batches still break inside transformers' own LLaVA-OneVision image code, not LiME's."""
+    from llava_helpers import README_TARGETS
+
+    from lime.tiny import build_tiny_llava_onevision
+
+    model, processor = build_tiny_llava_onevision(seed=0)
+    lime.apply_peft(model, targets=README_TARGETS, tokenizer=processor.tokenizer, backend="reference", **options)
+    processor.tokenizer.padding_side = "left"
+    batch = processor(text=["What is shown? a cat", "Is it a dog? no, it is a cat on a mat"], return_tensors="pt",
+                      padding=True)
+    assert (batch["attention_mask"] == 0).any()
+    model.train()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(**batch, labels=batch["input_ids"])
+    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), reasons
