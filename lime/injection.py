@@ -119,7 +119,9 @@ class MaskScope:
     def current(self) -> Optional[ContextMask]:
         if self._active:
             return self._active[-1]
-        if torch._C._current_graph_task_id() != -1:  # inside backward: checkpoint recomputation
+        # Inside backward: checkpoint recomputation. A compiled graph replays its traced recomputation
+        # without these hooks (and the check, an int from the autograd engine, would break the graph).
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             mixed, self._mixed_since_backward, self._called_since_backward = self._mixed_since_backward, False, False
             if mixed:
                 raise RuntimeError(

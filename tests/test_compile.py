@@ -63,18 +63,24 @@ def test_whole_model_compile_trains_as_eager(monkeypatch):
                                    msg=lambda message, name=name: f"{name}: {message}")
 
 
-@pytest.mark.parametrize("options", [dict(), dict(n_gram=3, router="maxabs"), dict(rep_mode="last", sparse_mode=True)],
-                         ids=["default", "window3-maxabs", "last-sparse"])
+@pytest.mark.parametrize("options", [dict(), dict(n_gram=3, router="maxabs"), dict(rep_mode="last", sparse_mode=True),
+                                     dict(peft="dora"), dict(peft="lora_fa"), dict(peft="slicefine"),
+                                     dict(embedding=True)],
+                         ids=["default", "window3-maxabs", "last-sparse", "dora", "lora_fa", "slicefine", "embedding"])
 def test_a_text_training_forward_of_the_tiny_llava_is_one_graph(options):
     """torch.compile traces a whole LiME model's training forward (padded text, reference backend) as one
-    graph: LiME adds no graph break (the statistics' boolean index and bincount broke it 35 times). Image
-    batches still break inside transformers' own LLaVA-OneVision image code, not LiME's."""
+    graph: LiME adds no graph break (the statistics' boolean index and bincount broke it 35 times; the
+    embedding layer, which reads the enclosing model's mask, once asked the autograd engine whether a
+    backward was running). Image batches still break inside transformers' own LLaVA-OneVision image code,
+    not LiME's. (Prompt tuning's hook is traced as a frame of its own: two graphs, not covered here.)"""
     from llava_helpers import README_TARGETS
 
     from lime.tiny import build_tiny_llava_onevision
 
+    options = dict(options)
+    targets = README_TARGETS + (["embed_tokens"] if options.pop("embedding", False) else [])
     model, processor = build_tiny_llava_onevision(seed=0)
-    lime.apply_peft(model, targets=README_TARGETS, tokenizer=processor.tokenizer, backend="reference", **options)
+    lime.apply_peft(model, targets=targets, tokenizer=processor.tokenizer, backend="reference", **options)
     processor.tokenizer.padding_side = "left"
     batch = processor(text=["What is shown? a cat", "Is it a dog? no, it is a cat on a mat"], return_tensors="pt",
                       padding=True)
