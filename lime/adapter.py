@@ -217,8 +217,8 @@ def save_adapter(model: nn.Module, directory: str) -> str:
     return directory
 
 
-# `.adapter_model.safetensors.saving-<save id>`, `.adapter_config.json.saving-<save id>`
-_STAGED = re.compile(r"\.(adapter_model\.safetensors|adapter_config\.json)\.saving-([0-9a-f]{32})")
+# `.adapter_model.safetensors.saving-<save id>`, `.adapter_config.json.saving-<save id>` (see `_staged_path`)
+_STAGED = re.compile(rf"\.({re.escape(ADAPTER_WEIGHTS)}|{re.escape(ADAPTER_CONFIG)})\.saving-([0-9a-f]{{32}})")
 
 
 def _staged_path(directory: str, name: str, save_id: str) -> str:
@@ -259,7 +259,7 @@ def _content_id(config: dict, tensors: Dict[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         value = tensors[key]
         digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not a copy
     return digest.hexdigest()[:32]
 
 
@@ -443,12 +443,12 @@ def _read_adapter(directory: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
         return config, tensors
     staged = _staged_path(directory, ADAPTER_CONFIG, weights_id) if weights_id is not None else None
     if staged is not None and os.path.isfile(staged):
-        warnings.warn(f"the last save to {directory} was interrupted between writing its weights and its config; "
-                      f"loading that save with its config {os.path.basename(staged)} (the next save_adapter there "
-                      "moves it into place)", stacklevel=3)
-        config = _read_config(staged)
-        if config.get("save_id") == weights_id:
-            return config, tensors
+        staged_config = _read_config(staged)
+        if staged_config.get("save_id") == weights_id:
+            warnings.warn(f"the last save to {directory} was interrupted between writing its weights and its "
+                          f"config; loading that save with its config {os.path.basename(staged)} (the next "
+                          "save_adapter there moves it into place)", stacklevel=3)
+            return staged_config, tensors
     raise ValueError(
         f"{weights_path} and {config_path} come from different saves (save id {weights_id} and {config_id}): "
         "they do not describe one adapter. Save the adapter again, or copy both files of one save")

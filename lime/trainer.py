@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lime_kernels.options import positive_integer, python_number
 
@@ -45,7 +46,7 @@ from .summary import MOE_PARAMETERS, PEFT_PARAMETERS
 
 
 # The Trainer's checkpoint folders (`checkpoint-<global step>`) and the file it writes last into each.
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -307,7 +308,7 @@ class LiMETrainer(Trainer):
         # Checkpoints an interrupted save left (none is being written now: every process is here, and the
         # one about to be written, which another process may already have started, is left alone).
         if self.args.should_save:
-            current = f"checkpoint-{self.state.global_step}"
+            current = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             for path in _checkpoints(self._get_output_dir(trial=trial)):
                 if os.path.basename(path) != current and checkpoint_problem(path) is not None:
                     shutil.rmtree(path)
