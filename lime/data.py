@@ -4,6 +4,11 @@ A row has `source_type` (text | image | video), `media_path` (relative to `data_
 text), `question` and `answer`. Splits: `train`, and test splits named `<group>_test_<task>` with
 group image, text, glue or video. Every problem is an error that names the split, the row and the
 path, unless `skip_bad_rows` is asked for: then the bad rows are dropped, counted and listed.
+
+The inputs can follow the original LiME code where it differs from this project's defaults (see
+`lime.inputs`): `use_original_image_settings` (one image tile at the vision tower's resolution, 384
+for the released LLaVA-OneVision checkpoints), `frame_rounding="floor"` (video frame indices floored,
+not rounded) and `truncate` (over-long rows cut instead of an error).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import torch
 from PIL import Image
 
 from lime_kernels.options import positive_integer
+
+from .inputs import (FRAME_ROUNDINGS, TRUNCATIONS, check_frame_rounding, check_truncation,  # noqa: F401 (re-exported)
+                     use_original_image_settings)
 
 REQUIRED_COLUMNS = ("source_type", "media_path", "question", "answer")
 SOURCE_TYPES = ("text", "image", "video")
@@ -169,16 +177,30 @@ def validate_split(dataset: datasets.Dataset, split: str, data_root: str,
     return dataset, bad
 
 
-def load_video_frames(path: str, num_frames: int) -> np.ndarray:
-    """`num_frames` RGB frames `(num_frames, H, W, 3)` sampled uniformly over the video; a video
-    with fewer frames is padded by repeating its last frame."""
+def frame_indices(total: int, num_frames: int, frame_rounding: str = "round") -> List[int]:
+    """The indices of `min(num_frames, total)` frames spread evenly from the first frame to the last
+    of a video of `total` frames: the fractional positions rounded to the nearest frame ("round", half
+    to even as NumPy rounds) or floored ("floor", as the original LiME code's integer linspace does).
+    Ten frames, eight wanted: round gives [0, 1, 3, 4, 5, 6, 8, 9], floor [0, 1, 2, 3, 5, 6, 7, 9]."""
+    check_frame_rounding(frame_rounding)
+    total = positive_integer("total", total)
+    num_frames = positive_integer("num_frames", num_frames)
+    positions = np.linspace(0, total - 1, min(num_frames, total))
+    picked = positions.round() if frame_rounding == "round" else np.floor(positions)
+    return picked.astype(int).tolist()
+
+
+def load_video_frames(path: str, num_frames: int, frame_rounding: str = "round") -> np.ndarray:
+    """`num_frames` RGB frames `(num_frames, H, W, 3)` sampled uniformly over the video (`frame_indices`
+    with `frame_rounding`); a video with fewer frames is padded by repeating its last frame."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1; got num_frames={num_frames}")
+    check_frame_rounding(frame_rounding)
     with av.open(path) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     if not frames:
         raise ValueError(f"no frame decoded from {path}")
-    indices = np.linspace(0, len(frames) - 1, min(num_frames, len(frames))).round().astype(int)
+    indices = frame_indices(len(frames), num_frames, frame_rounding)
     chosen = [frames[i] for i in indices] + [frames[-1]] * (num_frames - len(indices))
     return np.stack(chosen)
 
@@ -201,10 +223,27 @@ class MultiModalDataset(torch.utils.data.Dataset):
     from its generation prompt). Each item: `input_ids`, `labels` (-100 everywhere but the answer and
     the end-of-turn token), `pixel_values` / `image_sizes` (images) or `pixel_values_videos` (videos).
     With `with_answer=False` the item is the prompt alone (for generation) plus its `answer`.
+
+    Video frames are picked by `frame_indices` with `frame_rounding` ("round" or "floor"). A row longer
+    than `max_length` tokens is an error naming it, unless `truncate` names a cut (`TRUNCATIONS`):
+
+    - "question": the end of the question is cut; the image or video placeholders, the end of the
+      prompt (the template's end of turn and assistant header) and the whole answer are kept, so a cut
+      training row still learns its answer and a cut prompt still asks for one.
+    - "tail": the first `max_length` tokens are kept, as the original LiME code does (its processor
+      truncates on the right): the answer, and at generation the assistant header, can be cut; a
+      training row cut before its answer has no labelled token.
+
+    Either way placeholders are never cut (they must match the image's features): a row whose
+    placeholders reach past what the cut keeps is an error naming it. Cut rows are recorded in
+    `truncated` (row -> its length before the cut) and, among them, rows left without a labelled token
+    in `answer_lost` (only "tail" can do that), in the process that read them (the CLI's data loader
+    reads in the main process).
     """
 
     def __init__(self, dataset, processor, data_root: str = "", num_video_frames: int = 8, max_length: int = 2048,
-                 with_answer: bool = True, split: str = "train"):
+                 with_answer: bool = True, split: str = "train", frame_rounding: str = "round",
+                 truncate: Optional[str] = None):
         num_video_frames = positive_integer("num_video_frames", num_video_frames)
         max_length = positive_integer("max_length", max_length)
         self.dataset = dataset
@@ -214,6 +253,10 @@ class MultiModalDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.with_answer = with_answer
         self.split = split
+        self.frame_rounding = check_frame_rounding(frame_rounding)
+        self.truncate = check_truncation(truncate)
+        self.truncated: Dict[int, int] = {}
+        self.answer_lost: set = set()
         if processor.tokenizer.eos_token is None:
             raise ValueError("the processor's tokenizer has no eos_token to end the answers with")
 
@@ -226,7 +269,7 @@ class MultiModalDataset(torch.utils.data.Dataset):
             with Image.open(path) as image:
                 return {"images": [image.convert("RGB")]}
         if row["source_type"] == "video":
-            return {"videos": [load_video_frames(path, self.num_video_frames)]}
+            return {"videos": [load_video_frames(path, self.num_video_frames, self.frame_rounding)]}
         return {}
 
     def __getitem__(self, index: int) -> Dict:
@@ -235,26 +278,72 @@ class MultiModalDataset(torch.utils.data.Dataset):
         if source_type not in SOURCE_TYPES:
             raise ValueError(f"split {self.split!r} row {index}: unknown source_type {source_type!r}")
         answer = str(row["answer"])
-        text = self.processor.apply_chat_template(conversation(source_type, row["question"]), add_generation_prompt=True)
-        if self.with_answer:
-            text += answer + self.processor.tokenizer.eos_token
+        prompt = self.processor.apply_chat_template(conversation(source_type, row["question"]), add_generation_prompt=True)
+        text = prompt + (answer + self.processor.tokenizer.eos_token if self.with_answer else "")
         try:
             media = self._media(row)
         except (OSError, ValueError, av.error.FFmpegError) as error:  # a file changed since validation
             raise ValueError(f"split {self.split!r} row {index}: {error}") from error
         processed = self.processor(text=[text], return_tensors="pt", **media)
         input_ids = processed["input_ids"][0]
+        labels = self._answer_labels(answer, input_ids, index) if self.with_answer else None
         if input_ids.shape[0] > self.max_length:
-            raise ValueError(
-                f"split {self.split!r} row {index}: {input_ids.shape[0]} tokens exceed max_length={self.max_length}"
-            )
+            if self.truncate is None:
+                raise ValueError(
+                    f"split {self.split!r} row {index}: {input_ids.shape[0]} tokens exceed max_length={self.max_length} "
+                    f"(raise --max-length, or cut over-long rows with --truncate)"
+                )
+            input_ids, labels = self._cut(input_ids, labels, prompt, row["question"], index)
         item = {"input_ids": input_ids, "source_type": source_type, "answer": answer, "row": index}
         for key in ("pixel_values", "image_sizes", "pixel_values_videos"):
             if key in processed:
                 item[key] = processed[key][0]
-        if self.with_answer:
-            item["labels"] = self._answer_labels(answer, input_ids, index)
+        if labels is not None:
+            item["labels"] = labels
         return item
+
+    def _cut(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor], prompt: str, question: str,
+             index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`input_ids` (and `labels`) cut to `max_length` tokens as `truncate` says; the cut is recorded."""
+        where = f"split {self.split!r} row {index}"
+        length = input_ids.shape[0]
+        kept_end = 0  # tokens kept at the end: none for "tail"; for "question" the prompt's end (and answer)
+        if self.truncate == "question":
+            kept_end = len(self._tokens_after_question(prompt, question, input_ids, labels, where))
+        head = self.max_length - kept_end  # tokens kept from the start
+        placeholders = torch.isin(input_ids, torch.tensor([self.processor.image_token_id, self.processor.video_token_id]))
+        media_end = int(placeholders.nonzero().max()) + 1 if placeholders.any() else 0
+        if head < media_end or head < 1:
+            kept = f" and the {kept_end} tokens after the question" if kept_end else ""
+            raise ValueError(f"{where}: {length} tokens cannot be cut to max_length={self.max_length}: it must keep "
+                             f"the first {media_end} tokens (up to the end of the image/video placeholders, which are "
+                             f"never cut){kept}; raise --max-length")
+        pick = torch.cat([torch.arange(head), torch.arange(length - kept_end, length)])
+        input_ids = input_ids[pick]
+        if labels is not None:
+            labels = labels[pick]
+            if bool((labels == -100).all()):
+                self.answer_lost.add(index)
+        self.truncated[index] = length
+        return input_ids, labels
+
+    def _tokens_after_question(self, prompt: str, question: str, input_ids: torch.Tensor,
+                               labels: Optional[torch.Tensor], where: str) -> List[int]:
+        """The sequence's tokens after the question: the prompt's end (the text after the question's last
+        occurrence in the prompt, surrounding whitespace aside), then (training) the answer and the
+        end-of-turn token, checked in place."""
+        question = question.strip()
+        start = prompt.rfind(question)
+        if start < 0:
+            raise ValueError(f"{where}: the question does not appear as written in the chat template's prompt, so its "
+                             f"end cannot be cut (truncate='tail' keeps the first max_length tokens instead)")
+        ids = self.processor.tokenizer(prompt[start + len(question):], add_special_tokens=False)["input_ids"]
+        if labels is not None:
+            ids += input_ids[labels != -100].tolist()  # the answer and end-of-turn token: the trailing labels
+        if not ids or input_ids[-len(ids):].tolist() != ids:
+            raise ValueError(f"{where}: cannot locate the end of the prompt in the tokens to cut the question "
+                             f"(truncate='tail' keeps the first max_length tokens instead)")
+        return ids
 
     def _answer_labels(self, answer: str, input_ids: torch.Tensor, index: int) -> torch.Tensor:
         """Labels on the trailing answer and end-of-turn tokens, -100 elsewhere. They are the answer's

@@ -202,7 +202,8 @@ def test_cli_trains_saves_and_evaluates_end_to_end(tmp_path, capsys):
     stsb = next(r for r in rows if r["name"] == "glue_test_stsb")
     assert stsb["parsed"] != "" and "pearson" in stsb
     summary = json.load(open(os.path.join(out, "results.json")))
-    assert set(summary) == {"splits", "groups", "overall", "predictions", "skipped"}
+    assert set(summary) == {"splits", "groups", "overall", "predictions", "skipped", "truncated"}
+    assert summary["truncated"] == {"count": 0, "rows": {}}  # without --truncate no row is cut
     assert len(summary["predictions"]["image_test_color"]) == 3
 
 
