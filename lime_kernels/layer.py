@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reference
+from . import eager, reference
 from .bases import computes_plain_product, is_wrappable_linear, linear_features
 from .inputs import (ContextMask, as_sequences, autocast_cast, context_valid_mask, explicit_valid_mask,
                      full_precision)
@@ -44,7 +44,7 @@ def _kernels_execute() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled_reference():
-    return torch.compile(reference.lime_linear)
+    return torch.compile(reference.lime_linear_routed)
 
 
 def check_rank(layer: str, rank: int, sizes, names) -> None:
@@ -83,7 +83,7 @@ class LiMEModule(nn.Module):
         self.adapter = adapter
         self.compiled = False
         self.mask_provider: Optional[MaskProvider] = None
-        self.last_stats: Optional[RoutingStats] = None
+        self.last_stats = None
         self._warned_unmatched_mask = False
 
     def _init_experts(self, out_features: int, device) -> None:
@@ -100,6 +100,33 @@ class LiMEModule(nn.Module):
         else:
             self.register_parameter("LiME_shared", None)
             self.register_parameter("gamma", None)
+
+    @property
+    def last_stats(self) -> Optional[RoutingStats]:
+        """The routing statistics of the latest forward (see `RoutingStats`), or None.
+
+        Computed when first read: a step whose balance loss and logs do not read them does not pay for
+        their operators. They carry gradients as they would have in the forward."""
+        pending = self.__dict__["_pending_stats"]
+        if pending is not None:
+            compute, arguments, with_grad = pending
+            with torch.set_grad_enabled(with_grad):
+                self.__dict__["_last_stats"] = compute(*arguments)
+            self.__dict__["_pending_stats"] = None
+        return self.__dict__["_last_stats"]
+
+    @last_stats.setter
+    def last_stats(self, stats: Optional[RoutingStats]) -> None:
+        self.__dict__["_pending_stats"] = None
+        self.__dict__["_last_stats"] = stats
+
+    def _defer_stats(self, compute: Callable[..., Optional[RoutingStats]], *arguments) -> None:
+        """Record how to compute this forward's statistics (`last_stats`), or None without `track_aux`.
+        (Plain attributes: nn.Module.__setattr__'s checks take several µs per call.)"""
+        aux = self._aux_mode()
+        self.__dict__["_last_stats"] = None
+        self.__dict__["_pending_stats"] = None if aux == "none" else (compute, arguments + (aux,),
+                                                                      torch.is_grad_enabled())
 
     @property
     def num_experts(self) -> int:
@@ -225,19 +252,23 @@ class LiMEModule(nn.Module):
                 LiME_shared=self.LiME_shared, gamma=self.gamma, options=self.routing, scaling=scaling, valid=valid,
                 jitter=jitter, channel_scale=channel_scale, sliced_rows=sliced_rows if computes_base else 0,
             )
-            # A plain attribute: set without nn.Module.__setattr__'s parameter / buffer / module checks,
-            # which take several µs per call (its isinstance(value, Parameter) runs in Python).
-            self.__dict__["last_stats"] = fused_statistics(result, self._aux_mode())
+            self._defer_stats(fused_statistics, result)
             return result.out
-        compute = _compiled_reference() if self.compiled else reference.lime_linear
         frozen_output = frozen()  # under autocast, as the base layer would run
+        adapter_input = adapter_input if adapter_input is not None else x
+        bias = bias if channel_scale is not None else None
         with full_precision(frozen_output.device):
-            out, self.last_stats = compute(
-                adapter_input if adapter_input is not None else x, frozen_output, A, B, self.LiMEs, self.LiME_shared,
-                self.gamma, self.routing, scaling, valid=valid, jitter=jitter, aux=self._aux_mode(),
-                channel_scale=channel_scale, bias=bias if channel_scale is not None else None,
-            )
-        return out
+            if self.compiled:
+                routed = _compiled_reference()(adapter_input, frozen_output, A, B, self.LiMEs, self.LiME_shared,
+                                               self.gamma, self.routing, scaling, valid, jitter, channel_scale, bias)
+            elif channel_scale is None:
+                routed = eager.lime_linear(adapter_input, frozen_output, A, B, self.LiMEs, self.LiME_shared, self.gamma,
+                                           self.routing, scaling, valid, jitter)
+            else:
+                base, delta = reference.adapted_outputs(adapter_input, frozen_output, A, B, scaling, channel_scale, bias)
+                routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, self.routing, valid, jitter)
+        self._defer_stats(reference.routing_stats, routed.probs, routed.valid, self.routing)
+        return routed.out
 
 
 class LiMELinear(LiMEModule):

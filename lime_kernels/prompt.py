@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import reference
+from . import eager, reference
 from .inputs import full_precision
 from .layer import LiMEModule
 from .options import AdapterOptions, RoutingOptions, positive_integer
@@ -128,14 +128,13 @@ class LiMEPromptEncoder(LiMEModule):
                 B=self.prompt_delta.t(), LiMEs=self.LiMEs, LiME_shared=self.LiME_shared, gamma=self.gamma,
                 options=self.routing, scaling=1.0, valid=None, jitter=jitter,
             )
-            self.last_stats = fused_statistics(result, self._aux_mode())
+            self._defer_stats(fused_statistics, result)
             return result.out
         delta = self.prompt_delta.to(dtype).unsqueeze(0).expand(batch, -1, -1)
         with full_precision(base.device):
-            out, self.last_stats = reference.route_and_modulate(
-                base, delta, self.LiMEs, self.LiME_shared, self.gamma, self.routing, None, jitter, self._aux_mode()
-            )
-        return out
+            routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, self.routing, None, jitter)
+        self._defer_stats(reference.routing_stats, routed.probs, routed.valid, self.routing)
+        return routed.out
 
     def extra_repr(self) -> str:
         return (

@@ -103,40 +103,54 @@ def _sequence_summary(features: torch.Tensor, valid: torch.Tensor, rep_mode: str
     return torch.where(has_valid, summary.expand_as(features), features)
 
 
-def routing_representation(features: torch.Tensor, valid: torch.Tensor, options: RoutingOptions) -> torch.Tensor:
-    """Steps 3-4: `rep_mode` (token / mean / last), then the n-gram window or anchors for tokens."""
+def routing_representation(features: torch.Tensor, valid: Optional[torch.Tensor], options: RoutingOptions) -> torch.Tensor:
+    """Steps 3-4: `rep_mode` (token / mean / last), then the n-gram window or anchors for tokens.
+    `valid` None: every token is valid."""
+    if options.rep_mode == "token" and (options.n_gram == 1 or options.ngram_mode == "anchor"):
+        if options.n_gram == 1:
+            return features
+        return features[:, _anchor_positions(features.shape[1], options.n_gram, features.device)]
+    if valid is None:
+        valid = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
     if options.rep_mode != "token":
         return _sequence_summary(features, valid, options.rep_mode)
-    if options.n_gram == 1:
-        return features
-    if options.ngram_mode == "window":
-        return _window_pool(features, valid, options.n_gram)
-    return features[:, _anchor_positions(features.shape[1], options.n_gram, features.device)]
+    return _window_pool(features, valid, options.n_gram)
 
 
 # --- steps 5-8: normalization, blend, temperature, jitter, softmax --------------------------------
 
 
-def normalize_features(features: torch.Tensor, router: str) -> torch.Tensor:
-    """Step 5. `cosine`: per-token L2 over the E channels; `maxabs`: one max over the whole batch."""
+def feature_norm(features: torch.Tensor, router: str) -> torch.Tensor:
+    """Step 5's norm before its floor. `cosine`: per-token L2 over the E channels; `maxabs`: one max of
+    |features| over the whole batch (amax splits the gradient evenly between tied maxima)."""
     if router == "cosine":
-        scale = torch.linalg.vector_norm(features, dim=-1, keepdim=True)
-    else:  # "maxabs": amax splits the gradient evenly between tied maxima
-        scale = features.abs().amax()
-    return features / scale.clamp_min(NORM_EPS)
+        return torch.linalg.vector_norm(features, dim=-1, keepdim=True)
+    return features.abs().amax()
+
+
+def feature_scale(features: torch.Tensor, router: str) -> torch.Tensor:
+    """Step 5's divisor, `max(norm, 1e-6)`."""
+    return feature_norm(features, router).clamp_min(NORM_EPS)
+
+
+def blend_coefficients(options: RoutingOptions) -> Tuple[float, float]:
+    """Step 6's weights of `u_hat` and `v_hat` with the temperature folded in: `(1 - gamma) / T`, `gamma / T`."""
+    return (1.0 - options.gamma_routing) / options.temperature, options.gamma_routing / options.temperature
 
 
 def routing_probs(
     frozen_features: torch.Tensor,
     adapted_features: torch.Tensor,
-    valid: torch.Tensor,
+    valid: Optional[torch.Tensor],
     options: RoutingOptions,
     jitter: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Steps 3-8: `(B, T, E)` float32 routing probabilities from `u = base[:E]`, `v = delta[:E]`."""
-    frozen = normalize_features(routing_representation(frozen_features, valid, options), options.router)
-    adapted = normalize_features(routing_representation(adapted_features, valid, options), options.router)
-    logits = ((1.0 - options.gamma_routing) * frozen + options.gamma_routing * adapted) / options.temperature
+    frozen = routing_representation(frozen_features, valid, options)
+    adapted = routing_representation(adapted_features, valid, options)
+    frozen_coef, adapted_coef = blend_coefficients(options)
+    logits = torch.add(frozen / feature_scale(frozen, options.router) * frozen_coef,
+                       adapted / feature_scale(adapted, options.router), alpha=adapted_coef)
     if jitter is not None:
         logits = logits * jitter.view_as(logits)
     return torch.softmax(logits, dim=-1)
@@ -150,8 +164,9 @@ def _one_hot_rows(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     return mask.scatter(-1, indices, True)
 
 
-def _soft_masked(probs: torch.Tensor, threshold: torch.Tensor, temperature: float) -> torch.Tensor:
-    gated = probs * torch.sigmoid((probs - threshold) / temperature)
+def _soft_masked(probs: torch.Tensor, threshold: torch.Tensor, threshold_scale: float, temperature: float) -> torch.Tensor:
+    """`probs * m / (sum(probs * m) + 1e-9)` with `m = sigmoid((probs - threshold_scale * threshold) / temperature)`."""
+    gated = probs * torch.sigmoid(torch.sub(probs, threshold, alpha=threshold_scale).div_(temperature))
     return gated / (gated.sum(dim=-1, keepdim=True) + WEIGHT_EPS)
 
 
@@ -160,23 +175,30 @@ def _renormalized(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True).clamp_min(WEIGHT_EPS)
 
 
-def mixing_weights(probs: torch.Tensor, options: RoutingOptions) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Step 9: `(weights, selected)`, both `(B, T, E)`; `selected` is the hard choice (for `load`)."""
+def selected_experts(probs: torch.Tensor, options: RoutingOptions) -> torch.Tensor:
+    """The hard choice of step 9, `(B, T, E)` bool: the experts AutoTop-K or top-k keeps (what `load`
+    counts, and what the sparse and hard modes mix)."""
     num_experts = probs.shape[-1]
     if options.auto_topk:
-        cutoff = options.auto_topk_threshold * probs.amax(dim=-1, keepdim=True)
-        selected = probs >= cutoff
+        selected = probs >= options.auto_topk_threshold * probs.amax(dim=-1, keepdim=True)
         if not options.sparse_mode:
-            return _soft_masked(probs, cutoff, options.soft_topk_temperature), selected
+            return selected
         # At most min(2k, E) of the qualifying experts, the largest; the arg-max always qualifies.
         largest = torch.topk(probs, min(2 * options.top_k, num_experts), dim=-1).indices
-        keep = selected & _one_hot_rows(largest, num_experts)
-        return _renormalized(probs, keep), keep
-    top = torch.topk(probs, options.top_k, dim=-1)
-    selected = _one_hot_rows(top.indices, num_experts)
-    if options.soft_topk and not options.sparse_mode:
-        return _soft_masked(probs, top.values[..., -1:], options.soft_topk_temperature), selected
-    return _renormalized(probs, selected), selected
+        return selected & _one_hot_rows(largest, num_experts)
+    return _one_hot_rows(torch.topk(probs, options.top_k, dim=-1).indices, num_experts)
+
+
+def mixing_weights(probs: torch.Tensor, options: RoutingOptions) -> torch.Tensor:
+    """Step 9: the `(B, T, E)` mixing weights."""
+    if not options.sparse_mode:
+        if options.auto_topk:
+            return _soft_masked(probs, probs.amax(dim=-1, keepdim=True), options.auto_topk_threshold,
+                                options.soft_topk_temperature)
+        if options.soft_topk:
+            kth = torch.topk(probs, options.top_k, dim=-1).values[..., -1:]
+            return _soft_masked(probs, kth, 1.0, options.soft_topk_temperature)
+    return _renormalized(probs, selected_experts(probs, options))
 
 
 # --- auxiliary statistics ---------------------------------------------------------------------------
@@ -196,13 +218,13 @@ def active_histogram(selected: torch.Tensor, valid: Optional[torch.Tensor]) -> t
 
 
 def balance_statistics(
-    probs_sum: torch.Tensor, selection_counts: torch.Tensor, num_valid: torch.Tensor, aux: str,
+    probs_sum: torch.Tensor, selection_counts: Optional[torch.Tensor], num_valid: torch.Tensor, aux: str,
     histogram: Optional[torch.Tensor] = None,
 ) -> Optional[RoutingStats]:
     """The statistics from per-expert sums over the valid tokens (shared by every backend).
 
     `probs_sum` (E): sum of the routing probabilities (differentiable); `selection_counts` (E):
-    how many valid tokens selected each expert; `num_valid`: how many valid tokens there are;
+    how many valid tokens selected each expert (None for 'usage'); `num_valid`: how many valid tokens there are;
     `histogram`: see `active_histogram` (kept in training only, like the other statistics).
     """
     if aux == "none":
@@ -227,18 +249,72 @@ def balance_statistics(
                         None if histogram is None else histogram.detach())
 
 
-def routing_stats(probs: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor, aux: str) -> Optional[RoutingStats]:
-    """Load-balancing statistics over the valid tokens (`aux` = 'full' in training, 'usage' in eval)."""
+def routing_stats(probs: torch.Tensor, valid: Optional[torch.Tensor], options: RoutingOptions,
+                  aux: str) -> Optional[RoutingStats]:
+    """Load-balancing statistics over the valid tokens (`aux` = 'full' in training, 'usage' in eval);
+    `valid` None: every token is valid."""
     if aux == "none":
         return None
-    valid3 = valid.unsqueeze(-1)
-    probs_sum = torch.where(valid3, probs, torch.zeros_like(probs)).sum(dim=(0, 1))
-    selection_counts = (selected & valid3).sum(dim=(0, 1))
-    histogram = active_histogram(selected, valid) if aux == "full" else None
-    return balance_statistics(probs_sum, selection_counts, valid.sum(), aux, histogram)
+    if valid is None:
+        num_valid = probs.new_full((), probs.shape[0] * probs.shape[1], dtype=torch.long)
+        probs_sum = probs.sum(dim=(0, 1))
+    else:
+        num_valid = valid.sum()
+        probs_sum = torch.where(valid.unsqueeze(-1), probs, torch.zeros_like(probs)).sum(dim=(0, 1))
+    if aux == "usage":
+        return balance_statistics(probs_sum, None, num_valid, aux)
+    selected = selected_experts(probs.detach(), options)
+    if valid is not None:
+        selected = selected & valid.unsqueeze(-1)
+    return balance_statistics(probs_sum, selected.sum(dim=(0, 1)), num_valid, aux, active_histogram(selected, valid))
 
 
 # --- steps 2-11: route and modulate ------------------------------------------------------------------
+
+
+class Routed(NamedTuple):
+    """A layer call's output and what its statistics are computed from (`routing_stats`), so that a
+    caller computes them only if something reads them."""
+
+    out: torch.Tensor
+    probs: torch.Tensor
+    valid: Optional[torch.Tensor]
+
+
+def check_experts(base: torch.Tensor, LiMEs: torch.Tensor, LiME_shared: Optional[torch.Tensor],
+                   gamma: Optional[torch.Tensor], options: RoutingOptions) -> None:
+    if (LiME_shared is None) != (gamma is None):
+        raise ValueError("LiME_shared and gamma must be given together (use_shared_LiME) or both be None")
+    if LiMEs.shape != (options.num_experts, base.shape[-1]):
+        raise ValueError(
+            f"LiMEs must have shape (num_experts, Dout) = {(options.num_experts, base.shape[-1])}; "
+            f"got {tuple(LiMEs.shape)}"
+        )
+
+
+def route(
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    LiMEs: torch.Tensor,
+    LiME_shared: Optional[torch.Tensor],
+    gamma: Optional[torch.Tensor],
+    options: RoutingOptions,
+    valid: Optional[torch.Tensor] = None,
+    jitter: Optional[torch.Tensor] = None,
+) -> Routed:
+    """`out = base + delta * (w @ P + g * p_shared)` with zero-parameter routing, and the routing
+    probabilities; `route_and_modulate` adds the statistics."""
+    num_experts = options.num_experts
+    dtype = compute_dtype(base, delta, LiMEs, LiME_shared)
+    probs = routing_probs(base[..., :num_experts].to(dtype), delta[..., :num_experts].to(dtype), valid, options, jitter)
+    weights = mixing_weights(probs, options)
+    # Step 10: `w @ P + g * p_shared` as one matrix product with the shared term as its bias.
+    shared = None if LiME_shared is None else gamma.to(dtype) * LiME_shared.to(dtype)
+    modulation = F.linear(weights, LiMEs.to(dtype).t(), shared)
+    out = torch.addcmul(base.to(dtype), delta.to(dtype), modulation).to(base.dtype)
+    if valid is not None:
+        out = torch.where(valid.unsqueeze(-1), out, base)
+    return Routed(out, probs, valid)
 
 
 def route_and_modulate(
@@ -252,34 +328,16 @@ def route_and_modulate(
     jitter: Optional[torch.Tensor] = None,
     aux: str = "none",
 ) -> Tuple[torch.Tensor, Optional[RoutingStats]]:
-    """`out = base + delta * (w @ P + g * p_shared)` with zero-parameter routing.
+    """`out = base + delta * (w @ P + g * p_shared)` with zero-parameter routing, and its statistics.
 
     The core shared by every PEFT variant: `base` `(B, T, Dout)` is the frozen representation (any
     dtype), `delta` `(B, T, Dout)` the adapter's (float32, or float64). Invalid tokens return `base` exactly.
     """
     if aux not in AUX_MODES:
         raise ValueError(f"aux must be one of {AUX_MODES}; got aux={aux!r}")
-    if (LiME_shared is None) != (gamma is None):
-        raise ValueError("LiME_shared and gamma must be given together (use_shared_LiME) or both be None")
-    num_experts = options.num_experts
-    if LiMEs.shape != (num_experts, base.shape[-1]):
-        raise ValueError(
-            f"LiMEs must have shape (num_experts, Dout) = {(num_experts, base.shape[-1])}; got {tuple(LiMEs.shape)}"
-        )
-    dtype = compute_dtype(base, delta, LiMEs, LiME_shared)
-    all_valid = valid is None
-    if all_valid:
-        valid = torch.ones(base.shape[:2], dtype=torch.bool, device=base.device)
-    frozen_features = base[..., :num_experts].to(dtype)
-    probs = routing_probs(frozen_features, delta[..., :num_experts].to(dtype), valid, options, jitter)
-    weights, selected = mixing_weights(probs, options)
-    modulation = weights @ LiMEs.to(dtype)
-    if LiME_shared is not None:
-        modulation = modulation + gamma.to(dtype) * LiME_shared.to(dtype)
-    out = (base.to(dtype) + delta.to(dtype) * modulation).to(base.dtype)
-    if not all_valid:
-        out = torch.where(valid.unsqueeze(-1), out, base)
-    return out, routing_stats(probs, selected, valid, aux)
+    check_experts(base, LiMEs, LiME_shared, gamma, options)
+    routed = route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter)
+    return routed.out, routing_stats(routed.probs, routed.valid, options, aux)
 
 
 def dora_magnitude(
@@ -296,6 +354,55 @@ def dora_magnitude(
     if detach_norm:
         norm = norm.detach()
     return magnitude.to(dtype) / norm
+
+
+def adapter_delta(adapter_input: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`delta = scaling * adapter_input @ A.T @ B.T` in float32 (float64 for float64 inputs); the scaling
+    multiplies the rank-r intermediate, the smaller tensor."""
+    dtype = compute_dtype(adapter_input, A, B)
+    return F.linear(F.linear(adapter_input.to(dtype), A.to(dtype)) * scaling, B.to(dtype))
+
+
+def adapted_outputs(
+    adapter_input: torch.Tensor,
+    base: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    channel_scale: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(base', delta')` of a low-rank adapter: `delta = scaling * adapter_input @ A.T @ B.T`; with
+    DoRA's `channel_scale`, `base' = channel_scale * base + bias` and `delta' = channel_scale * delta`."""
+    delta = adapter_delta(adapter_input, A, B, scaling)
+    if channel_scale is None:
+        return base, delta
+    dtype = delta.dtype
+    scaled = channel_scale.to(dtype) * base.to(dtype)
+    if bias is not None:
+        scaled = scaled + bias.to(dtype)
+    return scaled.to(base.dtype), channel_scale.to(dtype) * delta
+
+
+def lime_linear_routed(
+    adapter_input: torch.Tensor,
+    base: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    LiMEs: torch.Tensor,
+    LiME_shared: Optional[torch.Tensor],
+    gamma: Optional[torch.Tensor],
+    options: RoutingOptions,
+    scaling: float,
+    valid: Optional[torch.Tensor] = None,
+    jitter: Optional[torch.Tensor] = None,
+    channel_scale: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> Routed:
+    """`lime_linear` without the statistics: the output and what they are computed from."""
+    base, delta = adapted_outputs(adapter_input, base, A, B, scaling, channel_scale, bias)
+    check_experts(base, LiMEs, LiME_shared, gamma, options)
+    return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter)
 
 
 def lime_linear(
@@ -326,13 +433,8 @@ def lime_linear(
     `base' = channel_scale * base + bias` (in the activation dtype), `delta' = channel_scale * delta`.
     The rest is `route_and_modulate(base', delta')`.
     """
-    dtype = compute_dtype(adapter_input, A, B)
-    down = adapter_input.to(dtype) @ A.to(dtype).t()
-    delta = scaling * (down @ B.to(dtype).t())
-    if channel_scale is not None:
-        scaled = channel_scale.to(dtype) * base.to(dtype)
-        if bias is not None:
-            scaled = scaled + bias.to(dtype)
-        base = scaled.to(base.dtype)
-        delta = channel_scale.to(dtype) * delta
-    return route_and_modulate(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, aux)
+    if aux not in AUX_MODES:
+        raise ValueError(f"aux must be one of {AUX_MODES}; got aux={aux!r}")
+    routed = lime_linear_routed(adapter_input, base, A, B, LiMEs, LiME_shared, gamma, options, scaling, valid, jitter,
+                                channel_scale, bias)
+    return routed.out, routing_stats(routed.probs, routed.valid, options, aux)

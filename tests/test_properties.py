@@ -115,11 +115,11 @@ def test_training_records_statistics_and_eval_only_usage():
 
 
 def test_sparse_mode_weights_are_exactly_zero_outside_the_selection():
-    from lime_kernels.reference import mixing_weights
+    from lime_kernels.reference import mixing_weights, selected_experts
 
     layer = make_layer(num_experts=6, sparse_mode=True, auto_topk=True, top_k=1, auto_topk_threshold=0.2)
     probs = torch.softmax(torch.randn(4, 7, 6, dtype=torch.float64) * 3, dim=-1)
-    weights, selected = mixing_weights(probs, layer.routing)
+    weights, selected = mixing_weights(probs, layer.routing), selected_experts(probs, layer.routing)
     assert torch.equal(weights == 0, ~selected)
     assert (selected.sum(-1) <= 2).all() and (selected.sum(-1) >= 1).all()
     assert torch.equal(selected.gather(-1, probs.argmax(-1, keepdim=True)).squeeze(-1), torch.ones(4, 7, dtype=torch.bool))
