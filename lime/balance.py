@@ -22,7 +22,9 @@ def compute_balance_loss(model: nn.Module, importance_coef: float = 0.1, kl_coef
     for name, layer in lime_layers(model):
         stats = layer.last_stats
         if stats is not None and stats.importance is not None:
-            if (torch.is_grad_enabled() and stats.importance.grad_fn is None
+            # `requires_grad`, not `grad_fn`: the statistics are never leaves, and torch.compile traces the
+            # former but breaks its graph on the latter.
+            if (torch.is_grad_enabled() and not stats.importance.requires_grad
                     and any(parameter.requires_grad for parameter in layer.parameters())):
                 # Reentrant checkpointing runs the forward under no_grad: the loss would train nothing.
                 raise RuntimeError(

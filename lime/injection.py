@@ -107,7 +107,9 @@ class MaskScope:
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self._context_of_call(args, kwargs)
         self._active.append(context)
-        if torch.is_grad_enabled() and module.training:
+        # The record serves eager checkpoint recomputation only (a compiled graph replays its own, see
+        # `current`); read while compiling, its flags would be guards that recompile the whole model twice.
+        if torch.is_grad_enabled() and module.training and not torch.compiler.is_compiling():
             if self._called_since_backward and not _same_context(self._latest_with_grad, context):
                 self._mixed_since_backward = True
             self._called_since_backward = True
@@ -115,6 +117,17 @@ class MaskScope:
 
     def exit(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         self._active.pop()
+
+    def continue_with(self, module: nn.Module, kwargs: dict) -> None:
+        """The call in progress goes on with the keyword arguments `kwargs` (prompt tuning's, with the prompts
+        in): its layers, and a recomputation of them, read those. Outside a call (`model.forward(...)` run
+        directly, without the hooks) there is nothing to continue."""
+        if not self._active:
+            return
+        context = self._context_of_call((), kwargs)
+        self._active[-1] = context
+        if torch.is_grad_enabled() and module.training and not torch.compiler.is_compiling():
+            self._latest_with_grad = context
 
     def current(self) -> Optional[ContextMask]:
         if self._active:
@@ -491,10 +504,9 @@ def remove_lime(model: nn.Module) -> nn.Module:
 
     replace_children(model, wrapped_module)
     if getattr(model, "lime_prompt_encoder", None) is not None:
-        model._lime_prompt_hook.remove()
-        del model._lime_prompt_hook
         del model.lime_prompt_encoder
-        model.__dict__.pop("generate", None)  # the class's generate again
+        for attribute in ("forward", "generate"):  # the class's again
+            model.__dict__.pop(attribute, None)
     for scope in getattr(model, "_lime_mask_scopes", {}).values():
         for handle in scope.handles:
             handle.remove()

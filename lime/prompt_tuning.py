@@ -1,9 +1,10 @@
 """LiME prompt tuning: routed soft prompts prepended to a frozen model's input embeddings.
 
 `apply_peft(model, num_virtual_tokens=20, ...)` attaches a `lime_kernels.LiMEPromptEncoder` as
-`model.lime_prompt_encoder` and a forward pre-hook on the model. On each call that starts a sequence
-(no cache yet) the hook embeds `input_ids`, computes the prompts from them, and passes
-`inputs_embeds = [prompts, embeddings]`; on every call it prepends ones to the `attention_mask`
+`model.lime_prompt_encoder` and wraps the model's `forward` (an instance attribute, `PromptedForward`).
+On each call that starts a sequence (no cache yet) the wrapper embeds `input_ids`, computes the prompts
+from them, and passes `inputs_embeds = [prompts, embeddings]`; on every call it prepends ones to the
+`attention_mask`
 (the prompts are always attended, also from a cache), -100 to the `labels` (no loss on the prompts)
 and shifts given `position_ids`.
 
@@ -37,7 +38,7 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 
 class PromptInjector:
-    """The forward pre-hook: prepends the prompts, extends the mask, the labels and the positions."""
+    """Prepends the prompts to a model call's arguments, extends the mask, the labels and the positions."""
 
     def __init__(self, model: nn.Module, encoder: LiMEPromptEncoder):
         self.encoder = encoder
@@ -74,13 +75,20 @@ class PromptInjector:
                 context = first_call if context is None else context & first_call
         return context
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+    def inject(self, args: tuple, kwargs: dict) -> dict:
+        """The keyword arguments of the model call `(args, kwargs)` with the prompts in."""
         call = dict(self.signature.bind_partial(*args, **kwargs).arguments)
         call.update(call.pop("kwargs", {}))
         virtual = self.encoder.num_virtual_tokens
         cache = next((call[name] for name in CACHE_ARGUMENTS if call.get(name) is not None), None)
         starting = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
         mask = call.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            described = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                f"LiME prompt tuning prepends its prompts to a 2-D attention_mask; got {described}. transformers' "
+                "generate() passes precomputed masks with a static (compilable) cache, which it also sizes without "
+                "the prompts: generate with the default dynamic cache (no cache_implementation='static')")
         if starting:
             embeds = call.get("inputs_embeds")
             if embeds is None:
@@ -110,7 +118,7 @@ class PromptInjector:
                     torch.cat([torch.arange(virtual, device=positions.device).expand(batch, -1), shifted], dim=1)
                     if starting else shifted
                 )
-        return (), call
+        return call
 
     @staticmethod
     def _batch(call: dict) -> int:
@@ -198,12 +206,36 @@ def attach_prompt_encoder(model: nn.Module, encoder: LiMEPromptEncoder) -> nn.Mo
     encoder.train(model.training)  # as the linear layers take their base's mode: no jitter in an eval model
     model.lime_prompt_encoder = encoder
     injector = PromptInjector(model, encoder)
-    model._lime_prompt_hook = model.register_forward_pre_hook(injector, with_kwargs=True)
+    # A wrapped forward, not a forward pre-hook: torch.compile(model) runs hooks outside the forward's frame,
+    # compiling the prompts as a graph of their own; inside it they join the model's one graph.
+    model.forward = PromptedForward(model, injector, model.forward)
     if hasattr(model, "generate"):
         # An instance attribute, which remove_lime drops; a class, not a closure, so that a deep copy of the
         # model calls its own generate with its own injector.
         model.generate = GenerateConditionedOnThePrompt(injector, model.generate)
     return model
+
+
+class PromptedForward:
+    """The model's `forward`, called with the prompts in (`PromptInjector.inject`). An instance attribute,
+    which `remove_lime` drops; a class, not a closure, so that a deep copy of the model calls its own forward
+    with its own injector. Its signature is the wrapped forward's (`functools.update_wrapper`), which
+    Hugging Face's generate and Trainer read."""
+
+    def __init__(self, model: nn.Module, injector: PromptInjector, forward):
+        self.model = model
+        self.injector = injector
+        self.forward = forward
+        functools.update_wrapper(self, forward)
+
+    def __call__(self, *args, **kwargs):
+        call = self.injector.inject(args, kwargs)
+        # The model's own mask scope (LiME layers outside its inner models: the output head, say) entered this
+        # call before the prompts were in; from here on its layers read the extended mask, as the inner models do.
+        scope = getattr(self.model, "_lime_mask_scopes", {}).get(id(self.model))
+        if scope is not None:
+            scope.continue_with(self.model, call)
+        return self.forward(**call)
 
 
 class GenerateConditionedOnThePrompt:

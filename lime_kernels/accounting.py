@@ -11,7 +11,8 @@ custom ops `lime::fused_lime*` are followed into their Python implementations, s
 operators and launches are counted too.
 
 Used by the tests (no host synchronization, no zero-filled gradient, bounded workspace) and by
-`benchmarks/cost_model.py`.
+`benchmarks/cost_model.py`. `graph_host_syncs` reads the same operators out of a graph that
+torch.compile traced.
 """
 
 from __future__ import annotations
@@ -171,6 +172,17 @@ class _Recorder(TorchDispatchMode):
                                                                          device=device), meta_out)
 
 
+def graph_host_syncs(graph: torch.fx.GraphModule) -> List[str]:
+    """The operators of `SYNC_OPS` that a traced graph calls (torch.compile's, or the forward or backward
+    graph AOTAutograd derives from it), its subgraphs included (checkpointed regions, say). A compiled
+    graph runs outside `account()` (torch.compile does not run under a recording dispatch mode), so it
+    is read instead of recorded."""
+    return [node.target._schema.name for module in graph.modules() if isinstance(module, torch.fx.GraphModule)
+            for node in module.graph.nodes
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and node.target._schema.name in SYNC_OPS]
+
+
 @contextlib.contextmanager
 def account(compute: bool = True):
     """Record the ATen operators and Triton launches of the block into an `Account`; with
@@ -183,4 +195,4 @@ def account(compute: bool = True):
     result.launches = list(launches)
 
 
-__all__ = ["ALLOCATION_OPS", "Account", "FILL_OPS", "OpRecord", "SYNC_OPS", "account"]
+__all__ = ["ALLOCATION_OPS", "Account", "FILL_OPS", "OpRecord", "SYNC_OPS", "account", "graph_host_syncs"]

@@ -56,6 +56,15 @@ def make_batch(processor, questions, answers=None, padding_side="right", labels_
     return batch
 
 
+def text_batch(processor, padding_side="left"):
+    """Two text-only conversations of different lengths, padded on `padding_side`, labels on every valid token."""
+    processor.tokenizer.padding_side = padding_side
+    batch = processor(text=["What is shown? a cat", "Is it a dog? no, it is a cat on a mat"], return_tensors="pt",
+                      padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
 QUESTIONS = [
     ("What is shown?", "a cat"), ("How many objects are there?", "3"), ("What color is the image?", "red"),
     ("Which option is correct? A B C D", "B"), ("Describe the motion", "still"), ("Is it a dog?", "no"),
@@ -78,17 +87,25 @@ class TinyConversations(torch.utils.data.Dataset):
 
 
 class TinyCollator:
-    """Right-padded batches with labels on the whole conversation except padding."""
+    """Right-padded batches with labels on the whole conversation except padding. `images=False`: the text
+    alone, padded to `text_length` tokens (every batch of one shape, as a compiled model likes)."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, images=True, text_length=48):
         self.processor = processor
+        self.images = images
+        self.text_length = text_length
 
     def __call__(self, samples):
+        media = [{"type": "image"}] if self.images else []
         texts = [self.processor.apply_chat_template([
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s["question"]}]},
+            {"role": "user", "content": media + [{"type": "text", "text": s["question"]}]},
             {"role": "assistant", "content": [{"type": "text", "text": s["answer"]}]}]) for s in samples]
-        images = [image(s["seed"], 24 + 8 * (s["seed"] % 3), 40 - 6 * (s["seed"] % 2)) for s in samples]
         self.processor.tokenizer.padding_side = "right"
-        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        if self.images:
+            images = [image(s["seed"], 24 + 8 * (s["seed"] % 3), 40 - 6 * (s["seed"] % 2)) for s in samples]
+            batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        else:
+            batch = self.processor(text=texts, return_tensors="pt", padding="max_length", max_length=self.text_length)
+            assert batch["input_ids"].shape[1] == self.text_length, "a conversation longer than text_length"
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return batch
