@@ -654,10 +654,13 @@ def step_tuning(setup: Setup, box: Box) -> None:
 
 def _planned(name: str, settings: Dict, layer_providers: List[str], model_providers: List[str]) -> int:
     """How many measurements (calls of on_rows) sweep `name` makes when it runs to the end."""
+    import run as bench
+
+    modes = len(bench.MODES)  # eager and compiled
     if name == "train-step":
-        return len(model_providers)
+        return modes * len(model_providers)
     if name == "decode":
-        return len(settings["decode"]["tokens"]) * len(layer_providers) + 1 + len(model_providers)
+        return len(settings["decode"]["tokens"]) * len(layer_providers) + modes * (1 + len(model_providers))
     sweep = settings[name]
     return math.prod(len(sweep[key]) for key in ("shapes", "tokens", "ranks", "experts", "n_grams")) * len(
         layer_providers)

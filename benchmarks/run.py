@@ -58,7 +58,7 @@ def plan(quick: bool, device: torch.device) -> Dict:
                 "decode": dict(shape=QWEN2_05B[0], tokens=[1, 16], rank=8, experts=4, prompt=8, new_tokens=4,
                                generate_repeats=2),
                 "repeats": 5 if device.type == "cpu" else 50, "warmup": 2 if device.type == "cpu" else 10,
-                "model": "tiny", "batch": 2, "seq": 64, "steps": 5}
+                "model": "tiny", "batch": 4, "seq": 32, "steps": 30 if device.type == "cpu" else 20}
     return {"projections": dict(shapes=QWEN2_05B + QWEN2_7B + SIGLIP, tokens=[2048, 8192], ranks=[8], experts=[4],
                                 n_grams=[1]),
             "grid": dict(shapes=[QWEN2_7B[0]], tokens=[8192], ranks=[2, 8, 16], experts=[4, 8], n_grams=[1, 3]),
@@ -88,6 +88,18 @@ def _versions(device: torch.device, commit: str = "") -> Dict[str, str]:
             "commit": commit or git_commit()[:12] or "unknown"}
 
 
+def operator_counts(forward: Callable[[], torch.Tensor], grad: Optional[torch.Tensor] = None):
+    """The ATen operators one forward and its backward dispatch (`lime_kernels.accounting`): on small
+    layers, host time goes with their number."""
+    from lime_kernels.accounting import account
+
+    with account() as recorded_forward:
+        output = forward()
+    with account() as recorded_backward:
+        output.backward(grad)
+    return len(recorded_forward.ops), len(recorded_backward.ops)
+
+
 def _measure_layer(layer, x, grad, device, repeats: int, warmup: int) -> List[Dict]:
     """Time forward, backward and forward+backward; peak memory, saved activations, trainable parameters."""
     output = layer(x)
@@ -103,6 +115,9 @@ def _measure_layer(layer, x, grad, device, repeats: int, warmup: int) -> List[Di
 
     rows = [dict(mode=mode, metric="time", unit="ms", **time_ms(step, device, repeats, warmup))
             for mode, step in (("forward", forward), ("backward", backward), ("full", full))]
+    forward_ops, backward_ops = operator_counts(lambda: layer(x), grad)
+    rows += [dict(mode=mode, metric="operators", unit="count", p50=count, p20=count, p80=count)
+             for mode, count in (("forward", forward_ops), ("backward", backward_ops))]
     memory = peak_memory_mib(full, device)
     saved = saved_mib(lambda: layer(x))
     return rows + [dict(mode="full", metric="peak_memory", unit="MiB", p50=memory, p20=memory, p80=memory),
@@ -155,45 +170,75 @@ def _model(size: str, device, dtype):
         return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(vision_config=vision, text_config=text)).to(dtype)
 
 
-def _measure_train_step(model, inputs: Dict, batch: int, steps: int, device) -> List[Dict]:
-    """Samples per second and peak memory of an AdamW step; saved activations; trainable parameters."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+MODES = ("eager", "compiled")
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def _measure_train_step(model, inputs: Dict, batch: int, steps: int, device, mode: str) -> List[Dict]:
+    """Samples per second and peak memory of an AdamW step, eager or under `torch.compile(model)`; saved
+    activations; trainable parameters; the operators of an eager step's forward and backward, or the
+    graph breaks of the compiled one."""
+    # foreach: PyTorch's default on a GPU. Its CPU default loops over the tensors in Python, which would
+    # charge an adapter for how many parameter tensors it has rather than for its work.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    if mode == "compiled":
+        torch._dynamo.reset()
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+    call = torch.compile(model) if mode == "compiled" else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
+        call(**inputs).loss.backward()
         optimizer.step()
 
-    timing = time_ms(step, device, steps, 2)
+    timing = time_ms(step, device, steps, 2)  # the first warm-up step of a compiled model compiles it
     memory = peak_memory_mib(step, device)
-    saved = saved_mib(lambda: model(**inputs).loss)
-    return [dict(metric="samples_per_second", unit="samples/s", p50=1e3 * batch / timing["p50"],
+    rows = [dict(metric="samples_per_second", unit="samples/s", p50=1e3 * batch / timing["p50"],
                  p20=1e3 * batch / timing["p80"], p80=1e3 * batch / timing["p20"]),
-            dict(metric="peak_memory", unit="MiB", p50=memory, p20=memory, p80=memory),
-            dict(mode="forward", metric="saved_activations", unit="MiB", p50=saved, p20=saved, p80=saved),
-            dict(mode="-", metric="trainable_parameters", unit="count", p50=trainable_parameters(model), p20="",
-                 p80="")]
+            dict(metric="peak_memory", unit="MiB", p50=memory, p20=memory, p80=memory)]
+    if mode == "compiled":
+        breaks = _graph_breaks()
+        return rows + [dict(metric="graph_breaks", unit="count", p50=breaks, p20=breaks, p80=breaks)]
+    saved = saved_mib(lambda: model(**inputs).loss)
+    forward_ops, backward_ops = operator_counts(lambda: model(**inputs).loss)
+    return rows + [dict(metric="saved_activations", unit="MiB", p50=saved, p20=saved, p80=saved),
+                   dict(metric="operators_forward", unit="count", p50=forward_ops, p20=forward_ops, p80=forward_ops),
+                   dict(metric="operators_backward", unit="count", p50=backward_ops, p20=backward_ops,
+                        p80=backward_ops),
+                   dict(metric="trainable_parameters", unit="count", p50=trainable_parameters(model), p20="",
+                        p80="")]
 
 
 def train_step_sweep(settings: Dict, providers: List[str], device, dtype, versions: Dict,
                      on_rows: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Each provider's training step eager, then compiled (each on a model of its own, from the same seed)."""
     rows = []
     batch, seq = settings["batch"], settings["seq"]
     for provider in providers:
-        model = wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8, experts=4)
-        model.train()
-        vocab = model.config.text_config.vocab_size if hasattr(model.config, "text_config") else model.config.vocab_size
-        torch.manual_seed(0)
-        input_ids = torch.randint(10, vocab, (batch, seq), device=device)
-        inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
-        common = dict(benchmark="train-step", provider=provider, mode="full", shape=f"llava-onevision-{settings['model']}",
-                      tokens=batch * seq, rank=8, experts=4, n_gram=1, dtype=str(dtype).removeprefix("torch."), **versions)
-        measured = [dict(common, **row) for row in _measure_train_step(model, inputs, batch, settings["steps"], device)]
-        rows += measured
-        if on_rows is not None:
-            on_rows(measured)
-        del model  # before the next provider builds its own
-        print(f"  train-step: {provider} done", flush=True)
+        for mode in MODES:
+            model = wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8, experts=4)
+            model.train()
+            vocab = model.config.text_config.vocab_size if hasattr(model.config, "text_config") else model.config.vocab_size
+            torch.manual_seed(0)
+            input_ids = torch.randint(10, vocab, (batch, seq), device=device)
+            inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
+            common = dict(benchmark="train-step", provider=provider, mode=mode,
+                          shape=f"llava-onevision-{settings['model']}", tokens=batch * seq, rank=8, experts=4, n_gram=1,
+                          dtype=str(dtype).removeprefix("torch."), **versions)
+            measured = [dict(common, **row)
+                        for row in _measure_train_step(model, inputs, batch, settings["steps"], device, mode)]
+            rows += measured
+            if on_rows is not None:
+                on_rows(measured)
+            del model  # before the next one is built
+            print(f"  train-step: {provider} {mode} done", flush=True)
     return rows
 
 
@@ -230,26 +275,42 @@ def decode_sweep(settings: Dict, layer_providers: List[str], model_providers: Li
                          experts=decode["experts"], n_gram=1, dtype=dtype_name, **timing, **versions)])
         print(f"  decode: {tokens} tokens done", flush=True)
     for provider in ["frozen-linear"] + list(model_providers):
-        model = wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8, experts=4)
-        model.eval()
-        torch.manual_seed(0)
-        prompt = torch.randint(10, model.config.text_config.vocab_size, (1, decode["prompt"]), device=device)
-        new_tokens = decode["new_tokens"]
-
-        def generate():
-            with torch.no_grad():
-                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False)
-
-        timing = time_ms(generate, device, decode["generate_repeats"], 1)
-        speed = {key: 1e3 * new_tokens / timing[other] for key, other in (("p50", "p50"), ("p20", "p80"),
-                                                                         ("p80", "p20"))}
-        record([dict(benchmark="generate", provider=provider, mode="generate", metric="tokens_per_second",
-                     unit="tokens/s", shape=f"llava-onevision-{settings['model']}", tokens=new_tokens, rank=8,
-                     experts=4, n_gram=1, dtype=dtype_name, **speed, **versions)])
-        del model
-        print(f"  generate: {provider} done", flush=True)
+        for mode in MODES:
+            model = wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8, experts=4)
+            model.eval()
+            torch.manual_seed(0)
+            prompt = torch.randint(10, model.config.text_config.vocab_size, (1, decode["prompt"]), device=device)
+            new_tokens = decode["new_tokens"]
+            record([dict(benchmark="generate", provider=provider, mode=mode, metric="tokens_per_second",
+                         unit="tokens/s", shape=f"llava-onevision-{settings['model']}", tokens=new_tokens, rank=8,
+                         experts=4, n_gram=1, dtype=dtype_name, **_generation_speed(model, prompt, new_tokens, mode,
+                                                                                   decode["generate_repeats"],
+                                                                                   device),
+                         **versions)])
+            del model
+            print(f"  generate: {provider} {mode} done", flush=True)
     return rows
+
+
+def _generation_speed(model, prompt, new_tokens: int, mode: str, repeats: int, device) -> Dict[str, float]:
+    """Tokens/s of greedy generation: eager with the dynamic cache, or compiled: a static cache, whose
+    decoding step transformers compiles (`mode="reduce-overhead"`: CUDA graphs on a GPU; on the CPU the
+    same compiled graph without them)."""
+    from transformers import CompileConfig
+
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if mode == "compiled":
+        torch._dynamo.reset()
+        config = CompileConfig(mode="reduce-overhead")
+        config._compile_all_devices = True  # transformers compiles the step on a GPU only, unless told (not a keyword)
+        options.update(cache_implementation="static", compile_config=config)
+
+    def generate():
+        with torch.no_grad():
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **options)
+
+    timing = time_ms(generate, device, repeats, 2 if mode == "compiled" else 1)
+    return {key: 1e3 * new_tokens / timing[other] for key, other in (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))}
 
 
 def _geometric_mean(values: List[float]) -> float:
@@ -275,31 +336,52 @@ def summarize(rows: List[Dict], providers: List[str], skipped: List[str]) -> str
     if reference_layer is not None:
         lines += ["## Layers (forward + backward, geometric mean over every measured shape and setting)", "",
                   f"| provider | time / frozen-linear | time / peft-lora | peak memory / peft-lora | "
-                  f"saved activations / peft-lora | "
+                  f"saved activations / peft-lora | operators, forward + backward | "
                   f"trainable parameters ({reference_layer['shape']}, r = {reference_layer['rank']}, "
-                  f"E = {reference_layer['experts']}) |", "|:--|--:|--:|--:|--:|--:|"]
+                  f"E = {reference_layer['experts']}) |", "|:--|--:|--:|--:|--:|--:|--:|"]
     for provider in providers if reference_layer is not None else []:
         params = next((f"{r['p50']:,}" for r in rows if r["metric"] == "trainable_parameters"
                        and r["provider"] == provider and r["shape"] == reference_layer["shape"]
                        and r["rank"] == reference_layer["rank"] and r["experts"] == reference_layer["experts"]), "-")
+        operators = "-"
+        counts = [next((r["p50"] for r in rows if r["metric"] == "operators" and r["provider"] == provider
+                        and r["mode"] == mode and r["shape"] == reference_layer["shape"]
+                        and r["rank"] == reference_layer["rank"] and r["experts"] == reference_layer["experts"]
+                        and r["benchmark"] == reference_layer["benchmark"]), None) for mode in ("forward", "backward")]
+        if None not in counts:
+            operators = f"{int(counts[0])} + {int(counts[1])}"
         lines.append(f"| {provider} | {ratio(provider, 'frozen-linear'):.3f} | {ratio(provider, 'peft-lora'):.3f} | "
                      f"{ratio(provider, 'peft-lora', 'peak_memory'):.3f} | "
-                     f"{ratio(provider, 'peft-lora', 'saved_activations', 'forward'):.3f} | {params} |")
+                     f"{ratio(provider, 'peft-lora', 'saved_activations', 'forward'):.3f} | {operators} | {params} |")
     steps = [r for r in rows if r["benchmark"] == "train-step"]
     if steps:
-        lines += ["", f"## Training step ({steps[0]['shape']}, {steps[0]['tokens']} tokens per step)", "",
-                  "| provider | samples/s | / peft-lora | peak memory (MiB) | saved activations (MiB) | "
-                  "trainable parameters |", "|:--|--:|--:|--:|--:|--:|"]
+        lines += ["", f"## Training step ({steps[0]['shape']}, {steps[0]['tokens']} tokens per step, AdamW foreach)", "",
+                  "| provider | eager samples/s | / moe-lora | / peft-lora | operators, forward + backward | "
+                  "compiled samples/s | / moe-lora | / peft-lora | graph breaks | peak memory (MiB) | "
+                  "trainable parameters |", "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        step = {(r["provider"], r["mode"], r["metric"]): r["p50"] for r in steps}
 
-        def by_provider(metric):
-            return {r["provider"]: r["p50"] for r in steps if r["metric"] == metric}
+        def speed_ratio(provider, mode, baseline):
+            theirs = step.get((baseline, mode, "samples_per_second"))
+            mine = step.get((provider, mode, "samples_per_second"))
+            return f"{mine / theirs:.3f}" if mine is not None and theirs else "-"
 
-        speed, memory = by_provider("samples_per_second"), by_provider("peak_memory")
-        saved, params = by_provider("saved_activations"), by_provider("trainable_parameters")
-        for provider in speed:
-            relative = speed[provider] / speed["peft-lora"] if "peft-lora" in speed else float("nan")
-            lines.append(f"| {provider} | {speed[provider]:.2f} | {relative:.3f} | {memory[provider]:.1f} | "
-                         f"{saved[provider]:.1f} | {int(params[provider]):,} |")
+        def value(provider, mode, metric, form):
+            found = step.get((provider, mode, metric))
+            return "-" if found is None else format(found, form)
+
+        for provider in dict.fromkeys(r["provider"] for r in steps):
+            operators = "-"
+            if (provider, "eager", "operators_forward") in step:
+                operators = (f"{int(step[provider, 'eager', 'operators_forward'])} + "
+                             f"{int(step[provider, 'eager', 'operators_backward'])}")
+            lines.append(
+                f"| {provider} | {value(provider, 'eager', 'samples_per_second', '.1f')} | "
+                f"{speed_ratio(provider, 'eager', 'moe-lora')} | {speed_ratio(provider, 'eager', 'peft-lora')} | "
+                f"{operators} | {value(provider, 'compiled', 'samples_per_second', '.1f')} | "
+                f"{speed_ratio(provider, 'compiled', 'moe-lora')} | {speed_ratio(provider, 'compiled', 'peft-lora')} | "
+                f"{value(provider, 'compiled', 'graph_breaks', '.0f')} | {value(provider, 'eager', 'peak_memory', '.1f')} | "
+                f"{value(provider, 'eager', 'trainable_parameters', ',.0f')} |")
     decode = [r for r in rows if r["benchmark"] == "decode"]
     if decode:
         token_counts = sorted({r["tokens"] for r in decode})
@@ -312,9 +394,16 @@ def summarize(rows: List[Dict], providers: List[str], skipped: List[str]) -> str
                                                         for t in token_counts) + " |")
     generate = [r for r in rows if r["benchmark"] == "generate"]
     if generate:
+        speed = {(r["provider"], r["mode"]): r["p50"] for r in generate}
         lines += ["", f"## Generation ({generate[0]['shape']}, greedy, {generate[0]['tokens']} new tokens)", "",
-                  "| provider | tokens/s |", "|:--|--:|"]
-        lines += [f"| {r['provider']} | {r['p50']:.1f} |" for r in generate]
+                  "| provider | eager tokens/s | / peft-lora | compiled (static cache) tokens/s | / peft-lora |",
+                  "|:--|--:|--:|--:|--:|"]
+        for provider in dict.fromkeys(r["provider"] for r in generate):
+            cells = []
+            for mode in MODES:
+                mine, theirs = speed.get((provider, mode)), speed.get(("peft-lora", mode))
+                cells += ["-" if mine is None else f"{mine:.1f}", f"{mine / theirs:.3f}" if mine and theirs else "-"]
+            lines.append(f"| {provider} | " + " | ".join(cells) + " |")
     device = rows[0]["device"] if rows else "-"
     lines += ["", f"Device: {device}; torch {rows[0]['torch'] if rows else '-'}, triton {rows[0]['triton'] if rows else '-'}, "
               f"commit {rows[0]['commit'] if rows else '-'}. Peak CUDA memory is NaN on the CPU."]

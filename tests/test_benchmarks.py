@@ -26,13 +26,21 @@ def test_quick_cpu_benchmark_writes_the_csv_the_plots_and_the_summary(tmp_path):
     assert {r["mode"] for r in times} == {"forward", "backward", "full"}
     assert all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in times)
     assert {r["benchmark"] for r in rows} == {"projections", "grid", "train-step", "decode", "generate"}
-    generate = {r["provider"]: float(r["p50"]) for r in rows if r["benchmark"] == "generate"}
-    assert set(generate) == {"frozen-linear", "lime-reference", "peft-lora", "moe-lora"} and min(generate.values()) > 0
+    generate = {(r["provider"], r["mode"]): float(r["p50"]) for r in rows if r["benchmark"] == "generate"}
+    assert set(generate) == {(p, m) for p in providers for m in ("eager", "compiled")} and min(generate.values()) > 0
+    steps = {(r["provider"], r["mode"], r["metric"]): float(r["p50"]) for r in rows if r["benchmark"] == "train-step"}
+    for provider in providers - {"frozen-linear"}:
+        assert steps[provider, "eager", "samples_per_second"] > 0 and steps[provider, "compiled", "samples_per_second"] > 0
+        assert steps[provider, "eager", "operators_forward"] > 0 and steps[provider, "eager", "operators_backward"] > 0
+        assert steps[provider, "compiled", "graph_breaks"] == 0, provider
+    layer_operators = {(r["provider"], r["mode"]) for r in rows if r["metric"] == "operators"}
+    assert layer_operators == {(p, m) for p in providers for m in ("forward", "backward")}
     assert {int(r["tokens"]) for r in rows if r["benchmark"] == "decode"} == {1, 16}
     assert (out / "projections.png").read_bytes()[:4] == b"\x89PNG" and (out / "grid.png").exists()
     summary = (out / "summary.md").read_text()
     assert "time / frozen-linear" in summary and "| lime-reference |" in summary and "samples/s" in summary
     assert "## Decode-sized calls" in summary and "## Generation" in summary
+    assert "compiled samples/s" in summary and "graph breaks" in summary and "operators, forward + backward" in summary
     assert summary in result.stdout, "the summary is printed last"
     assert "Not run here: lime-fused: needs a CUDA device." in summary
 
@@ -57,7 +65,7 @@ def test_run_writes_each_row_to_the_csv_as_it_is_measured(tmp_path, monkeypatch)
         rows = list(csv.DictReader(handle))
     providers = {"frozen-linear", "lime-reference", "peft-lora", "moe-lora"}
     assert {(r["benchmark"], r["provider"]) for r in rows} == {(b, p) for b in ("projections", "grid") for p in providers}
-    assert len(rows) == 2 * len(providers) * 6 and not (tmp_path / "summary.md").exists()
+    assert len(rows) == 2 * len(providers) * 8 and not (tmp_path / "summary.md").exists()
 
 
 def test_pytest_benchmark_file_runs(tmp_path):
@@ -86,7 +94,9 @@ def test_moe_lora_baseline_equals_a_per_token_loop():
             logits = layer.router(token)
             chosen = sorted(range(4), key=lambda e: -logits[e].item())[:2]
             gates = torch.softmax(logits[chosen], dim=0)
-            delta = sum(g * (layer.B[e] @ (layer.A[e] @ token)) for g, e in zip(gates, chosen))
+            # expert e's adapter: rows e*r..(e+1)*r of the stacked A, the same columns of the stacked B
+            experts = [(layer.A[3 * e:3 * e + 3], layer.B[:, 3 * e:3 * e + 3]) for e in chosen]
+            delta = sum(g * (B_e @ (A_e @ token)) for g, (A_e, B_e) in zip(gates, experts))
             expected[b, t] = layer.linear(token) + 2.0 * delta
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     layer(x).sum().backward()
