@@ -415,7 +415,7 @@ def load_adapter(model: nn.Module, directory: str, backend: Optional[str] = None
         if not new:
             # The saved routing (a schedule may have changed the temperature, say): the saved function.
             layer.update_routing(**{key: value for key, value in config["layers"][name]["routing"].items()
-                                    if key != "num_experts"})
+                                    if key not in ("num_experts", "compat")})
             continue
         if isinstance(layer, LiMEPromptEncoder):
             attach_prompt_encoder(model, layer)
@@ -469,6 +469,15 @@ def _warn_on_another_base_model(model: nn.Module, saved: Optional[dict], directo
     if differences:
         warnings.warn(f"loading the LiME adapter {directory} into another base model: {'; '.join(differences)}",
                       stacklevel=3)
+
+
+def saved_compat(directory: str) -> str:
+    """The `compat` the adapter in `directory` (as `load_adapter` takes it) was trained with ('lime' for adapters
+    saved before compat)."""
+    config = _read_config(os.path.join(_adapter_directory(directory), ADAPTER_CONFIG))
+    if isinstance(config.get("lime_config"), LiMEConfig):
+        return config["lime_config"].compat
+    return next(iter(config["layers"].values()))["routing"].get("compat", "lime")
 
 
 def _read_config(path: str) -> dict:
@@ -553,6 +562,7 @@ def _plan(model: nn.Module, config: dict, by_layer: Dict[str, Dict[str, torch.Te
                 device = model.get_input_embeddings().weight.device
                 layer = LiMEPromptEncoder(record["num_virtual_tokens"], record["hidden_size"],
                                           input_conditioned=record["input_conditioned"], device=device,
+                                          prompt_dropout=record["adapter"].get("dropout", 0.0),
                                           **{k: v for k, v in _options(record).items()
                                              if k not in ("rank", "alpha", "dropout")})
                 new = True
@@ -588,6 +598,10 @@ def _check_same_settings(name: str, record: dict, layer: LiMEModule) -> None:
     loading only the tensors would give another function than the saved one."""
     current = _layer_record(layer)
     differences = []
+    # compat is not a runtime switch: it shapes some variants' parameters (adapters saved before it are 'lime').
+    saved_compat = record["routing"].get("compat", "lime")
+    if saved_compat != layer.compat:
+        differences.append(f"routing.compat: adapter {saved_compat!r}, model {layer.compat!r}")
     for key in sorted(set(record) - {"routing"}):
         saved, own = record[key], current.get(key)
         if isinstance(saved, dict) and isinstance(own, dict):

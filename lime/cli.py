@@ -8,7 +8,9 @@
 local MMT-47 copy (`save_to_disk` directory or data files), whose media paths are relative to
 `--data-root` (default: the data directory). `lime eval` under `torchrun` / `accelerate launch` shares
 the batches among the processes and writes the single-process results. A bad path or option is a
-one-line error (`--debug` shows the traceback).
+one-line error (`--debug` shows the traceback). `lime train --compat original` trains layers that compute
+what the original LiME code computes (and floors video frame positions); `lime eval` takes compat from the
+adapter.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from lime_kernels.options import BACKENDS, NGRAM_MODES, REP_MODES, ROUTERS
+from lime_kernels.options import BACKENDS, COMPAT_MODES, NGRAM_MODES, REP_MODES, ROUTERS
 
 from .injection import README_TARGETS
 from .inputs import FRAME_ROUNDINGS, TRUNCATIONS
@@ -84,6 +86,13 @@ def _truncation_report(rows_by_split: Dict[str, List[int]], answer_lost: int, ma
     return f"truncated {total} over-long row(s) to --max-length {max_length} (--truncate {mode}): {splits}{lost}"
 
 
+def _frame_sampling(args, compat: str) -> str:
+    """--frame-sampling, or the one `compat` implies: the original floors frame positions."""
+    if args.frame_sampling is not None:
+        return args.frame_sampling
+    return "floor" if compat == "original" else "round"
+
+
 def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="local MMT-47 copy (save_to_disk directory or data files)")
     parser.add_argument("--data-root", default=None, help="directory the rows' media_path are relative to (default: --data)")
@@ -96,9 +105,9 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stock-processor", action="store_true",
                         help="keep the checkpoint's image settings (up to 9 tiles per image) instead of the original "
                              "LiME code's one tile at the vision tower's size (image_grid_pinpoints [[384, 384]])")
-    parser.add_argument("--frame-sampling", choices=FRAME_ROUNDINGS, default="round",
-                        help="video frame indices: evenly spaced positions rounded (default) or floored (the "
-                             "original LiME code's)")
+    parser.add_argument("--frame-sampling", choices=FRAME_ROUNDINGS, default=None,
+                        help="video frame indices: evenly spaced positions rounded or floored (the original LiME "
+                             "code's); default round, floor with compat original (lime eval: the adapter's)")
     parser.add_argument("--truncate", nargs="?", choices=TRUNCATIONS, const="question", default=None,
                         help="cut rows longer than --max-length instead of stopping with an error: 'question' "
                              "(the bare flag) cuts the end of the question and keeps the media, the prompt's end "
@@ -118,10 +127,16 @@ def _lime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter's input")
     group.add_argument("--temperature", type=float, default=0.5, help="routing softmax temperature (default 0.5)")
     group.add_argument("--gamma-routing", type=float, default=0.7, help="frozen (0) vs adapted (1) routing blend")
-    group.add_argument("--router", choices=ROUTERS, default="cosine", help="routing feature normalization")
+    group.add_argument("--compat", choices=COMPAT_MODES, default="lime",
+                       help="'lime' (default): the corrected semantics; 'original': what the original LiME code "
+                            "computes (maxabs router, n-gram anchors, its DoRA/SliceFine/statistics; README, "
+                            "'Differences from the original LiME code'), and floored video frames")
+    group.add_argument("--router", choices=ROUTERS, default=None,
+                       help="routing feature normalization (default cosine; maxabs with --compat original)")
     group.add_argument("--rep-mode", choices=REP_MODES, default="token", help="routing representation")
     group.add_argument("--n-gram", type=int, default=1, help="n-gram routing window (default 1)")
-    group.add_argument("--ngram-mode", choices=NGRAM_MODES, default="window", help="n-gram pooling")
+    group.add_argument("--ngram-mode", choices=NGRAM_MODES, default=None,
+                       help="n-gram pooling (default window; anchor with --compat original)")
     group.add_argument("--jitter-noise", type=float, default=0.1, help="training routing noise (default 0.1)")
     group.add_argument("--no-auto-topk", action="store_true", help="fixed top-k instead of AutoTop-K (soft, or hard with --sparse)")
     group.add_argument("--auto-topk-threshold", type=float, default=0.5, help="AutoTop-K theta (default 0.5)")
@@ -150,6 +165,9 @@ def _trainer_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpu", action="store_true",
                        help="train on the CPU even where a GPU exists (also what --bf16 needs without a GPU)")
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    group.add_argument("--compile", action="store_true",
+                       help="train through torch.compile(model) (the Trainer's torch_compile): one graph per model; "
+                            "the first steps compile it")
     group.add_argument("--logging-steps", type=int, default=10, help="log every n steps (default 10)")
     group.add_argument("--save-steps", type=int, default=500, help="checkpoint every n steps (default 500)")
     group.add_argument("--resume", default=None, help="checkpoint directory to resume from")
@@ -182,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=50, help="generated tokens per answer (default 50)")
     evaluate.add_argument("--num-samples", type=int, default=None, help="first n rows of each split (default all)")
     evaluate.add_argument("--splits", nargs="+", default=None, help="test splits to evaluate (default all)")
+    evaluate.add_argument("--compile", action="store_true",
+                          help="generate with a static cache and a compiled decoding step (torch.compile; each new "
+                               "prompt length compiles again)")
 
     demo = commands.add_parser("demo", parents=[debug], help="the offline demo on a tiny model and generated data")
     demo.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
@@ -208,7 +229,7 @@ def _train(args) -> None:
         top_k=args.top_k, dropout=args.dropout, temperature=args.temperature, gamma_routing=args.gamma_routing,
         router=args.router, rep_mode=args.rep_mode, n_gram=args.n_gram, ngram_mode=args.ngram_mode,
         jitter_noise=args.jitter_noise, auto_topk=not args.no_auto_topk, auto_topk_threshold=args.auto_topk_threshold,
-        use_shared_LiME=not args.no_shared, sparse_mode=args.sparse, backend=args.backend,
+        use_shared_LiME=not args.no_shared, sparse_mode=args.sparse, backend=args.backend, compat=args.compat,
     )
     LiMEConfig(**lime_options)  # every option checked before the model loads, which can take minutes
     check_sizes(num_video_frames=args.num_video_frames, max_length=args.max_length)
@@ -219,7 +240,7 @@ def _train(args) -> None:
         importance_coef=args.importance_coef, kl_coef=args.kl_coef, balance_every_n_steps=args.balance_every,
         optim=args.optim, bf16=args.bf16, logging_steps=args.logging_steps, save_steps=args.save_steps,
         seed=args.seed, report_to=args.report_to, remove_unused_columns=False, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available() and not args.cpu, use_cpu=args.cpu,
+        dataloader_pin_memory=torch.cuda.is_available() and not args.cpu, use_cpu=args.cpu, torch_compile=args.compile,
         **(checkpointing_arguments() if args.gradient_checkpointing else {}),
     )
     data = load_mmt47(args.data)
@@ -232,7 +253,7 @@ def _train(args) -> None:
     apply_peft(model, **lime_options, tokenizer=processor.tokenizer)
     print_lime_summary(model)
     dataset = MultiModalDataset(train_split, processor, data_root, args.num_video_frames, args.max_length,
-                                frame_rounding=args.frame_sampling, truncate=args.truncate)
+                                frame_rounding=_frame_sampling(args, args.compat), truncate=args.truncate)
     trainer = LiMETrainer(model=model, args=training, train_dataset=dataset, processing_class=processor,
                           data_collator=MultiModalCollator(processor, max_length=args.max_length))
     trainer.train(resume_from_checkpoint=args.resume)
@@ -250,7 +271,7 @@ def _train(args) -> None:
 def _evaluate(args) -> None:
     from accelerate import PartialState
 
-    from .adapter import load_adapter
+    from .adapter import load_adapter, saved_compat
     from .data import check_columns, load_mmt47, test_splits
     from .evaluation import check_sizes, run_full_evaluation
 
@@ -268,6 +289,7 @@ def _evaluate(args) -> None:
     for name in args.splits or test_splits(data):  # before the model loads (unknown names: run_full_evaluation)
         if name in data:
             check_columns(data[name], name)
+    frame_rounding = _frame_sampling(args, saved_compat(args.adapter))  # the adapter's, before the model loads
     model, processor = _load_model(args.model, args.dtype, args.stock_processor)
     load_adapter(model, args.adapter)
     model.to(state.device)
@@ -275,7 +297,8 @@ def _evaluate(args) -> None:
         model, processor, data, data_root, num_samples_per_split=args.num_samples, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, num_video_frames=args.num_video_frames, max_length=args.max_length,
         splits=args.splits, skip_bad_rows=args.skip_bad_rows, save_csv=os.path.join(args.out, "results.csv"),
-        save_json=os.path.join(args.out, "results.json"), frame_rounding=args.frame_sampling, truncate=args.truncate,
+        save_json=os.path.join(args.out, "results.json"), frame_rounding=frame_rounding, truncate=args.truncate,
+        compile=args.compile,
     )
     if not state.is_main_process:
         return

@@ -34,7 +34,8 @@ class LiMEConfig:
 
     Validates on construction: an invalid value raises a ValueError naming the field and its value.
     `targets` is a list of module-name suffixes or None (every linear layer); a callable target is
-    accepted by `apply_peft` but is not part of a serializable config.
+    accepted by `apply_peft` but is not part of a serializable config. `router` and `ngram_mode` left None
+    take `compat`'s (see `RoutingOptions`); the config then holds the resolved values.
     """
 
     targets: Optional[List[str]] = None
@@ -61,11 +62,12 @@ class LiMEConfig:
     moe_dtype: Optional[torch.dtype] = None
     use_compile: bool = False
     sparse_mode: bool = False
-    router: str = "cosine"
-    ngram_mode: str = "window"
+    router: Optional[str] = None
+    ngram_mode: Optional[str] = None
     backend: str = "auto"
     peft: str = "lora"
     dora_detach_norm: bool = False
+    compat: str = "lime"
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -83,6 +85,9 @@ class LiMEConfig:
                 raise ValueError(f"{name} must be True or False; got {name}={getattr(self, name)!r}")
         if self.dora_detach_norm and self.peft != "dora":
             raise ValueError(f"dora_detach_norm=True applies to peft='dora' only; got peft={self.peft!r}")
+        if self.dora_detach_norm and self.compat == "original":
+            raise ValueError("dora_detach_norm=True detaches the norm as HF PEFT does; compat='original' takes its "
+                             "gradients as the original code does")
         self.pad_token_id = optional_integer("pad_token_id", self.pad_token_id)
         # The validated options hold Python numbers (NumPy scalars converted), which JSON takes.
         for options in (self.routing_options(), self.adapter_options()):

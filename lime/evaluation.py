@@ -310,10 +310,11 @@ def _correlations(predictions: Sequence[str], references: Sequence[str]) -> Dict
 def generate_answers(model, processor, dataset, data_root: str, split: str, batch_size: int = 6,
                      max_new_tokens: int = 50, num_video_frames: int = 8, max_length: int = 2048,
                      frame_rounding: str = "round", truncate: Optional[str] = None,
-                     truncated_rows: Optional[List[int]] = None) -> List[str]:
+                     truncated_rows: Optional[List[int]] = None, compile: bool = False) -> List[str]:
     """Greedy answers for every row of one split (left-padded prompts). `frame_rounding` and `truncate`
     as `MultiModalDataset` takes them; the rows cut to `max_length` (by every process) are appended to
-    `truncated_rows` if given."""
+    `truncated_rows` if given. `compile`: decode with a static cache through a compiled decoding step
+    (`compiled_generation`)."""
     samples = MultiModalDataset(dataset, processor, data_root, num_video_frames, max_length, with_answer=False,
                                 split=split, frame_rounding=frame_rounding, truncate=truncate)
     collate = MultiModalCollator(processor, max_length=max_length, padding_side="left")
@@ -331,7 +332,8 @@ def generate_answers(model, processor, dataset, data_root: str, split: str, batc
                 batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             if "pixel_values_videos" in batch:
                 batch["pixel_values_videos"] = batch["pixel_values_videos"].to(model.dtype)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    **(compiled_generation() if compile else {}))
         except Exception as error:  # re-raised with the rows it concerns, never swallowed
             raise RuntimeError(f"evaluation of split {split!r} failed on rows {rows[0]}..{rows[-1]}: {error}") from error
         new_tokens = output[:, batch["input_ids"].shape[1]:]
@@ -360,18 +362,32 @@ def check_sizes(**sizes) -> None:
             positive_integer(name, value)
 
 
+def compiled_generation() -> Dict:
+    """generate()'s options for a compiled decoding step: a static cache, whose decoding step transformers
+    compiles with torch.compile (one graph: LiME adds no break, tests/test_compile.py). transformers
+    compiles it on a GPU by itself; `_compile_all_devices` (an attribute, not a keyword) asks for it on
+    any device. Each new prompt length compiles the step again, as torch.compile does for new shapes."""
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samples_per_split: Optional[int] = None,
                         batch_size: int = 6, max_new_tokens: int = 50, save_csv: Optional[str] = None,
                         save_json: Optional[str] = None, num_video_frames: int = 8, max_length: int = 2048,
                         splits: Optional[Sequence[str]] = None, skip_bad_rows: bool = False,
-                        tolerance: float = 1e-6, frame_rounding: str = "round", truncate: Optional[str] = None) -> Dict:
+                        tolerance: float = 1e-6, frame_rounding: str = "round", truncate: Optional[str] = None,
+                        compile: bool = False) -> Dict:
     """Evaluate every `<group>_test_<task>` split (or `splits`) of `dataset` (a DatasetDict).
 
     Returns {"splits": {name: metrics}, "groups": {group: metrics}, "overall": metrics,
     "predictions": {name: [{row, question, answer, prediction, correct, how, correct_original,
     how_original}]}, "skipped": [...]}; writes `save_csv` (one row per split, group and overall) and
     `save_json` (everything) if given (on rank 0 only when several processes share the work; every
-    process returns the summary).
+    process returns the summary). `compile`: generation through a compiled decoding step
+    (`compiled_generation`; prompt tuning cannot use its static cache and says so).
 
     Every row is scored both ways: strict (`answers_match`, numbers within `tolerance`) and as the
     original code scores it (`answers_match(..., scoring="original")`; on a regression split its
@@ -406,7 +422,8 @@ def run_full_evaluation(model, processor, dataset, data_root: str = "", num_samp
         skipped += [str(b) for b in bad]
         cut: List[int] = []
         answers = generate_answers(model, processor, split, data_root, name, batch_size, max_new_tokens,
-                                   num_video_frames, max_length, frame_rounding, truncate, truncated_rows=cut)
+                                   num_video_frames, max_length, frame_rounding, truncate, truncated_rows=cut,
+                                   compile=compile)
         if cut:
             truncated[name] = cut
         references = [str(a) for a in split["answer"]]

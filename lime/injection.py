@@ -13,12 +13,16 @@ import torch.nn as nn
 
 from lime_kernels import LINEAR_VARIANTS, LiMEEmbedding, LiMEModule, LiMEPromptEncoder
 from lime_kernels.bases import is_wrappable_linear, linear_features
+from lime_kernels.decoding import DecodingState, needs_history, non_causal_options
 from lime_kernels.embedding import EMBEDDING_VARIANTS
 from lime_kernels.inputs import ContextMask
 
 from .config import LiMEConfig
 
 Targets = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+# The names a transformers model's forward takes its KV cache by (transformers 5.25 renamed `past_key_values`).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 # The LiME README's targets: the attention projections of the language model and of SigLIP.
 README_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
@@ -55,6 +59,8 @@ class MaskScope:
         self.owner_name = owner_name or type(owner).__name__
         self.in_sequence_model = in_sequence_model
         self._mask_position = self._positional_index(owner)
+        self._cache_positions = [self._positional_index(owner, name) for name in CACHE_ARGUMENTS]
+        self.layers: List[LiMEModule] = []  # the LiME layers below (they may read this call's context)
         self._active: List[Optional[ContextMask]] = []
         self._latest_with_grad: Optional[ContextMask] = None
         # Whether a training call was recorded since a backward last read a context, and whether
@@ -66,10 +72,10 @@ class MaskScope:
         self.enclosing: Optional["MaskScope"] = None  # the nearest owner around this one
 
     @staticmethod
-    def _positional_index(owner: nn.Module) -> Optional[int]:
+    def _positional_index(owner: nn.Module, name: str = "attention_mask") -> Optional[int]:
         parameters = list(inspect.signature(owner.forward).parameters.values())
         for index, parameter in enumerate(parameters):
-            if parameter.name == "attention_mask":
+            if parameter.name == name:
                 positional = parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
                 return index if positional else None
         return None
@@ -104,8 +110,87 @@ class MaskScope:
             return None
         return ContextMask(mask, self.in_sequence_model, encoder_states, encoder_mask)
 
+    def _cache_of_call(self, args: tuple, kwargs: dict):
+        for name, position in zip(CACHE_ARGUMENTS, self._cache_positions):
+            cache = kwargs.get(name)
+            if cache is None and position is not None and len(args) > position:
+                cache = args[position]
+            if cache is not None:
+                return cache
+        return None
+
+    def _decoding_of_call(self, args: tuple, kwargs: dict) -> Optional[DecodingState]:
+        """The routing history this call's layers continue and extend (`lime_kernels.decoding`): the state of
+        the KV cache it is given, started afresh when the cache holds no token yet; a call nested in one that
+        decodes (LLaVA's language model in its wrapper) shares its state. None for a call without a cache (it
+        may create one, but recording a history for a continuation that may never come would keep every
+        such eval call off the fused kernels; a vision tower inside a decoding call has no history either)
+        and when no layer below routes from earlier tokens and none needs the non-causal warning."""
+        cache = self._cache_of_call(args, kwargs)
+        if cache is None:
+            return None
+        if torch.compiler.is_compiling():
+            # A compiled decoding step (a static cache) continues the state its eager prefill attached; the
+            # cache's length, a Python int, would be a guard that recompiles every step.
+            return DecodingState.of(cache)
+        if not callable(getattr(cache, "get_seq_length", None)):
+            return None  # not a transformers Cache (a legacy tuple): nothing to attach to
+        state = DecodingState.of(cache)
+        if state is not None and state is self._enclosing_decoding():
+            return state  # the same decoding step, one model further in: started (or reset) already
+        length = cache.get_seq_length()
+        if state is None or length == 0:
+            causal, non_causal = self._routing_kinds()
+            if not causal and not non_causal:
+                return None
+            if state is None:
+                state = DecodingState().attach(cache)
+                if length > 0 and causal:
+                    state.lost = (f"{self.owner_name} continues a KV cache of {length} tokens that LiME did not "
+                                  "see being filled (pass a cache object, e.g. transformers.DynamicCache(), to the "
+                                  "first call too, or use generate())")
+            else:
+                state.reset()  # the cache object starts a new sequence
+            state.non_causal = non_causal
+        if length > 0:
+            self._warn_decoding(state)
+        return state
+
+    def _enclosing_decoding(self) -> Optional[DecodingState]:
+        """The routing history of the nearest enclosing owner's call in progress, if it decodes."""
+        enclosing = self.enclosing
+        while enclosing is not None:
+            if enclosing._active and enclosing._active[-1] is not None:
+                return enclosing._active[-1].decoding
+            enclosing = enclosing.enclosing
+        return None
+
+    def _routing_kinds(self) -> Tuple[bool, List[str]]:
+        """Whether a layer below routes from earlier tokens (a causal window), and the non-causal options of
+        the layers below (`lime_kernels.decoding.non_causal_options`)."""
+        options = [layer._call_options() for layer in self.layers]
+        return (any(needs_history(o) for o in options),
+                sorted({text for o in options for text in non_causal_options(o)}))
+
+    def _warn_decoding(self, state: DecodingState) -> None:
+        if state.lost is not None:
+            warnings.warn(f"{state.lost}: the n-gram routing windows of the next tokens miss the positions before "
+                          "them, so this generation can differ from uncached generation", stacklevel=5)
+            state.lost = None
+        if state.non_causal and not state.warned:
+            state.warned = True
+            warnings.warn(
+                f"LiME layers of {self.owner_name} route with {', '.join(state.non_causal)}, which reads tokens "
+                "after the current one or the whole batch: decoding with a KV cache routes each new token without "
+                "them, so cached generation differs from uncached generation and from training. "
+                "ngram_mode='window', rep_mode='token' and router='cosine' are causal (cached generation then "
+                "equals uncached); or generate with use_cache=False", stacklevel=5)
+
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self._context_of_call(args, kwargs)
+        decoding = self._decoding_of_call(args, kwargs) if self.layers else None
+        if decoding is not None:
+            context = (context or ContextMask(None, self.in_sequence_model))._replace(decoding=decoding)
         self._active.append(context)
         # The record serves eager checkpoint recomputation only (a compiled graph replays its own, see
         # `current`); read while compiling, its flags would be guards that recompile the whole model twice.
@@ -125,6 +210,9 @@ class MaskScope:
         if not self._active:
             return
         context = self._context_of_call((), kwargs)
+        decoding = self._active[-1].decoding if self._active[-1] is not None else None
+        if decoding is not None:  # the same call: the same routing history
+            context = (context or ContextMask(None, self.in_sequence_model))._replace(decoding=decoding)
         self._active[-1] = context
         if torch.is_grad_enabled() and module.training and not torch.compiler.is_compiling():
             self._latest_with_grad = context
@@ -320,8 +408,16 @@ def _install_mask_scopes(model: nn.Module) -> None:
                 scope.enclosing = scope_of(nearest_owner(owner_name))
         return scope
 
+    for scope in scopes.values():  # layers replaced since (load_adapter) leave their scope
+        scope.layers = []
     for name, layer in lime_layers(model):
-        layer.mask_provider = scope_of(nearest_owner(name)).current
+        scope = scope_of(nearest_owner(name))
+        layer.mask_provider = scope.current
+        if isinstance(layer, LiMEPromptEncoder):  # it routes over its virtual tokens, not the sequence
+            continue
+        while scope is not None:  # the enclosing owners' calls too: a layer called outside its owner's reads theirs
+            scope.layers.append(layer)
+            scope = scope.enclosing
 
 
 def apply_peft(
@@ -351,11 +447,12 @@ def apply_peft(
     moe_dtype: Optional[torch.dtype] = None,
     use_compile: bool = False,
     sparse_mode: bool = False,
-    router: str = "cosine",
-    ngram_mode: str = "window",
+    router: Optional[str] = None,
+    ngram_mode: Optional[str] = None,
     backend: str = "auto",
     peft: str = "lora",
     dora_detach_norm: bool = False,
+    compat: str = "lime",
 ) -> nn.Module:
     """Wrap the target layers of `model` with LiME, in place, and return the model.
 
@@ -377,7 +474,9 @@ def apply_peft(
     Hugging Face model inside it) receives reaches its LiME layers, so padding changes neither routing
     nor the statistics. `tokenizer` supplies `pad_token_id` (pad tokens are invalid in embedding
     targets given no mask). `use_compile` runs the layers' math through `torch.compile`
-    (`LiMELinear.compile_reference`). The other keywords are `LiMELinear`'s.
+    (`LiMELinear.compile_reference`). `compat="original"` makes every layer compute what the original
+    LiME code's class computes (router 'maxabs' and ngram_mode 'anchor' by default, the options it overrides
+    refused; README, "Differences from the original LiME code"). The other keywords are `LiMELinear`'s.
     """
     tokenizer_pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if tokenizer_pad is not None:
@@ -394,6 +493,7 @@ def apply_peft(
         soft_topk_temperature=soft_topk_temperature, auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold,
         peft_dtype=peft_dtype, moe_dtype=moe_dtype, use_compile=use_compile, sparse_mode=sparse_mode,
         router=router, ngram_mode=ngram_mode, backend=backend, peft=peft, dora_detach_norm=dora_detach_norm,
+        compat=compat,
     )
     _refuse_lime_layers(model)
     wants = _target_matcher(targets)

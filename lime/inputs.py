@@ -7,8 +7,8 @@
 - Over-long rows: `truncate` None (an error, the default), "question" or "tail" (the original's cut),
   for `lime.data.MultiModalDataset` (`--truncate`).
 
-A `compat="original"` switch (planned, not yet here) is meant to select the original's side of each:
-floored frame indices and the single-tile images.
+`lime train --compat original` (and `lime eval` of an adapter trained so) selects floored frame indices
+unless `--frame-sampling` is given; the single-tile images are the default either way.
 
 This module imports nothing heavy: the command line reads its choices before any model loads.
 """

@@ -95,7 +95,9 @@ class PromptInjector:
                 if call.get("input_ids") is None:
                     raise ValueError("LiME prompt tuning needs input_ids or inputs_embeds")
                 embeds = self.embed()(call["input_ids"])
-            prompts = self.encoder(embeds, self.context_mask(call, embeds))
+            # The original's model wrapper conditions on every input token (no mask, answer included).
+            context = None if self.encoder.compat == "original" else self.context_mask(call, embeds)
+            prompts = self.encoder(embeds, context)
             call["inputs_embeds"] = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
             call["input_ids"] = None
             labels = call.get("labels")
@@ -148,20 +150,24 @@ def apply_peft(
     peft_dtype: Optional[torch.dtype] = None,
     moe_dtype: Optional[torch.dtype] = None,
     sparse_mode: bool = False,
-    router: str = "cosine",
-    ngram_mode: str = "window",
+    router: Optional[str] = None,
+    ngram_mode: Optional[str] = None,
     backend: str = "auto",
     input_conditioned: bool = True,
     init_token_ids: Optional[Sequence[int]] = None,
     tokenizer=None,
     init_text: Optional[str] = None,
+    compat: str = "lime",
+    prompt_dropout: float = 0.0,
 ) -> nn.Module:
     """Freeze `model` and give it LiME prompt tuning (see the module's docstring); returns the model.
 
     The hidden size comes from `model.get_input_embeddings()`. The frozen prompt bank starts
     random (normal, std 0.02), or copies the embeddings of `init_token_ids`, or of `init_text`
     tokenized by `tokenizer` (cycled to `num_virtual_tokens`). The routing keywords are
-    `lime.apply_peft`'s.
+    `lime.apply_peft`'s. `compat="original"`: the original's `LiMEPromptTuning` (see `LiMEPromptEncoder`;
+    `prompt_dropout` is its), conditioned, as its model wrapper does, on the mean of every input token
+    (padding and answer included).
     """
     embeddings = model.get_input_embeddings()
     if not isinstance(embeddings, nn.Embedding):
@@ -187,6 +193,7 @@ def apply_peft(
         soft_topk_temperature=soft_topk_temperature, auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold,
         peft_dtype=peft_dtype, moe_dtype=moe_dtype, sparse_mode=sparse_mode, router=router, ngram_mode=ngram_mode,
         backend=backend, input_conditioned=input_conditioned, init_embeddings=init, device=embeddings.weight.device,
+        compat=compat, prompt_dropout=prompt_dropout,
     )
     return attach_prompt_encoder(model, encoder)
 

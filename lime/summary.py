@@ -14,6 +14,8 @@ from .injection import lime_layers
 # The adapter's trainable parameters in every variant (LoRA / LoRA-FA: A, B; DoRA: + m;
 # SliceFine: part_T; prompt tuning: prompt_delta) and the mixture's.
 PEFT_PARAMETERS = ("A", "B", "m", "part_T", "prompt_delta")
+# compat="original" SliceFine trains its own copy of the bias, in the PEFT group as the original's trainer put it.
+LIME_BIAS = "bias"
 MOE_PARAMETERS = ("LiMEs", "LiME_shared", "gamma")
 
 
@@ -34,7 +36,7 @@ def lime_summary(model: nn.Module) -> Dict:
             lime_parameter_ids.add(id(parameter))
             if not parameter.requires_grad:
                 continue
-            if name in PEFT_PARAMETERS:
+            if name in PEFT_PARAMETERS or name == LIME_BIAS:
                 peft += parameter.numel()
             elif name in MOE_PARAMETERS:
                 moe += parameter.numel()
@@ -78,6 +80,7 @@ def lime_summary(model: nn.Module) -> Dict:
         "gamma_routing": _sorted_text({r.gamma_routing for r in routing}),
         "jitter_noise": _sorted_text({r.jitter_noise for r in routing}),
         "backend": _sorted_text({a.backend for a in adapters}),
+        "compat": _sorted_text({r.compat for r in routing}),
     }
 
 
@@ -110,6 +113,7 @@ def print_lime_summary(model: nn.Module) -> Dict:
         ("Temperature / gamma_routing / jitter",
          f"{summary['temperature']} / {summary['gamma_routing']} / {summary['jitter_noise']}"),
         ("Backend", summary["backend"]),
+        ("Semantics (compat)", summary["compat"]),
     ]
     width = max(len(label) for label, _ in rows)
     line = "=" * (width + 40)

@@ -42,7 +42,7 @@ from lime_kernels.options import positive_integer, python_number
 from .adapter import TRAINER_ADAPTER_DIR, is_sharded, load_adapter, save_adapter
 from .balance import compute_balance_loss
 from .injection import lime_layers
-from .summary import MOE_PARAMETERS, PEFT_PARAMETERS
+from .summary import LIME_BIAS, MOE_PARAMETERS, PEFT_PARAMETERS
 
 
 # The Trainer's checkpoint folders (`checkpoint-<global step>`) and the file it writes last into each.
@@ -186,11 +186,15 @@ class LiMETrainer(Trainer):
         """[MoE group (moe_lr, no decay), PEFT group (peft_lr, weight_decay)] plus, if the model has
         other trainable parameters, the Trainer's own learning rate and decay rules for them."""
         moe, peft, other = [], [], []
+        # A LiME layer's own bias (compat="original" SliceFine) is PEFT; a base model's trained bias is not.
+        lime_biases = {id(layer._parameters[LIME_BIAS]) for _, layer in lime_layers(self.model)
+                       if layer._parameters.get(LIME_BIAS) is not None}
         for name, parameter in self.model.named_parameters():
             if not parameter.requires_grad:
                 continue
             leaf = name.rsplit(".", 1)[-1]
-            (moe if leaf in MOE_PARAMETERS else peft if leaf in PEFT_PARAMETERS else other).append((name, parameter))
+            is_peft = leaf in PEFT_PARAMETERS or id(parameter) in lime_biases
+            (moe if leaf in MOE_PARAMETERS else peft if is_peft else other).append((name, parameter))
         groups = [
             {"params": [p for _, p in moe], "lr": self.args.moe_lr, "weight_decay": 0.0},
             {"params": [p for _, p in peft], "lr": self.args.peft_lr, "weight_decay": self.args.weight_decay},

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from . import reference
 from .options import RoutingOptions
-from .reference import (NORM_EPS, WEIGHT_EPS, Routed, blend_coefficients, compute_dtype, route as reference_route,
-                        routing_representation, selected_experts)
+from .reference import (NORM_EPS, WEIGHT_EPS, Routed, RoutingHistory, blend_coefficients, compute_dtype, next_history,
+                        route as reference_route, routing_representation, selected_experts)
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,6 +79,60 @@ def _modulation_backward(ctx, grad_out, delta, probs, gate, total, weights, thre
     return grad_delta, grad_LiMEs, grad_shared, grad_gamma, grad_probs
 
 
+def _forward(base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
+             options, dtype):
+    """`_Route`'s forward as a plain function: `(out, probs, saved)`, `saved` being what its backward reads.
+    Called directly where no graph is recorded: the same operators, without autograd's bookkeeping."""
+    num_experts = options.num_experts
+    flat_input = projected = None
+    if delta is None:  # reference.adapter_delta's products: z = x A^T, then (scaling z) B^T
+        projection_dtype = compute_dtype(adapter_input, A, B)
+        flat_input = _as(adapter_input, projection_dtype).reshape(-1, adapter_input.shape[-1])
+        projected = (flat_input @ _as(A, projection_dtype).t()) * scaling
+        delta = (projected @ _as(B, projection_dtype).t()).view(*adapter_input.shape[:-1], B.shape[0])
+    if frozen is None:
+        frozen, adapted = base[..., :num_experts], delta[..., :num_experts]
+    features = _as(torch.stack((frozen, adapted)), dtype)
+    if options.router == "cosine":
+        norm = torch.linalg.vector_norm(features, dim=-1, keepdim=True)
+    else:  # maxabs: one max per side over its whole batch
+        norm = features.abs().amax(dim=tuple(range(1, features.dim())), keepdim=True)
+    scale = norm.clamp_min(NORM_EPS)
+    hat = features / scale
+    frozen_coef, adapted_coef = blend_coefficients(options)
+    logits = torch.add(hat[0] * frozen_coef, hat[1], alpha=adapted_coef)
+    if jitter is not None:
+        logits = logits * jitter.view_as(logits)
+    probs = torch.softmax(logits, dim=-1)
+    if not options.sparse_mode and (options.auto_topk or options.soft_topk):
+        threshold, theta, kth = _soft_threshold(probs, options)
+        gate = torch.sigmoid(torch.sub(probs, threshold, alpha=theta).div_(options.soft_topk_temperature))
+        gated = probs * gate
+        total = gated.sum(dim=-1, keepdim=True) + WEIGHT_EPS
+        weights = gated / total
+        keep = floor_passes = None
+    else:
+        keep = selected_experts(probs, options)
+        kept = torch.where(keep, probs, torch.zeros_like(probs))
+        kept_sum = kept.sum(dim=-1, keepdim=True)
+        total = kept_sum.clamp_min(WEIGHT_EPS)
+        weights = kept / total
+        threshold = kth = gate = None
+        floor_passes = kept_sum >= WEIGHT_EPS
+    P = _as(LiMEs, dtype)
+    shared = None if LiME_shared is None else _as(gamma, dtype) * _as(LiME_shared, dtype)
+    flat_weights = weights.reshape(-1, num_experts)
+    mixed = flat_weights @ P if shared is None else torch.addmm(shared, flat_weights, P)  # (tokens, Dout) in one call
+    modulation = mixed.view(*weights.shape[:-1], P.shape[1])
+    out = torch.addcmul(_as(base, dtype), _as(delta, dtype), modulation)
+    out = _as(out, base.dtype)
+    if valid is not None:
+        out = torch.where(valid.unsqueeze(-1), out, base)
+    saved = (delta, features, norm, scale, hat, probs, gate, total, weights, threshold, kth, keep, floor_passes,
+             modulation, P, LiME_shared, gamma, valid, jitter, flat_input, projected, A, B)
+    return out, probs, saved
+
+
 class _Route(torch.autograd.Function):
     """Inputs as `reference.route`'s, with either `delta` or the low-rank adapter that makes it
     (`adapter_input`, `A`, `B`, `scaling`: `delta = scaling * adapter_input A^T B^T`, computed and
@@ -92,55 +146,13 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
                 options, dtype):
-        num_experts = options.num_experts
-        flat_input = projected = None
-        if delta is None:  # reference.adapter_delta's products: z = x A^T, then (scaling z) B^T
-            projection_dtype = compute_dtype(adapter_input, A, B)
-            flat_input = _as(adapter_input, projection_dtype).reshape(-1, adapter_input.shape[-1])
-            projected = (flat_input @ _as(A, projection_dtype).t()) * scaling
-            delta = (projected @ _as(B, projection_dtype).t()).view(*adapter_input.shape[:-1], B.shape[0])
+        if delta is None:
             ctx.scaling, ctx.input_shape, ctx.input_dtype = scaling, adapter_input.shape, adapter_input.dtype
-        own_features = frozen is None
-        if own_features:
-            frozen, adapted = base[..., :num_experts], delta[..., :num_experts]
-        features = _as(torch.stack((frozen, adapted)), dtype)
-        if options.router == "cosine":
-            norm = torch.linalg.vector_norm(features, dim=-1, keepdim=True)
-        else:  # maxabs: one max per side over its whole batch
-            norm = features.abs().amax(dim=tuple(range(1, features.dim())), keepdim=True)
-        scale = norm.clamp_min(NORM_EPS)
-        hat = features / scale
-        frozen_coef, adapted_coef = blend_coefficients(options)
-        logits = torch.add(hat[0] * frozen_coef, hat[1], alpha=adapted_coef)
-        if jitter is not None:
-            logits = logits * jitter.view_as(logits)
-        probs = torch.softmax(logits, dim=-1)
-        if not options.sparse_mode and (options.auto_topk or options.soft_topk):
-            threshold, theta, kth = _soft_threshold(probs, options)
-            gate = torch.sigmoid(torch.sub(probs, threshold, alpha=theta).div_(options.soft_topk_temperature))
-            gated = probs * gate
-            total = gated.sum(dim=-1, keepdim=True) + WEIGHT_EPS
-            weights = gated / total
-            keep = floor_passes = None
-        else:
-            keep = selected_experts(probs, options)
-            kept = torch.where(keep, probs, torch.zeros_like(probs))
-            kept_sum = kept.sum(dim=-1, keepdim=True)
-            total = kept_sum.clamp_min(WEIGHT_EPS)
-            weights = kept / total
-            threshold = kth = gate = None
-            floor_passes = kept_sum >= WEIGHT_EPS
-        P = _as(LiMEs, dtype)
-        shared = None if LiME_shared is None else _as(gamma, dtype) * _as(LiME_shared, dtype)
-        modulation = F.linear(weights, P.t(), shared)
-        out = torch.addcmul(_as(base, dtype), _as(delta, dtype), modulation)
-        out = _as(out, base.dtype)
-        if valid is not None:
-            out = torch.where(valid.unsqueeze(-1), out, base)
-        ctx.options, ctx.own_features, ctx.dtype, ctx.out_dtype = options, own_features, dtype, base.dtype
+        out, probs, saved = _forward(base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared,
+                                     gamma, valid, jitter, options, dtype)
+        ctx.options, ctx.own_features, ctx.dtype, ctx.out_dtype = options, frozen is None, dtype, base.dtype
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
-        ctx.save_for_backward(delta, features, norm, scale, hat, probs, gate, total, weights, threshold, kth, keep,
-                              floor_passes, modulation, P, LiME_shared, gamma, valid, jitter, flat_input, projected, A, B)
+        ctx.save_for_backward(*saved)
         return out, probs
 
     @staticmethod
@@ -195,7 +207,7 @@ class _Route(torch.autograd.Function):
             grad_base = grad_out if needs[0] else None
             grad_frozen, grad_adapted = grad_features[0] * frozen_coef, grad_features[1] * adapted_coef
         grad_input = grad_A = grad_B = None
-        if projected is not None:  # delta = (scaling x A^T) B^T
+        if projected is not None and wants_delta:  # delta = (scaling x A^T) B^T
             flat_grad_delta = grad_delta.reshape(-1, grad_delta.shape[-1])
             grad_B = _as(flat_grad_delta.t() @ projected, B.dtype) if needs[4] else None
             grad_projected = (flat_grad_delta @ _as(B, projected.dtype)) * ctx.scaling
@@ -208,10 +220,8 @@ class _Route(torch.autograd.Function):
 
 
 def _records_graph(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether this call builds an autograd graph (eagerly): the reference runs where none is recorded
-    (no gradient wanted, or a torch.compile trace, whose compiler fuses the reference anyway)."""
-    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and any(t is not None and t.requires_grad for t in tensors))
+    """Whether this call builds an autograd graph: then `_Route` records one node, else `_forward` runs alone."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def route(
@@ -223,19 +233,33 @@ def route(
     options: RoutingOptions,
     valid: Optional[torch.Tensor] = None,
     jitter: Optional[torch.Tensor] = None,
+    routing_features=None,
+    history: Optional[RoutingHistory] = None,
 ) -> Routed:
-    """`reference.route` with one autograd node (or the reference itself where no graph is recorded)."""
-    if not _records_graph(base, delta, LiMEs, LiME_shared, gamma):
-        return reference_route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter)
+    """`reference.route` as one autograd node, or its forward alone where no graph is recorded (evaluation,
+    decoding); `routing_features` and `history` as the reference's. Under torch.compile the reference itself is
+    traced: its compiler fuses the operators anyway."""
+    if torch.compiler.is_compiling():
+        return reference_route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, routing_features,
+                               history)
     dtype = compute_dtype(base, delta, LiMEs, LiME_shared)
-    frozen = adapted = None
-    if options.rep_mode != "token" or options.n_gram != 1:
+    frozen = adapted = following = None
+    if options.rep_mode != "token" or options.n_gram != 1 or routing_features is not None or history is not None:
         num_experts = options.num_experts
-        frozen = routing_representation(_as(base[..., :num_experts], dtype), valid, options)
-        adapted = routing_representation(_as(delta[..., :num_experts], dtype), valid, options)
-    out, probs = _Route.apply(base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid,
-                              jitter, options, dtype)
-    return Routed(out, probs, valid)
+        own = routing_features or (base[..., :num_experts], delta[..., :num_experts])
+        own = (_as(own[0], dtype), _as(own[1], dtype))
+        frozen = routing_representation(own[0], valid, options,
+                                        None if history is None else (history.frozen, history.valid))
+        adapted = routing_representation(own[1], valid, options,
+                                         None if history is None else (history.adapted, history.valid))
+        following = None if history is None else next_history(history, own[0], own[1], valid)
+    arguments = (base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter, options,
+                 dtype)
+    if _records_graph(base, delta, LiMEs, LiME_shared, gamma):
+        out, probs = _Route.apply(*arguments)
+    else:
+        out, probs, _ = _forward(*arguments)
+    return Routed(out, probs, valid, following)
 
 
 def lime_linear(
@@ -250,14 +274,19 @@ def lime_linear(
     scaling: float,
     valid: Optional[torch.Tensor] = None,
     jitter: Optional[torch.Tensor] = None,
+    history: Optional[RoutingHistory] = None,
 ) -> Routed:
     """`reference.lime_linear_routed` without DoRA's channel scale: with per-token routing, the adapter's
-    two products join the same autograd node; otherwise `route` over `reference.adapted_outputs`."""
-    if options.rep_mode != "token" or options.n_gram != 1 or not _records_graph(adapter_input, base, A, B, LiMEs,
-                                                                                LiME_shared, gamma):
+    two products join the same node (or forward); otherwise `route` over `reference.adapted_outputs`."""
+    if (options.rep_mode != "token" or options.n_gram != 1 or history is not None
+            or torch.compiler.is_compiling()):
         base, delta = reference.adapted_outputs(adapter_input, base, A, B, scaling)
-        return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter)
+        return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, history=history)
     dtype = compute_dtype(base, adapter_input, A, B, LiMEs, LiME_shared)  # delta's dtype is that of x, A and B
-    out, probs = _Route.apply(base, None, adapter_input, A, B, scaling, None, None, LiMEs, LiME_shared, gamma, valid,
-                              jitter, options, dtype)
+    arguments = (base, None, adapter_input, A, B, scaling, None, None, LiMEs, LiME_shared, gamma, valid, jitter, options,
+                 dtype)
+    if _records_graph(adapter_input, base, A, B, LiMEs, LiME_shared, gamma):
+        out, probs = _Route.apply(*arguments)
+    else:
+        out, probs, _ = _forward(*arguments)
     return Routed(out, probs, valid)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .inputs import as_sequences
 from .layer import LiMEModule, check_rank
@@ -21,6 +22,8 @@ class LiMEEmbedding(LiMEModule):
     `peft` is 'lora' or 'lora_fa' (A frozen). Padding: an explicit `attention_mask`, else the
     padding mask of the model call (installed by `lime.apply_peft`), else, with `pad_token_id`,
     the pad tokens are the invalid ones. Keywords and parameter names are `LiMELinear`'s.
+    `compat="original"`: no dropout, and LoRA-FA's `B` is `(num_embeddings, rank)` with
+    `delta = s * B[ids] A` (the original's embedding classes).
     """
 
     def __init__(
@@ -46,9 +49,10 @@ class LiMEEmbedding(LiMEModule):
         peft_dtype: Optional[torch.dtype] = None,
         moe_dtype: Optional[torch.dtype] = None,
         sparse_mode: bool = False,
-        router: str = "cosine",
-        ngram_mode: str = "window",
+        router: Optional[str] = None,
+        ngram_mode: Optional[str] = None,
         backend: str = "auto",
+        compat: str = "lime",
         pad_token_id: Optional[int] = None,
         peft: str = "lora",
     ):
@@ -62,7 +66,7 @@ class LiMEEmbedding(LiMEModule):
             num_experts=num_experts, top_k=top_k, temperature=temperature, gamma_routing=gamma_routing,
             router=router, rep_mode=rep_mode, n_gram=n_gram, ngram_mode=ngram_mode,
             jitter_noise=jitter_noise, soft_topk=soft_topk, soft_topk_temperature=soft_topk_temperature,
-            auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold, sparse_mode=sparse_mode,
+            auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold, sparse_mode=sparse_mode, compat=compat,
         )
         adapter = AdapterOptions(
             rank=rank, alpha=alpha, dropout=dropout, use_shared_LiME=use_shared_LiME,
@@ -81,10 +85,15 @@ class LiMEEmbedding(LiMEModule):
         dtype = peft_dtype or torch.float32
         dim = embedding.embedding_dim
         self.A = nn.Parameter(torch.empty(rank, dim, device=device, dtype=dtype))
-        self.B = nn.Parameter(torch.zeros(dim, rank, device=device, dtype=dtype))
+        # The original's LoRA-FA embedding gives every vocabulary row its own B row: delta = s * B[ids] A.
+        per_token = routing.compat == "original" and peft == "lora_fa"
+        self.B = nn.Parameter(torch.zeros(embedding.num_embeddings if per_token else dim, rank, device=device,
+                                          dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         if peft == "lora_fa":
             self.A.requires_grad_(False)
+        if per_token:
+            self.register_buffer("rank_identity", torch.eye(rank, device=device, dtype=dtype), persistent=False)
         self._init_experts(dim, device)
         # The mode of the model it joins: wrapping (or loading into) an eval model adds no jitter or dropout.
         self.train(embedding.training)
@@ -122,11 +131,21 @@ class LiMEEmbedding(LiMEModule):
         if valid is not None:
             valid = valid.reshape(sequences.shape[:2])
         jitter, dropped = self._random_draws(sequences)
+        adapter_input, A, B = dropped if dropped is not None else sequences, self.A, self.B
+        if self.peft == "lora_fa" and self.compat == "original":
+            # delta = s * B[ids] A, written as the op's s * z I^T (A^T)^T with z = B[ids] (B, T, r).
+            adapter_input = F.embedding(input_ids, self.B).reshape(*sequences.shape[:2], -1)
+            A, B = self.rank_identity, self.A.t()
         out = self._modulate(
-            backend=self.resolve_backend(base), x=None, adapter_input=dropped if dropped is not None else sequences,
-            A=self.A, B=self.B, scaling=self.adapter.scaling, valid=valid, jitter=jitter, frozen=lambda: sequences,
+            backend=self.resolve_backend(sequences, valid), x=None, adapter_input=adapter_input,
+            A=A, B=B, scaling=self.adapter.scaling, valid=valid, jitter=jitter, frozen=lambda: sequences,
+            decoding=self._decoding_state(base, attention_mask),
         )
         return out.reshape(base.shape)
+
+    def _drops_input(self) -> bool:
+        # The original's embedding classes have no dropout.
+        return False
 
     def extra_repr(self) -> str:
         routing = self.routing

@@ -7,7 +7,7 @@ and extra leading dimensions are folded into B. Masks become a `(B, T)` bool ten
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -112,12 +112,16 @@ class ContextMask(NamedTuple):
     A decoder's call also offers the encoder's states and their padding mask (or None): a layer whose
     input is that very tensor (a cross-attention key or value projection) takes the encoder's mask,
     never the decoder's. `mask` is None when the call has no padding mask of its own.
+
+    `decoding`: the `lime_kernels.decoding.DecodingState` of the KV cache the call decodes with, where
+    some layer's routing reads earlier tokens (a causal n-gram window); else None.
     """
 
     mask: Optional[torch.Tensor]
     in_sequence_model: bool
     encoder_states: Optional[torch.Tensor] = None
     encoder_mask: Optional[torch.Tensor] = None
+    decoding: Optional[Any] = None
 
 
 def context_valid_mask(context: ContextMask, input_shape: torch.Size) -> Tuple[Optional[torch.Tensor], bool]:

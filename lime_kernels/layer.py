@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import eager, reference
 from .bases import computes_plain_product, is_wrappable_linear, linear_features
+from .decoding import DecodingState, needs_history
 from .inputs import (ContextMask, as_sequences, autocast_cast, context_valid_mask, explicit_valid_mask,
                      full_precision)
 from .options import AdapterOptions, RoutingOptions
@@ -45,6 +46,12 @@ def _kernels_execute() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled_reference():
     return torch.compile(reference.lime_linear_routed)
+
+
+@functools.lru_cache(maxsize=64)
+def _changed_options(options: RoutingOptions, **changes) -> RoutingOptions:
+    """`replace(options, **changes)`, validated once per options (they are frozen and hashable)."""
+    return replace(options, **changes)
 
 
 def check_rank(layer: str, rank: int, sizes, names) -> None:
@@ -85,6 +92,7 @@ class LiMEModule(nn.Module):
         self.mask_provider: Optional[MaskProvider] = None
         self.last_stats = None
         self._warned_unmatched_mask = False
+        self._warned_history_backend = False
 
     def _init_experts(self, out_features: int, device) -> None:
         moe_dtype = self.adapter.moe_dtype or torch.float32
@@ -95,11 +103,27 @@ class LiMEModule(nn.Module):
             )
         )
         if self.adapter.use_shared_LiME:
-            self.LiME_shared = nn.Parameter(torch.randn(out_features, device=device, dtype=moe_dtype) * 0.1)
+            self.LiME_shared = nn.Parameter(self._initial_shared(out_features, device, moe_dtype))
             self.gamma = nn.Parameter(torch.zeros(1, device=device, dtype=moe_dtype))
         else:
             self.register_parameter("LiME_shared", None)
             self.register_parameter("gamma", None)
+
+    def _initial_shared(self, out_features: int, device, dtype) -> torch.Tensor:
+        return torch.randn(out_features, device=device, dtype=dtype) * 0.1
+
+    @property
+    def compat(self) -> str:
+        """'lime' (the corrected semantics) or 'original' (the original code's classes)."""
+        return self.routing.compat
+
+    def _call_options(self) -> RoutingOptions:
+        """The routing options this layer's calls use: `routing`, but the original code's LoRA classes (linear
+        and embedding) ignore `n_gram` and route every token on its own."""
+        routing = self.routing
+        if routing.compat == "original" and self.peft == "lora" and routing.n_gram > 1:
+            return _changed_options(routing, n_gram=1)
+        return routing
 
     @property
     def last_stats(self) -> Optional[RoutingStats]:
@@ -138,7 +162,8 @@ class LiMEModule(nn.Module):
 
     def update_routing(self, **changes) -> None:
         """Runtime switches (temperature, gamma_routing, auto_topk, jitter_noise, ...), validated."""
-        switchable = [name for name in self.routing.__dataclass_fields__ if name != "num_experts"]  # shapes LiMEs
+        # num_experts shapes LiMEs; compat shapes the parameters of some variants.
+        switchable = [name for name in self.routing.__dataclass_fields__ if name not in ("num_experts", "compat")]
         refused = sorted(set(changes) - set(switchable))
         if refused:
             raise ValueError(f"cannot switch {', '.join(refused)} at runtime; switchable: {', '.join(switchable)}")
@@ -185,18 +210,35 @@ class LiMEModule(nn.Module):
             )
         return valid
 
+    def _decoding_state(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[DecodingState]:
+        """The routing history of the KV cache this call continues (`lime_kernels.decoding`), when the layer's
+        routing has a causal window and its input `(B, T, D)` is the model's token sequence; else None."""
+        if attention_mask is not None or self.mask_provider is None or x.dim() != 3 \
+                or not needs_history(self._call_options()):
+            return None
+        context = self.mask_provider()
+        if context is None or context.decoding is None:
+            return None
+        if context.encoder_states is not None and x is context.encoder_states:
+            return None  # cross-attention reads the encoder's states, not the decoded sequence
+        # A decoding step's tokens are the mask's last ones, also for a layer called outside the sequence
+        # model's call (LLaVA's embed_tokens), which reads the enclosing call's mask by exact shape otherwise.
+        if context.mask is not None and not context_valid_mask(context._replace(in_sequence_model=True), x.shape)[1]:
+            return None  # not the masked token sequence
+        return context.decoding
+
     def _aux_mode(self) -> str:
         if not self.adapter.track_aux:
             return "none"
         return "full" if self.training else "usage"
 
-    def resolve_backend(self, x: torch.Tensor) -> str:
-        """The backend this input runs on: 'auto' takes the fused path for CUDA inputs within its
-        limits (rank <= 128, at most 64 experts) and the reference elsewhere."""
+    def resolve_backend(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> str:
+        """The backend this input (with its valid tokens) runs on: 'auto' takes the fused path for CUDA inputs
+        within its limits (rank <= 128, at most 64 experts; see `_fused_unsupported`) and the reference elsewhere."""
         backend = self.adapter.backend
         if backend == "reference":
             return "reference"
-        unsupported = self._fused_unsupported()
+        unsupported = self._fused_unsupported() or self._fused_unsupported_call(x, valid)
         if backend == "auto":
             return "triton" if x.is_cuda and unsupported is None else "reference"
         if unsupported is not None:
@@ -209,14 +251,46 @@ class LiMEModule(nn.Module):
         return "triton"
 
     def _fused_unsupported(self) -> Optional[str]:
+        if self.routing.compat == "original" and self._original_unfused() is not None:
+            return self._original_unfused()
         if self.adapter.rank > MAX_FUSED_RANK:
             return f"rank={self.adapter.rank} > {MAX_FUSED_RANK}"
         if self.routing.num_experts > MAX_FUSED_EXPERTS:
             return f"num_experts={self.routing.num_experts} > {MAX_FUSED_EXPERTS}"
         return None
 
+    def _fused_unsupported_call(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> Optional[str]:
+        """Why the fused kernels cannot compute this call's statistics as compat='original' counts them, or None.
+
+        The kernels count valid tokens only, and every token under n-gram anchors; the original counts
+        padding in `load` and in the eval `usage`, its sparse AutoTop-K candidates, and one selection per anchor."""
+        aux = self._aux_mode()
+        if self.routing.compat != "original" or aux == "none":
+            return None
+        if valid is not None:
+            return ("compat='original' counts padding in the statistics (load, eval usage); the fused kernels count "
+                    "valid tokens only (give no attention mask, or track_aux=False)")
+        options = self._call_options()
+        if aux == "full" and options.sparse_mode and options.auto_topk:
+            return "compat='original' counts every sparse AutoTop-K candidate in load; the fused kernels count the kept ones"
+        tokens = x.shape[-2] if x.dim() >= 3 else 1
+        if aux == "full" and options.n_gram > 1 and tokens % options.n_gram:
+            return (f"compat='original' counts one load selection per n-gram anchor; the fused kernels count every token "
+                    f"(equal only when n_gram={options.n_gram} divides the {tokens} tokens)")
+        return None
+
+    def _original_unfused(self) -> Optional[str]:
+        """Why the fused kernels cannot compute this variant as the original code does, or None."""
+        return None
+
+    def _drops_input(self) -> bool:
+        """Whether training with dropout draws a mask of the input (the original's embedding classes have none)."""
+        return True
+
     def _random_draws(self, sequences: torch.Tensor):
         """The jitter noise, then the dropout mask: the same random numbers for every backend."""
+        if self.routing.compat == "original":
+            return self._original_draws(sequences)
         jitter = None
         if self.training and self.routing.jitter_noise > 0:
             jitter = reference.sample_jitter(
@@ -228,11 +302,30 @@ class LiMEModule(nn.Module):
             dropped = F.dropout(sequences, p=self.adapter.dropout, training=True)
         return jitter, dropped
 
+    def _original_draws(self, sequences: torch.Tensor):
+        """The original code's draws: the dropout mask (in its forward), then the jitter (in its routing), in the
+        activation dtype, one row per routed position: per n-gram anchor, repeated over the anchor's group."""
+        dropped = None
+        if self.training and self.adapter.dropout > 0 and self._drops_input():
+            dropped = F.dropout(sequences, p=self.adapter.dropout, training=True)
+        options = self._call_options()
+        jitter = None
+        if self.training and options.jitter_noise > 0:
+            batch, tokens = sequences.shape[:2]
+            groups = -(-tokens // options.n_gram)
+            noise = torch.empty(batch, groups, options.num_experts, device=sequences.device, dtype=sequences.dtype)
+            noise.uniform_(1.0 - options.jitter_noise, 1.0 + options.jitter_noise)
+            if options.n_gram > 1:
+                noise = noise[:, torch.arange(tokens, device=sequences.device) // options.n_gram]
+            jitter = noise.reshape(batch * tokens, options.num_experts).to(reference.compute_dtype(sequences))
+        return jitter, dropped
+
     def _modulate(
         self, *, backend: str, x: Optional[torch.Tensor], adapter_input: Optional[torch.Tensor], A: torch.Tensor,
         B: torch.Tensor, scaling: float, valid, jitter, frozen: Callable[[], torch.Tensor],
         weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
         channel_scale: Optional[torch.Tensor] = None, sliced_rows: int = 0,
+        decoding: Optional[DecodingState] = None,
     ) -> torch.Tensor:
         """Run the layer on `(B, T, .)` sequences and record its statistics.
 
@@ -240,8 +333,18 @@ class LiMEModule(nn.Module):
         output as the reference takes it (the product without bias for DoRA, whose `channel_scale`
         and `bias` are applied on top). The fused backend instead computes `F.linear(x, weight, bias)`
         itself when `weight` is given (a plain nn.Linear; its first `sliced_rows` output channels then
-        keep only the bias), else it takes `frozen()`.
+        keep only the bias), else it takes `frozen()`. `decoding`: the KV cache's routing history
+        (`_decoding_state`), which the causal window continues and this call extends.
         """
+        options = self._call_options()
+        if decoding is not None and backend == "triton":
+            # The fused kernels carry no routing history: the reference decodes (and the prefill before it).
+            if self.adapter.backend == "triton" and not self._warned_history_backend:
+                self._warned_history_backend = True
+                warnings.warn(f"{type(self).__name__}: backend='triton' cannot carry the n-gram routing history "
+                              f"of decoding with a KV cache (n_gram={options.n_gram}, ngram_mode='window'); this "
+                              "layer decodes on the reference backend", stacklevel=3)
+            backend = "reference"
         if backend == "triton":
             from .fused import fused_lime_linear, fused_statistics
 
@@ -249,7 +352,7 @@ class LiMEModule(nn.Module):
             result = fused_lime_linear(
                 x=x if computes_base or adapter_input is None else None, adapter_input=adapter_input,
                 weight=weight, bias=bias, base=None if computes_base else frozen(), A=A, B=B, LiMEs=self.LiMEs,
-                LiME_shared=self.LiME_shared, gamma=self.gamma, options=self.routing, scaling=scaling, valid=valid,
+                LiME_shared=self.LiME_shared, gamma=self.gamma, options=options, scaling=scaling, valid=valid,
                 jitter=jitter, channel_scale=channel_scale, sliced_rows=sliced_rows if computes_base else 0,
             )
             self._defer_stats(fused_statistics, result)
@@ -257,17 +360,24 @@ class LiMEModule(nn.Module):
         frozen_output = frozen()  # under autocast, as the base layer would run
         adapter_input = adapter_input if adapter_input is not None else x
         bias = bias if channel_scale is not None else None
+        history = None if decoding is None else decoding.history(self, frozen_output.shape[0], options,
+                                                                 frozen_output.device)
         with full_precision(frozen_output.device):
             if self.compiled:
                 routed = _compiled_reference()(adapter_input, frozen_output, A, B, self.LiMEs, self.LiME_shared,
-                                               self.gamma, self.routing, scaling, valid, jitter, channel_scale, bias)
+                                               self.gamma, options, scaling, valid, jitter, channel_scale, bias,
+                                               history=history)
             elif channel_scale is None:
                 routed = eager.lime_linear(adapter_input, frozen_output, A, B, self.LiMEs, self.LiME_shared, self.gamma,
-                                           self.routing, scaling, valid, jitter)
+                                           options, scaling, valid, jitter, history=history)
             else:
-                base, delta = reference.adapted_outputs(adapter_input, frozen_output, A, B, scaling, channel_scale, bias)
-                routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, self.routing, valid, jitter)
-        self._defer_stats(reference.routing_stats, routed.probs, routed.valid, self.routing)
+                base, delta, features = reference.dora_outputs(adapter_input, frozen_output, A, B, scaling,
+                                                               channel_scale, bias, options)
+                routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, options, valid, jitter,
+                                     features, history)
+        if decoding is not None:
+            decoding.store(self, routed.history)
+        self._defer_stats(reference.routing_stats, routed.probs, routed.valid, options)
         return routed.out
 
 
@@ -313,9 +423,10 @@ class LiMELinear(LiMEModule):
         peft_dtype: Optional[torch.dtype] = None,
         moe_dtype: Optional[torch.dtype] = None,
         sparse_mode: bool = False,
-        router: str = "cosine",
-        ngram_mode: str = "window",
+        router: Optional[str] = None,
+        ngram_mode: Optional[str] = None,
         backend: str = "auto",
+        compat: str = "lime",
     ):
         super().__init__()
         if not is_wrappable_linear(linear):
@@ -327,13 +438,14 @@ class LiMELinear(LiMEModule):
             num_experts=num_experts, top_k=top_k, temperature=temperature, gamma_routing=gamma_routing,
             router=router, rep_mode=rep_mode, n_gram=n_gram, ngram_mode=ngram_mode,
             jitter_noise=jitter_noise, soft_topk=soft_topk, soft_topk_temperature=soft_topk_temperature,
-            auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold, sparse_mode=sparse_mode,
+            auto_topk=auto_topk, auto_topk_threshold=auto_topk_threshold, sparse_mode=sparse_mode, compat=compat,
         )
         adapter = AdapterOptions(
             rank=rank, alpha=alpha, dropout=dropout, use_shared_LiME=use_shared_LiME,
             LiME_init_std=LiME_init_std, track_aux=track_aux, peft_dtype=peft_dtype,
             moe_dtype=moe_dtype, backend=backend,
         )
+        self.routing = routing  # read by the variants' checks and initialization (before `_init_lime` sets it too)
         self._check_variant(linear, adapter)
         self._init_lime(out_features, routing, adapter)
         self.linear = linear
@@ -406,15 +518,19 @@ class LiMELinear(LiMEModule):
         valid = self._valid_tokens(x, attention_mask)
         jitter, dropped = self._random_draws(sequences)
         A, B, scaling = self.adapter_factors()
-        backend = self.resolve_backend(x)
+        backend = self.resolve_backend(x, valid)
         fused_computes_base = backend == "triton" and self._plain_linear()
         with full_precision(x.device):
             channel_scale = self.channel_scale()
+        # The original's DoRA feeds the dropped input to the frozen product too.
+        frozen_input = dropped if dropped is not None and self.compat == "original" and self.peft == "dora" \
+            else sequences
         out = self._modulate(
             backend=backend, x=sequences, adapter_input=dropped, A=A, B=B, scaling=scaling, valid=valid,
-            jitter=jitter, frozen=lambda: self._frozen_output(sequences),
+            jitter=jitter, frozen=lambda: self._frozen_output(frozen_input),
             weight=frozen_weight(linear) if fused_computes_base else None, bias=linear.bias,
             channel_scale=channel_scale, sliced_rows=self._sliced_rows(),
+            decoding=self._decoding_state(x, attention_mask),
         )
         # A 3-D input's output is (B, T, Dout) already: no view (each one is a node the backward runs).
         return out if x.dim() == 3 else out.reshape(*x.shape[:-1], out_features)
@@ -454,8 +570,15 @@ class LiMEDoRALinear(LiMELinear):
     def __init__(self, linear: nn.Linear, *args, dora_detach_norm: bool = False, **kwargs):
         if not isinstance(dora_detach_norm, bool):
             raise ValueError(f"dora_detach_norm must be True or False; got dora_detach_norm={dora_detach_norm!r}")
+        if dora_detach_norm and kwargs.get("compat") == "original":
+            raise ValueError("dora_detach_norm=True detaches the norm as HF PEFT does; compat='original' takes its "
+                             "gradients as the original code does")
         super().__init__(linear, *args, **kwargs)
         self.dora_detach_norm = dora_detach_norm
+
+    def _original_unfused(self) -> Optional[str]:
+        return ("compat='original' routes DoRA from its adapted output and rescales the bias; the fused kernels route "
+                "from the frozen output")
 
     def _init_adapter(self, device, dtype) -> None:
         super()._init_adapter(device, dtype)
@@ -464,8 +587,10 @@ class LiMEDoRALinear(LiMELinear):
         self.m = nn.Parameter(row_norms.to(dtype))
 
     def channel_scale(self) -> torch.Tensor:
+        original = self.compat == "original"
         return reference.dora_magnitude(
-            frozen_weight(self.linear), self.A, self.B, self.m, self.adapter.scaling, self.dora_detach_norm
+            frozen_weight(self.linear), self.A, self.B, self.m, self.adapter.scaling, self.dora_detach_norm,
+            reference.ORIGINAL_DORA_NORM_FLOOR if original else None,
         )
 
     def _frozen_output(self, sequences: torch.Tensor) -> torch.Tensor:
@@ -501,6 +626,71 @@ class LiMESliceFineLinear(LiMELinear):
         selector = torch.zeros(self.out_features, rank, device=device, dtype=dtype)
         selector[:rank] = torch.eye(rank, device=device, dtype=dtype)
         self.register_buffer("selector", selector, persistent=False)
+        if self.routing.compat == "original" and self.linear.bias is not None:
+            # The original trains a copy of the bias, named `bias` as there (`bias` reads it, see below;
+            # nn.Module refuses to register a name the class has as a property, hence `_parameters`).
+            self._parameters["bias"] = nn.Parameter(self.linear.bias.detach().clone().to(dtype))
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The wrapped layer's bias, or with compat='original' the trained copy of it."""
+        trained = self._parameters.get("bias")
+        return trained if trained is not None else self.linear.bias
+
+    @bias.setter
+    def bias(self, value: Optional[torch.Tensor]) -> None:
+        if "bias" in self._parameters:
+            raise ValueError("compat='original' SliceFine trains its own bias; set it with torch.no_grad() copy_")
+        self.linear.bias = value
+
+    def _initial_shared(self, out_features: int, device, dtype) -> torch.Tensor:
+        if self.routing.compat == "original":
+            return torch.zeros(out_features, device=device, dtype=dtype)  # the original's SliceFine: zeros, no draw
+        return super()._initial_shared(out_features, device, dtype)
+
+    def _call_options(self) -> RoutingOptions:
+        """compat='original': routing reads the frozen side alone (gamma_routing 0, see `forward`)."""
+        if self.routing.compat == "original" and self.routing.gamma_routing != 0:
+            return _changed_options(self.routing, gamma_routing=0.0)
+        return self.routing
+
+    def _original_unfused(self) -> Optional[str]:
+        return ("compat='original' routes SliceFine from the whole product without bias and trains the bias; the "
+                "fused kernels route from the frozen rows and the bias")
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.compat != "original":
+            return super().forward(x, attention_mask)
+        return self._original_forward(x, attention_mask)
+
+    def _original_forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The original's SliceFine: the dropped input feeds every row; the first `rank` channels are the
+        trainable rows' output times the modulation, the others the frozen rows' output, plus the trained bias;
+        routing reads the first E channels of the whole product without bias (the frozen side alone); masked
+        tokens get the unmodulated output."""
+        in_features, out_features = linear_features(self.linear)
+        sequences = autocast_cast(as_sequences(x, in_features))
+        valid = self._valid_tokens(x, attention_mask)
+        jitter, dropped = self._random_draws(sequences)
+        self.resolve_backend(x, valid)  # backend='triton' raises: see `_original_unfused`
+        rows_input = dropped if dropped is not None else sequences
+        rank, num_experts = self.adapter.rank, self.routing.num_experts
+        options = self._call_options()
+        with full_precision(x.device):
+            product = F.linear(rows_input, frozen_weight(self.linear))
+            frozen_rows = torch.cat([torch.zeros_like(product[..., :rank]), product[..., rank:]], dim=-1)
+            delta = reference.adapter_delta(rows_input, self.part_T, self.selector, 1.0)
+            bias = self.bias
+            base = frozen_rows if bias is None else frozen_rows + bias.to(frozen_rows.dtype)
+            features = (frozen_rows[..., :num_experts].to(delta.dtype) + delta[..., :num_experts],
+                        delta[..., :num_experts])
+            routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, options, None, jitter, features)
+            out = routed.out
+            if valid is not None:
+                unrouted = (base.to(delta.dtype) + delta).to(out.dtype)
+                out = torch.where(valid.unsqueeze(-1), out, unrouted)
+        self._defer_stats(reference.routing_stats, routed.probs, valid, options)
+        return out if x.dim() == 3 else out.reshape(*x.shape[:-1], out_features)
 
     def adapter_factors(self):
         return self.part_T, self.selector, 1.0

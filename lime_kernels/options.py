@@ -17,6 +17,12 @@ import torch
 
 ROUTERS = ("cosine", "maxabs")
 NGRAM_MODES = ("window", "anchor")
+# "lime": the corrected semantics (docs/lime-semantics.md); "original": what the original LiME code's
+# classes compute (README, "Differences from the original LiME code").
+COMPAT_MODES = ("lime", "original")
+# The router and n-gram mode each compat mode takes when none is given.
+COMPAT_DEFAULTS = {"lime": {"router": "cosine", "ngram_mode": "window"},
+                   "original": {"router": "maxabs", "ngram_mode": "anchor"}}
 REP_MODES = ("token", "mean", "last")
 BACKENDS = ("auto", "reference", "triton")
 
@@ -74,30 +80,52 @@ def require_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {name}={value!r}")
 
 
+def _refuse_overridden(options) -> None:
+    """compat='original' computes the original's routing: an option it would silently override is refused."""
+    for name, value in COMPAT_DEFAULTS["original"].items():
+        if getattr(options, name) != value:
+            raise ValueError(
+                f"compat='original' routes as the original code ({name}={value!r}); got {name}={getattr(options, name)!r} "
+                f"(use compat='lime' for it)"
+            )
+    if options.rep_mode != "token":
+        raise ValueError(
+            f"compat='original' routes per token (the original code accepts rep_mode and ignores it); "
+            f"got rep_mode={options.rep_mode!r} (use compat='lime' for it)"
+        )
+
+
 @dataclass(frozen=True)
 class RoutingOptions:
     """Zero-parameter routing and expert mixing (steps 2-10 of `docs/lime-semantics.md`).
 
-    Defaults follow the LiME README's recommended configuration.
+    Defaults follow the LiME README's recommended configuration. `router` and `ngram_mode` left None
+    take `compat`'s: cosine / window, or the original's maxabs / anchor with `compat="original"`, which
+    refuses the options it overrides (another router, n-gram mode or `rep_mode`).
     """
 
     num_experts: int = 4
     top_k: int = 1
     temperature: float = 0.5
     gamma_routing: float = 0.7
-    router: str = "cosine"
+    router: Optional[str] = None
     rep_mode: str = "token"
     n_gram: int = 1
-    ngram_mode: str = "window"
+    ngram_mode: Optional[str] = None
     jitter_noise: float = 0.1
     soft_topk: bool = True
     soft_topk_temperature: float = 0.5
     auto_topk: bool = True
     auto_topk_threshold: float = 0.5
     sparse_mode: bool = False
+    compat: str = "lime"
 
     def __post_init__(self) -> None:
         _as_python_numbers(self)
+        require_choice("compat", self.compat, COMPAT_MODES)
+        for name, default in COMPAT_DEFAULTS[self.compat].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         _require_int("num_experts", self.num_experts)
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1; got num_experts={self.num_experts}")
@@ -136,6 +164,8 @@ class RoutingOptions:
                 f"auto_topk_threshold must lie in (0, 1]; got auto_topk_threshold={self.auto_topk_threshold}"
             )
         _require_bool("sparse_mode", self.sparse_mode)
+        if self.compat == "original":
+            _refuse_overridden(self)
 
     @property
     def selection(self) -> str:

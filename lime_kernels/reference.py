@@ -103,9 +103,57 @@ def _sequence_summary(features: torch.Tensor, valid: torch.Tensor, rep_mode: str
     return torch.where(has_valid, summary.expand_as(features), features)
 
 
-def routing_representation(features: torch.Tensor, valid: Optional[torch.Tensor], options: RoutingOptions) -> torch.Tensor:
+class RoutingHistory(NamedTuple):
+    """What a causal n-gram window needs from before a call's first token (decoding with a KV cache): the
+    per-token routing features `u`, `v` (before pooling) of the n-1 positions before it, `(B, n-1, E)`, and
+    whether each of those positions is a valid token `(B, n-1)` bool (padding and positions before the
+    sequence's start are not, and enter no window)."""
+
+    frozen: torch.Tensor
+    adapted: torch.Tensor
+    valid: torch.Tensor
+
+    @staticmethod
+    def empty(batch: int, n_gram: int, num_experts: int, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> "RoutingHistory":
+        """The history before a sequence's first token: n-1 invalid positions."""
+        zeros = torch.zeros(batch, n_gram - 1, num_experts, device=device, dtype=dtype)
+        return RoutingHistory(zeros, zeros, torch.zeros(batch, n_gram - 1, dtype=torch.bool, device=device))
+
+
+def _all_valid(features: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ones(features.shape[:2], dtype=torch.bool, device=features.device) if valid is None else valid
+
+
+def _window_pool_after(features: torch.Tensor, valid: Optional[torch.Tensor], past: torch.Tensor,
+                       past_valid: torch.Tensor, n_gram: int) -> torch.Tensor:
+    """`_window_pool` of the call's tokens continuing `past` (n-1 earlier positions): the same sums in the
+    same order as over the whole sequence, so cached decoding pools exactly as one uncached call."""
+    joined = torch.cat((past.to(features.dtype), features), dim=1)
+    joined_valid = torch.cat((past_valid, _all_valid(features, valid)), dim=1)
+    return _window_pool(joined, joined_valid, n_gram)[:, past.shape[1]:]
+
+
+def next_history(history: RoutingHistory, frozen: torch.Tensor, adapted: torch.Tensor,
+                 valid: Optional[torch.Tensor]) -> RoutingHistory:
+    """The history after this call: the last n-1 positions of `history` followed by its tokens' features
+    (not detached: a later call's gradients reach them as they reach the KV cache). Contiguous: the same
+    strides after every call, so a compiled decoding step does not recompile for the prefill's."""
+    tokens = frozen.shape[1]
+    return RoutingHistory(
+        torch.cat((history.frozen.to(frozen.dtype), frozen), dim=1)[:, tokens:].contiguous(),
+        torch.cat((history.adapted.to(adapted.dtype), adapted), dim=1)[:, tokens:].contiguous(),
+        torch.cat((history.valid, _all_valid(frozen, valid)), dim=1)[:, tokens:].contiguous(),
+    )
+
+
+def routing_representation(features: torch.Tensor, valid: Optional[torch.Tensor], options: RoutingOptions,
+                           past: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Steps 3-4: `rep_mode` (token / mean / last), then the n-gram window or anchors for tokens.
-    `valid` None: every token is valid."""
+    `valid` None: every token is valid. `past`: the features and validity of the n-1 positions before the
+    first token (`RoutingHistory`), which the causal window reads; the other modes have no such history."""
+    if past is not None and options.rep_mode == "token" and options.n_gram > 1 and options.ngram_mode == "window":
+        return _window_pool_after(features, valid, past[0], past[1], options.n_gram)
     if options.rep_mode == "token" and (options.n_gram == 1 or options.ngram_mode == "anchor"):
         if options.n_gram == 1:
             return features
@@ -144,10 +192,14 @@ def routing_probs(
     valid: Optional[torch.Tensor],
     options: RoutingOptions,
     jitter: Optional[torch.Tensor] = None,
+    history: Optional[RoutingHistory] = None,
 ) -> torch.Tensor:
-    """Steps 3-8: `(B, T, E)` float32 routing probabilities from `u = base[:E]`, `v = delta[:E]`."""
-    frozen = routing_representation(frozen_features, valid, options)
-    adapted = routing_representation(adapted_features, valid, options)
+    """Steps 3-8: `(B, T, E)` float32 routing probabilities from `u = base[:E]`, `v = delta[:E]`;
+    `history`: the causal window's earlier positions (see `RoutingHistory`)."""
+    frozen = routing_representation(frozen_features, valid, options,
+                                    None if history is None else (history.frozen, history.valid))
+    adapted = routing_representation(adapted_features, valid, options,
+                                     None if history is None else (history.adapted, history.valid))
     frozen_coef, adapted_coef = blend_coefficients(options)
     logits = torch.add(frozen / feature_scale(frozen, options.router) * frozen_coef,
                        adapted / feature_scale(adapted, options.router), alpha=adapted_coef)
@@ -252,9 +304,11 @@ def balance_statistics(
 def routing_stats(probs: torch.Tensor, valid: Optional[torch.Tensor], options: RoutingOptions,
                   aux: str) -> Optional[RoutingStats]:
     """Load-balancing statistics over the valid tokens (`aux` = 'full' in training, 'usage' in eval);
-    `valid` None: every token is valid."""
+    `valid` None: every token is valid. `compat='original'`: `original_routing_stats`."""
     if aux == "none":
         return None
+    if options.compat == "original":
+        return original_routing_stats(probs, valid, options, aux)
     if valid is None:
         num_valid = probs.new_full((), probs.shape[0] * probs.shape[1], dtype=torch.long)
         probs_sum = probs.sum(dim=(0, 1))
@@ -269,6 +323,51 @@ def routing_stats(probs: torch.Tensor, valid: Optional[torch.Tensor], options: R
     return balance_statistics(probs_sum, selected.sum(dim=(0, 1)), num_valid, aux, active_histogram(selected, valid))
 
 
+def original_selections(probs: torch.Tensor, options: RoutingOptions) -> torch.Tensor:
+    """(..., E) counts of what the original code's `load` counts per token: the AutoTop-K mask (dense), the
+    top-k indices, or, sparse AutoTop-K, all min(2k, E) candidates whether above the threshold or not."""
+    if options.sparse_mode and options.auto_topk:
+        candidates = torch.topk(probs, min(2 * options.top_k, probs.shape[-1]), dim=-1).indices
+        return _one_hot_rows(candidates, probs.shape[-1])
+    return selected_experts(probs, options)
+
+
+def original_routing_stats(probs: torch.Tensor, valid: Optional[torch.Tensor], options: RoutingOptions,
+                           aux: str) -> Optional[RoutingStats]:
+    """The original code's statistics: `importance` and `kl_uniform` over the valid tokens' mean probability
+    (no valid token: -1 and 0), `load` over every token, padding included (with n-gram anchors, over the
+    anchors only: the original selects on them), and in eval mode `usage` over every token, padding included."""
+    if aux == "none":
+        return None
+    if aux == "usage":
+        return RoutingStats(None, None, None, probs.mean(dim=(0, 1)).detach(), None)
+    num_experts = probs.shape[-1]
+    if valid is None:
+        num_valid = probs.new_full((), probs.shape[0] * probs.shape[1], dtype=torch.long)
+        probs_sum = probs.sum(dim=(0, 1))
+    else:
+        num_valid = valid.sum()
+        probs_sum = torch.where(valid.unsqueeze(-1), probs, torch.zeros_like(probs)).sum(dim=(0, 1))
+    mean_probs = probs_sum / num_valid.clamp_min(1).to(probs.dtype)
+    importance = num_experts * mean_probs.square().sum() - 1.0
+    kl_uniform = (mean_probs * (mean_probs.clamp_min(LOG_EPS).log() + math.log(num_experts))).sum()
+    counted = probs.detach()
+    if options.n_gram > 1:
+        tokens = probs.shape[1]
+        positions = torch.arange(tokens, device=probs.device)
+        counted = counted[:, _anchor_positions(tokens, options.n_gram, probs.device) == positions]
+    counts = original_selections(counted, options).sum(dim=(0, 1)).to(probs.dtype)
+    load_share = counts / counts.sum().clamp_min(1.0)
+    load = num_experts * load_share.square().sum() - 1.0
+    # Not the original's: the number of experts each valid token selects, as the default statistics report it.
+    selected = selected_experts(probs.detach(), options)
+    if valid is not None:
+        selected = selected & valid.unsqueeze(-1)
+    active = selected.sum() / num_valid.clamp_min(1).to(probs.dtype)
+    return RoutingStats(importance, kl_uniform, load.detach(), mean_probs.detach(), active.detach(),
+                        active_histogram(selected, valid))
+
+
 # --- steps 2-11: route and modulate ------------------------------------------------------------------
 
 
@@ -279,6 +378,7 @@ class Routed(NamedTuple):
     out: torch.Tensor
     probs: torch.Tensor
     valid: Optional[torch.Tensor]
+    history: Optional[RoutingHistory] = None  # after this call, when one was given (decoding with a cache)
 
 
 def check_experts(base: torch.Tensor, LiMEs: torch.Tensor, LiME_shared: Optional[torch.Tensor],
@@ -301,12 +401,19 @@ def route(
     options: RoutingOptions,
     valid: Optional[torch.Tensor] = None,
     jitter: Optional[torch.Tensor] = None,
+    routing_features: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    history: Optional[RoutingHistory] = None,
 ) -> Routed:
     """`out = base + delta * (w @ P + g * p_shared)` with zero-parameter routing, and the routing
-    probabilities; `route_and_modulate` adds the statistics."""
+    probabilities; `route_and_modulate` adds the statistics. `routing_features`: the per-token `(u, v)`
+    `(B, T, E)` to route from instead of `(base[:E], delta[:E])` (the original code's DoRA and SliceFine).
+    `history`: the causal window's positions before this call (decoding with a cache); the result then
+    carries the history after it."""
     num_experts = options.num_experts
     dtype = compute_dtype(base, delta, LiMEs, LiME_shared)
-    probs = routing_probs(base[..., :num_experts].to(dtype), delta[..., :num_experts].to(dtype), valid, options, jitter)
+    frozen, adapted = routing_features or (base[..., :num_experts], delta[..., :num_experts])
+    frozen, adapted = frozen.to(dtype), adapted.to(dtype)
+    probs = routing_probs(frozen, adapted, valid, options, jitter, history)
     weights = mixing_weights(probs, options)
     # Step 10: `w @ P + g * p_shared` as one matrix product with the shared term as its bias.
     shared = None if LiME_shared is None else gamma.to(dtype) * LiME_shared.to(dtype)
@@ -314,7 +421,7 @@ def route(
     out = torch.addcmul(base.to(dtype), delta.to(dtype), modulation).to(base.dtype)
     if valid is not None:
         out = torch.where(valid.unsqueeze(-1), out, base)
-    return Routed(out, probs, valid)
+    return Routed(out, probs, valid, None if history is None else next_history(history, frozen, adapted, valid))
 
 
 def route_and_modulate(
@@ -340,17 +447,23 @@ def route_and_modulate(
     return routed.out, routing_stats(routed.probs, routed.valid, options, aux)
 
 
+ORIGINAL_DORA_NORM_FLOOR = 1e-8  # the original code floors DoRA's row norm
+
+
 def dora_magnitude(
     weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
-    detach_norm: bool = False,
+    detach_norm: bool = False, norm_floor: Optional[float] = None,
 ) -> torch.Tensor:
     """DoRA's per-channel scale `m / ||W + s B A||_row` (Dout,), in float32 (float64 for float64 inputs).
 
-    The row norm takes gradients (to A and B) unless `detach_norm` (Hugging Face PEFT's choice).
+    The row norm takes gradients (to A and B) unless `detach_norm` (Hugging Face PEFT's choice); it is
+    floored at `norm_floor` when given (the original code's 1e-8).
     """
     dtype = compute_dtype(weight, A, B, magnitude)
     directions = weight.to(dtype) + scaling * (B.to(dtype) @ A.to(dtype))
     norm = torch.linalg.vector_norm(directions, dim=1)
+    if norm_floor is not None:
+        norm = norm.clamp_min(norm_floor)
     if detach_norm:
         norm = norm.detach()
     return magnitude.to(dtype) / norm
@@ -371,17 +484,39 @@ def adapted_outputs(
     scaling: float,
     channel_scale: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
+    scale_bias: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """`(base', delta')` of a low-rank adapter: `delta = scaling * adapter_input @ A.T @ B.T`; with
-    DoRA's `channel_scale`, `base' = channel_scale * base + bias` and `delta' = channel_scale * delta`."""
+    DoRA's `channel_scale`, `base' = channel_scale * base + bias` and `delta' = channel_scale * delta`
+    (`scale_bias`: `base' = channel_scale * (base + bias)`, the original code's DoRA)."""
     delta = adapter_delta(adapter_input, A, B, scaling)
     if channel_scale is None:
         return base, delta
     dtype = delta.dtype
-    scaled = channel_scale.to(dtype) * base.to(dtype)
-    if bias is not None:
-        scaled = scaled + bias.to(dtype)
+    if scale_bias and bias is not None:
+        scaled = channel_scale.to(dtype) * (base.to(dtype) + bias.to(dtype))
+    else:
+        scaled = channel_scale.to(dtype) * base.to(dtype)
+        if bias is not None:
+            scaled = scaled + bias.to(dtype)
     return scaled.to(base.dtype), channel_scale.to(dtype) * delta
+
+
+def dora_outputs(
+    adapter_input: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+    channel_scale: torch.Tensor, bias: Optional[torch.Tensor], options: RoutingOptions,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    """DoRA's `(base', delta')` and the routing features to use instead of their first E channels (None: those).
+
+    `compat='original'`: the bias is rescaled with the magnitude, and the frozen side routes from the adapted
+    output `base' + delta'` (the original code's DoRA), the adapter side from `delta'`."""
+    original = options.compat == "original"
+    base, delta = adapted_outputs(adapter_input, base, A, B, scaling, channel_scale, bias, scale_bias=original)
+    if not original:
+        return base, delta, None
+    num_experts = options.num_experts
+    adapted = delta[..., :num_experts]
+    return base, delta, (base[..., :num_experts].to(delta.dtype) + adapted, adapted)
 
 
 def lime_linear_routed(
@@ -398,11 +533,17 @@ def lime_linear_routed(
     jitter: Optional[torch.Tensor] = None,
     channel_scale: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
+    history: Optional[RoutingHistory] = None,
 ) -> Routed:
-    """`lime_linear` without the statistics: the output and what they are computed from."""
-    base, delta = adapted_outputs(adapter_input, base, A, B, scaling, channel_scale, bias)
+    """`lime_linear` without the statistics: the output and what they are computed from (`history`: see
+    `route`)."""
+    features = None
+    if channel_scale is None:
+        base, delta = adapted_outputs(adapter_input, base, A, B, scaling)
+    else:
+        base, delta, features = dora_outputs(adapter_input, base, A, B, scaling, channel_scale, bias, options)
     check_experts(base, LiMEs, LiME_shared, gamma, options)
-    return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter)
+    return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, features, history=history)
 
 
 def lime_linear(

@@ -77,14 +77,18 @@ def test_eager_route_equals_the_reference_in_float64(router, selection, represen
 @pytest.mark.parametrize("router,selection", list(itertools.product(["cosine", "maxabs"], SELECTION_MODES)))
 def test_eager_lime_linear_with_its_adapter_inside_equals_the_reference(router, selection):
     """Per-token routing takes the adapter's two products into the same node: the gradients of the input,
-    A (or none: LoRA-FA) and B as the reference's autograd gives them."""
+    A and B as the reference's autograd gives them, for each subset of them that needs one (LoRA-FA: A
+    frozen; a frozen adapter: the experts' gradients alone, and no adapter backward at all)."""
     options = RoutingOptions(num_experts=4, top_k=2, router=router, **SELECTION_MODES[selection])
-    for index, (padded, jittered, shared, frozen_A) in enumerate(itertools.product([False, True], repeat=4)):
+    wanted = [(True, True, True), (False, True, True), (True, False, True), (False, False, True), (True, False, False),
+              (False, False, False)]  # (x, A, B) requiring gradients
+    for index, (padded, jittered, shared, (x_grad, A_grad, B_grad)) in enumerate(
+            itertools.product([False, True], [False, True], [False, True], wanted)):
         generator = torch.Generator().manual_seed(index)
-        x = torch.randn(2, 5, 6, generator=generator, dtype=torch.float64, requires_grad=not frozen_A)
+        x = torch.randn(2, 5, 6, generator=generator, dtype=torch.float64, requires_grad=x_grad)
         base = x.detach() @ torch.randn(7, 6, generator=generator, dtype=torch.float64).t()
-        A = torch.randn(3, 6, generator=generator, dtype=torch.float64).requires_grad_(not frozen_A)
-        B = torch.randn(7, 3, generator=generator, dtype=torch.float64).requires_grad_()
+        A = torch.randn(3, 6, generator=generator, dtype=torch.float64).requires_grad_(A_grad)
+        B = torch.randn(7, 3, generator=generator, dtype=torch.float64).requires_grad_(B_grad)
         (_, _, LiMEs, LiME_shared, gamma), valid, jitter = _inputs(index, padded=padded, jittered=jittered,
                                                                      shared=shared, base_grad=False)
         results = []
@@ -185,3 +189,35 @@ def test_a_lime_training_step_dispatches_fewer_operators_than_before():
     forward, backward = _training_step_operators(layer, x)
     assert len(forward) <= 45 and len(backward) <= 100, (len(forward), len(backward), forward, backward)
     assert "aten::_softmax_backward_data" in backward  # the hand-written backward ran, not autograd's chain
+
+
+@pytest.mark.parametrize("router,selection,representation", CASES)
+def test_without_gradients_the_forward_alone_equals_the_reference(router, selection, representation):
+    """Evaluation and decoding (no graph recorded) call the node's forward directly: the reference's output
+    and probabilities, the frozen output on invalid tokens."""
+    options = RoutingOptions(num_experts=4, top_k=2, router=router, **SELECTION_MODES[selection],
+                             **REPRESENTATIONS[representation])
+    for index, (padded, shared) in enumerate(itertools.product([False, True], repeat=2)):
+        tensors, valid, _ = _inputs(index, padded=padded, jittered=False, shared=shared, base_grad=False)
+        with torch.no_grad():
+            expected = reference.route(*tensors, options, valid)
+            actual = eager.route(*tensors, options, valid)
+        torch.testing.assert_close(actual.out, expected.out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(actual.probs, expected.probs, rtol=1e-12, atol=1e-12)
+        if padded:
+            assert torch.equal(actual.out[~valid], tensors[0][~valid])
+
+
+def test_a_decoding_call_dispatches_fewer_operators_than_the_reference():
+    """One token through a LiME layer in eval mode without autograd (a decoding step's call): the node's
+    forward alone, in fewer operators than the reference's (39 for the same call), the same output."""
+    layer = make_layer(num_experts=4, rank=8, seed=2, dtype=torch.float32).eval()
+    x = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        with account() as recorded:
+            out = layer(x)
+        A, B, scaling = layer.adapter_factors()
+        expected = reference.lime_linear_routed(x, layer.linear(x), A, B, layer.LiMEs, layer.LiME_shared, layer.gamma,
+                                                layer.routing, scaling).out
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert len(recorded.ops) <= 36, [op.name for op in recorded.ops]

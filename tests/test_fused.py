@@ -25,6 +25,7 @@ from lime_kernels import (
     LiMEPromptEncoder,
     LiMESliceFineLinear,
 )
+from lime_kernels import eager as eager_path
 from lime_kernels import reference as reference_path
 from lime_kernels.testing import assert_close as _close
 
@@ -74,12 +75,16 @@ def routing_margin(run) -> float:
     captured = []
     original = reference_path.routing_probs
 
-    def capture(frozen, adapted, valid, options, jitter=None):
-        probs = original(frozen, adapted, valid, options, jitter)
+    def capture(frozen, adapted, valid, options, jitter=None, history=None):
+        probs = original(frozen, adapted, valid, options, jitter, history)
         captured.append((probs.detach(), frozen.detach(), adapted.detach(), valid, options))
         return probs
 
-    with mock.patch.object(reference_path, "routing_probs", capture), torch.no_grad():
+    # Without gradients the reference layers run the eager path's forward (lime_kernels.eager), which computes
+    # the same probabilities without routing_probs: the margins are read from the reference's own calls.
+    with mock.patch.object(reference_path, "routing_probs", capture), torch.no_grad(), \
+            mock.patch.object(eager_path, "route", reference_path.route), \
+            mock.patch.object(eager_path, "lime_linear", reference_path.lime_linear_routed):
         run()
     assert captured, "the call did not route"
     margins = [1.0]

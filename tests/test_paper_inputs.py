@@ -289,13 +289,22 @@ def test_cli_flags_parse():
     base = ["--model", "m", "--data", "d"]
     for command in (["train"], ["eval", "--adapter", "a"]):
         args = parser.parse_args(command + base)
-        assert (args.stock_processor, args.frame_sampling, args.truncate) == (False, "round", None)
+        assert (args.stock_processor, args.frame_sampling, args.truncate) == (False, None, None)
+        # No --frame-sampling: rounded, floored under compat original (the original's).
+        assert (cli._frame_sampling(args, "lime"), cli._frame_sampling(args, "original")) == ("round", "floor")
         args = parser.parse_args(command + base + ["--stock-processor", "--frame-sampling", "floor", "--truncate"])
         assert (args.stock_processor, args.frame_sampling, args.truncate) == (True, "floor", "question")
+        args = parser.parse_args(command + base + ["--frame-sampling", "round"])
+        assert cli._frame_sampling(args, "original") == "round"
         assert parser.parse_args(command + base + ["--truncate", "tail", "--max-length", "9"]).truncate == "tail"
         for bad in (["--frame-sampling", "ceil"], ["--truncate", "middle"]):
             with pytest.raises(SystemExit):
                 parser.parse_args(command + base + bad)
+    args = parser.parse_args(["train"] + base + ["--compat", "original"])
+    assert (args.compat, args.router, args.ngram_mode) == ("original", None, None)
+    assert parser.parse_args(["train"] + base).compat == "lime"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train"] + base + ["--compat", "paper"])
 
 
 @pytest.fixture(scope="module")

@@ -327,3 +327,48 @@ def test_balance_step_after_a_batch_that_reached_other_layers(tmp_path):
                             if name in ran]).mean()
     torch.testing.assert_close(metrics["importance"], expected)
     assert lime.compute_balance_loss(model).requires_grad
+
+
+def test_torch_compile_trains_as_eager_in_one_graph(tmp_path):
+    """LiMETrainer with torch_compile=True (what `lime train --compile` sets): the Trainer compiles the whole
+    model; the LiME training step (padded text batches of one shape, the balance loss every step) traces as one
+    graph with no break, three steps compile once, and the losses and trained parameters are the eager run's.
+    (aot_eager: the graph as traced, run without inductor's code generation, which test_compile covers.)"""
+    from torch._dynamo.utils import counters
+
+    results = []
+    for compiled in (False, True):
+        model, processor = _wrapped()
+        torch._dynamo.reset()
+        counters.clear()
+        overrides = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        # SGD: Adam's normalized steps would turn the rounding of near-zero gradients into whole steps.
+        trainer = LiMETrainer(model=model, args=_args(tmp_path, max_steps=3, balance_every_n_steps=1, optim="sgd",
+                                                      **overrides),
+                              train_dataset=TinyConversations(), data_collator=TinyCollator(processor, images=False))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        results.append((losses, _lime_state(model)))
+        if compiled:
+            assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    (eager_losses, eager_state), (compiled_losses, compiled_state) = results
+    assert len(eager_losses) == 3
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for name, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=1e-5 * value.abs().max().item(),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_cli_compile_flags_reach_the_trainer_and_the_evaluation():
+    """`lime train --compile` sets the Trainer's torch_compile; `lime eval --compile` generates through a
+    static cache and a compiled decoding step."""
+    from lime.cli import build_parser
+    from lime.evaluation import compiled_generation
+
+    parser = build_parser()
+    train = parser.parse_args(["train", "--model", "m", "--data", "d", "--compile"])
+    assert train.compile and not parser.parse_args(["train", "--model", "m", "--data", "d"]).compile
+    assert parser.parse_args(["eval", "--model", "m", "--adapter", "a", "--data", "d", "--compile"]).compile
+    options = compiled_generation()
+    assert options["cache_implementation"] == "static" and options["compile_config"]._compile_all_devices
