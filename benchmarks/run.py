@@ -301,6 +301,7 @@ def _generation_speed(model, prompt, new_tokens: int, mode: str, repeats: int, d
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if mode == "compiled":
         torch._dynamo.reset()
+        # As lime.evaluation.compiled_generation (not imported: it needs `datasets`, which the GPU image lacks).
         config = CompileConfig(mode="reduce-overhead")
         config._compile_all_devices = True  # transformers compiles the step on a GPU only, unless told (not a keyword)
         options.update(cache_implementation="static", compile_config=config)

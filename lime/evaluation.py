@@ -364,7 +364,8 @@ def check_sizes(**sizes) -> None:
 
 def compiled_generation() -> Dict:
     """generate()'s options for a compiled decoding step: a static cache, whose decoding step transformers
-    compiles with torch.compile (one graph: LiME adds no break, tests/test_compile.py). transformers
+    compiles with torch.compile (one graph: LiME adds no break, tests/test_compile.py), in CompileConfig's
+    default mode, "reduce-overhead" (CUDA graphs on a GPU). transformers
     compiles it on a GPU by itself; `_compile_all_devices` (an attribute, not a keyword) asks for it on
     any device. Each new prompt length compiles the step again, as torch.compile does for new shapes."""
     from transformers import CompileConfig

@@ -37,3 +37,20 @@ def compiled_training_steps(model: torch.nn.Module, batch: dict, steps: int = 3
 def recorded_host_syncs(record: AotEagerAndRecordGraphs) -> List[str]:
     """The sync-prone operators (`lime_kernels.accounting.SYNC_OPS`) of every forward and backward graph."""
     return [name for graph in record.fw_graphs + record.bw_graphs for name in graph_host_syncs(graph)]
+
+
+def recording_compile_config():
+    """transformers' CompileConfig for generate(cache_implementation="static") with a backend that records each
+    graph it is handed (the returned list) and runs it as traced; fullgraph, and compiled on any device
+    (`_compile_all_devices`: transformers compiles on a GPU only unless told)."""
+    from transformers import CompileConfig
+
+    graphs = []
+
+    def backend(graph, example_inputs):  # a function: CompileConfig deep-copies its backend
+        graphs.append(graph)
+        return graph.forward
+
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    return config, graphs

@@ -176,17 +176,10 @@ def test_generate_with_a_static_cache_compiles_its_decoding_step_as_one_graph(na
     tokens and scores are eager generation's with the default dynamic cache. transformers then hands the
     model precomputed 4-D masks instead of the 2-D padding mask: LiME's layers route every token (a warning
     says so), which changes nothing under the default per-token routing."""
-    from transformers import CompileConfig
+    from compile_helpers import recording_compile_config
 
     model, batch = _generation_case(name)
-    graphs = []
-
-    def backend(graph, example_inputs):  # a function: CompileConfig deep-copies its backend
-        graphs.append(graph)
-        return graph.forward
-
-    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
-    config._compile_all_devices = True
+    config, graphs = recording_compile_config()
     settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True,
                     return_dict_in_generate=True)
     torch._dynamo.reset()

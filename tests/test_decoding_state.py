@@ -202,19 +202,12 @@ def test_a_compiled_static_cache_decoding_step_carries_the_history_in_one_graph(
     is traced state of the cache, so the decoding step compiles once (its strides do not change between the
     eager prefill and the compiled steps) and generates what uncached generation does. Unpadded prompts: a
     static cache passes no 2-D padding mask (see test_compile)."""
-    from transformers import CompileConfig
+    from compile_helpers import recording_compile_config
 
     model = _family("qwen2", n_gram=3).float()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [9, 10, 11, 12, 13, 14, 15]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    graphs = []
-
-    def backend(graph, example_inputs):  # a function: CompileConfig deep-copies its backend
-        graphs.append(graph)
-        return graph.forward
-
-    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
-    config._compile_all_devices = True
+    config, graphs = recording_compile_config()
     torch._dynamo.reset()
     uncached = _generate(model, batch, use_cache=False)
     for _ in range(2):

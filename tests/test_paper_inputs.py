@@ -5,7 +5,6 @@ and a `lime train` / `lime eval` flag."""
 import json
 import os
 
-import av
 import datasets
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from lime.data import MultiModalCollator, MultiModalDataset, frame_indices, load
 from lime.demo import write_demo_dataset
 from lime.inputs import use_original_image_settings
 from lime.tiny import CHAT_TEMPLATE, build_tiny_llava_onevision, build_tiny_processor, build_tiny_tokenizer
+from test_mmt47 import _video  # a video of known frames
 
 
 # ----------------------------------------------------------------------------------------- video frames
@@ -48,26 +48,12 @@ def test_frame_indices_round_and_floor():
         frame_indices(10, 8, "ceil")
 
 
-def _video(path, frames, size=16):
-    """Frame i is a solid frame of intensity 10 * i (within the codec's rounding)."""
-    container = av.open(str(path), mode="w")
-    stream = container.add_stream("mpeg4", rate=4)
-    stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
-    for i in range(frames):
-        pixels = np.full((size, size, 3), 10 * i, dtype=np.uint8)
-        for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-
-
 def _levels(frames):
     return (frames.reshape(frames.shape[0], -1).mean(axis=1) / 10).round().astype(int).tolist()
 
 
 def test_video_frames_floored_through_the_dataset(tmp_path):
-    _video(tmp_path / "clip.mp4", 20)
+    _video(str(tmp_path / "clip.mp4"), 20)
     path = str(tmp_path / "clip.mp4")
     assert _levels(load_video_frames(path, 8, "floor")) == [0, 2, 5, 8, 10, 13, 16, 19]
     assert _levels(load_video_frames(path, 8, "round")) == [0, 3, 5, 8, 11, 14, 16, 19]
