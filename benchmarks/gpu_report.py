@@ -99,7 +99,7 @@ SMOKE_SWEEPS = {
     "grid": dict(shapes=[("tiny", 48, 64)], tokens=[16], ranks=[2], experts=[4], n_grams=[1]),
     "projections": dict(shapes=[("tiny-wide", 48, 96)], tokens=[16], ranks=[8], experts=[4], n_grams=[1]),
     "decode": dict(shape=("tiny", 48, 64), tokens=[1, 4], rank=2, experts=4, prompt=4, new_tokens=1,
-                   generate_repeats=2),
+                   generate_repeats=2, call_repeats=2),
     "repeats": 2, "warmup": 1, "model": "tiny", "batch": 1, "seq": 8, "steps": 2,
 }
 

@@ -55,15 +55,16 @@ def plan(quick: bool, device: torch.device) -> Dict:
         return {"projections": dict(shapes=[QWEN2_05B[0], QWEN2_05B[6]], tokens=[128], ranks=[8], experts=[4],
                                     n_grams=[1]),
                 "grid": dict(shapes=[QWEN2_05B[0]], tokens=[128], ranks=[2, 16], experts=[4, 8], n_grams=[1, 3]),
+                # A call takes a fraction of a millisecond: many repeats cost little and steady the ratios.
                 "decode": dict(shape=QWEN2_05B[0], tokens=[1, 16], rank=8, experts=4, prompt=8, new_tokens=4,
-                               generate_repeats=2),
+                               generate_repeats=5, call_repeats=200 if device.type == "cpu" else 100),
                 "repeats": 5 if device.type == "cpu" else 50, "warmup": 2 if device.type == "cpu" else 10,
                 "model": "tiny", "batch": 4, "seq": 32, "steps": 30 if device.type == "cpu" else 20}
     return {"projections": dict(shapes=QWEN2_05B + QWEN2_7B + SIGLIP, tokens=[2048, 8192], ranks=[8], experts=[4],
                                 n_grams=[1]),
             "grid": dict(shapes=[QWEN2_7B[0]], tokens=[8192], ranks=[2, 8, 16], experts=[4, 8], n_grams=[1, 3]),
             "decode": dict(shape=QWEN2_7B[0], tokens=[1, 4, 16, 64], rank=8, experts=4, prompt=64, new_tokens=32,
-                           generate_repeats=5),
+                           generate_repeats=5, call_repeats=100),
             "repeats": 100, "warmup": 10, "model": "0.5b", "batch": 4, "seq": 1024, "steps": 20}
 
 
@@ -269,7 +270,7 @@ def decode_sweep(settings: Dict, layer_providers: List[str], model_providers: Li
                 with torch.no_grad():
                     layer(x)
 
-            timing = time_ms(forward, device, settings["repeats"], settings["warmup"])
+            timing = time_ms(forward, device, decode["call_repeats"], settings["warmup"])
             record([dict(benchmark="decode", provider=provider, mode="forward", metric="time", unit="ms",
                          shape=f"{shape} {d_in}x{d_out}", tokens=tokens, rank=decode["rank"],
                          experts=decode["experts"], n_gram=1, dtype=dtype_name, **timing, **versions)])
