@@ -129,3 +129,15 @@ def compare_with_loop(layer, x, mask, training, seed=1234):
     for name, p, q in zip(["A", "B", "LiMEs", "LiME_shared", "gamma"], params, loop_params):
         tolerance_check(f"grad {name}", p.grad, q.grad)
     return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny LLaVA-OneVision (weights and processor), for the command line's --model."""
+    from lime.tiny import build_tiny_llava_onevision
+
+    directory = tmp_path_factory.mktemp("model")
+    model, processor = build_tiny_llava_onevision(seed=0)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return str(directory)

@@ -44,15 +44,6 @@ def _video(path, frames=3):
     container.close()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("model")
-    model, processor = build_tiny_llava_onevision(seed=0)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return str(directory)
-
-
 def _train(model_dir, data, output, *extra):
     return cli.main(["train", "--model", model_dir, "--data", data, "--output", str(output), "--max-steps", "1",
                      "--batch-size", "2", "--max-length", "512", "--save-steps", "1000", *extra])

@@ -293,15 +293,6 @@ def test_cli_flags_parse():
         parser.parse_args(["train"] + base + ["--compat", "paper"])
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("model")
-    model, processor = build_tiny_llava_onevision(seed=0)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return str(directory)
-
-
 def test_cli_loads_the_original_image_settings_unless_stock(model_dir, capsys):
     model, processor = cli._load_model(model_dir, "float32")
     assert processor.image_processor.image_grid_pinpoints == [[32, 32]] and model.config.image_grid_pinpoints == [[32, 32]]
