@@ -186,12 +186,16 @@ class MaskScope:
                 "ngram_mode='window', rep_mode='token' and router='cosine' are causal (cached generation then "
                 "equals uncached); or generate with use_cache=False", stacklevel=5)
 
+    def _with_decoding(self, context: Optional[ContextMask], decoding: Optional[DecodingState]) -> Optional[ContextMask]:
+        """`context` carrying the call's routing history (a context of its own where the call has no mask)."""
+        if decoding is None:
+            return context
+        return (context or ContextMask(None, self.in_sequence_model))._replace(decoding=decoding)
+
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self._context_of_call(args, kwargs)
         decoding = self._decoding_of_call(args, kwargs) if self.layers else None
-        if decoding is not None:
-            context = (context or ContextMask(None, self.in_sequence_model))._replace(decoding=decoding)
-        self._active.append(context)
+        self._active.append(self._with_decoding(context, decoding))
         # The record serves eager checkpoint recomputation only (a compiled graph replays its own, see
         # `current`); read while compiling, its flags would be guards that recompile the whole model twice.
         if torch.is_grad_enabled() and module.training and not torch.compiler.is_compiling():
@@ -209,10 +213,8 @@ class MaskScope:
         directly, without the hooks) there is nothing to continue."""
         if not self._active:
             return
-        context = self._context_of_call((), kwargs)
         decoding = self._active[-1].decoding if self._active[-1] is not None else None
-        if decoding is not None:  # the same call: the same routing history
-            context = (context or ContextMask(None, self.in_sequence_model))._replace(decoding=decoding)
+        context = self._with_decoding(self._context_of_call((), kwargs), decoding)  # the same call: the same history
         self._active[-1] = context
         if torch.is_grad_enabled() and module.training and not torch.compiler.is_compiling():
             self._latest_with_grad = context

@@ -30,11 +30,7 @@ import torch.nn as nn
 
 from lime_kernels import LiMEPromptEncoder
 
-from .injection import freeze_base, record_base_flags
-
-
-# The model's KV cache argument: `cache` from transformers 5.25 on, `past_key_values` before.
-CACHE_ARGUMENTS = ("cache", "past_key_values")
+from .injection import CACHE_ARGUMENTS, freeze_base, record_base_flags
 
 
 class PromptInjector:

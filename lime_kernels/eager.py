@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import reference
 from .options import RoutingOptions
 from .reference import (NORM_EPS, WEIGHT_EPS, Routed, RoutingHistory, blend_coefficients, compute_dtype, next_history,
-                        route as reference_route, routing_representation, selected_experts)
+                        route as reference_route, routing_representations, selected_experts)
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -219,9 +219,12 @@ class _Route(torch.autograd.Function):
                 grad_shared, grad_gamma, None, None, None, None)
 
 
-def _records_graph(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether this call builds an autograd graph: then `_Route` records one node, else `_forward` runs alone."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _routed(arguments: tuple, *differentiable: Optional[torch.Tensor]) -> tuple:
+    """`(out, probs)` of `_Route` on `arguments`: one autograd node where a graph is recorded (gradients on,
+    one of `differentiable` requiring one), else its forward alone, without autograd's bookkeeping."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        return _Route.apply(*arguments)
+    return _forward(*arguments)[:2]
 
 
 def route(
@@ -248,17 +251,11 @@ def route(
         num_experts = options.num_experts
         own = routing_features or (base[..., :num_experts], delta[..., :num_experts])
         own = (_as(own[0], dtype), _as(own[1], dtype))
-        frozen = routing_representation(own[0], valid, options,
-                                        None if history is None else (history.frozen, history.valid))
-        adapted = routing_representation(own[1], valid, options,
-                                         None if history is None else (history.adapted, history.valid))
+        frozen, adapted = routing_representations(own[0], own[1], valid, options, history)
         following = None if history is None else next_history(history, own[0], own[1], valid)
     arguments = (base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter, options,
                  dtype)
-    if _records_graph(base, delta, LiMEs, LiME_shared, gamma):
-        out, probs = _Route.apply(*arguments)
-    else:
-        out, probs, _ = _forward(*arguments)
+    out, probs = _routed(arguments, base, delta, LiMEs, LiME_shared, gamma)
     return Routed(out, probs, valid, following)
 
 
@@ -285,8 +282,5 @@ def lime_linear(
     dtype = compute_dtype(base, adapter_input, A, B, LiMEs, LiME_shared)  # delta's dtype is that of x, A and B
     arguments = (base, None, adapter_input, A, B, scaling, None, None, LiMEs, LiME_shared, gamma, valid, jitter, options,
                  dtype)
-    if _records_graph(adapter_input, base, A, B, LiMEs, LiME_shared, gamma):
-        out, probs = _Route.apply(*arguments)
-    else:
-        out, probs, _ = _forward(*arguments)
+    out, probs = _routed(arguments, adapter_input, base, A, B, LiMEs, LiME_shared, gamma)
     return Routed(out, probs, valid)

@@ -251,8 +251,10 @@ class LiMEModule(nn.Module):
         return "triton"
 
     def _fused_unsupported(self) -> Optional[str]:
-        if self.routing.compat == "original" and self._original_unfused() is not None:
-            return self._original_unfused()
+        if self.routing.compat == "original":
+            reason = self._original_unfused()
+            if reason is not None:
+                return reason
         if self.adapter.rank > MAX_FUSED_RANK:
             return f"rank={self.adapter.rank} > {MAX_FUSED_RANK}"
         if self.routing.num_experts > MAX_FUSED_EXPERTS:

@@ -186,6 +186,17 @@ def blend_coefficients(options: RoutingOptions) -> Tuple[float, float]:
     return (1.0 - options.gamma_routing) / options.temperature, options.gamma_routing / options.temperature
 
 
+def routing_representations(frozen_features: torch.Tensor, adapted_features: torch.Tensor,
+                            valid: Optional[torch.Tensor], options: RoutingOptions,
+                            history: Optional[RoutingHistory] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Steps 3-4 on both sides: `routing_representation` of `u` and of `v`, each continuing its side of
+    `history` (the causal window's earlier positions) if given."""
+    return (routing_representation(frozen_features, valid, options,
+                                   None if history is None else (history.frozen, history.valid)),
+            routing_representation(adapted_features, valid, options,
+                                   None if history is None else (history.adapted, history.valid)))
+
+
 def routing_probs(
     frozen_features: torch.Tensor,
     adapted_features: torch.Tensor,
@@ -196,10 +207,7 @@ def routing_probs(
 ) -> torch.Tensor:
     """Steps 3-8: `(B, T, E)` float32 routing probabilities from `u = base[:E]`, `v = delta[:E]`;
     `history`: the causal window's earlier positions (see `RoutingHistory`)."""
-    frozen = routing_representation(frozen_features, valid, options,
-                                    None if history is None else (history.frozen, history.valid))
-    adapted = routing_representation(adapted_features, valid, options,
-                                     None if history is None else (history.adapted, history.valid))
+    frozen, adapted = routing_representations(frozen_features, adapted_features, valid, options, history)
     frozen_coef, adapted_coef = blend_coefficients(options)
     logits = torch.add(frozen / feature_scale(frozen, options.router) * frozen_coef,
                        adapted / feature_scale(adapted, options.router), alpha=adapted_coef)

@@ -167,22 +167,17 @@ def test_the_command_line_takes_compat_and_floors_frames_with_it():
         parser.parse_args(["train", *base, "--compat", "paper"])
 
 
-def test_lime_train_and_eval_with_compat_original(tmp_path, monkeypatch):
+def test_lime_train_and_eval_with_compat_original(tmp_path, monkeypatch, model_dir):
     """`lime train --compat original` trains original-semantics layers and floors the video frames; `lime eval`
     takes compat from the adapter and floors them too."""
     import lime.data
     from lime.demo import write_demo_dataset
-    from lime.tiny import build_tiny_llava_onevision
 
     roundings = []
     indices = lime.data.frame_indices
     monkeypatch.setattr(lime.data, "frame_indices",
                         lambda total, num_frames, frame_rounding="round": roundings.append(frame_rounding)
                         or indices(total, num_frames, frame_rounding))
-    model, processor = build_tiny_llava_onevision(seed=0)
-    model_dir = str(tmp_path / "model")
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
     data_dir, root = write_demo_dataset(str(tmp_path / "data"))
     output = str(tmp_path / "run")
     common = ["--model", model_dir, "--data", data_dir, "--data-root", root, "--num-video-frames", "4",
