@@ -2,17 +2,23 @@
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--dtype bfloat16] [--out DIR]
 
-Every measurement runs in this one process on one device. Writes `DIR/results.csv` (one row per
-measurement, appended as it is measured, so an interrupted run keeps what it measured), one PNG per
-sweep, and `DIR/summary.md` (printed last): each provider's time as a ratio to `frozen-linear` and to
-`peft-lora`, and its trainable parameters.
+Every measurement runs in this one process on one device. The layer sweeps time one provider after
+another; the training-step and decode sweeps build every provider's model (or layer) first and time
+them interleaved (`measure.interleaved_ms`: each round runs every provider once), so that the drift of
+a shared machine (20% between minutes on a busy CPU host) falls on every provider alike instead of on
+the ratios between them.
+
+Writes `DIR/results.csv` (one row per measurement, appended as it is measured, so an interrupted run
+keeps what it measured), one PNG per sweep, and `DIR/summary.md` (printed last): each provider's time as
+a ratio to `frozen-linear` and to `peft-lora`, and its trainable parameters.
 
 Sweeps (layers: forward, backward and forward+backward; time, peak CUDA memory, saved activations):
 - `projections`: the q, k, v, o, gate, up, down projections of LLaVA-OneVision 0.5B and 7B (Qwen2)
   and SigLIP's q, k, v, out_proj, fc1, fc2, at several token counts (r = 8, E = 4, n-gram 1);
 - `grid`: the 7B q_proj over r in {2, 8, 16}, E in {4, 8}, n-gram in {1, 3};
 - `train-step`: samples/s and peak memory of a LLaVA-OneVision-shaped model (random weights) trained
-  with each provider on the README's targets (text-only batches: the language model dominates);
+  with each provider on the README's targets (text-only batches: the language model dominates; fused
+  AdamW, the Trainer's default), eager and under `torch.compile`;
 - `decode`: generation-sized calls: the 7B q_proj's forward (eval, no gradient) at 1 to 64 tokens,
   and tokens/s of greedy `generate` on the same model, the frozen model included.
 `--quick` runs small shapes and few repeats (on the CPU: every provider but `lime-fused`, in minutes).
@@ -21,7 +27,9 @@ Sweeps (layers: forward, backward and forward+backward; time, peak CUDA memory, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
 import math
 import os
 import subprocess
@@ -34,7 +42,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from measure import peak_memory_mib, saved_mib, time_ms  # noqa: E402
+from measure import interleaved_ms, peak_memory_mib, saved_mib, time_ms  # noqa: E402
 from providers import LAYER_PROVIDERS, MODEL_PROVIDERS, available, build_layer, trainable_parameters, wrap_model  # noqa: E402
 
 # (name, in_features, out_features) of LLaVA-OneVision's projections.
@@ -180,18 +188,40 @@ def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-def _measure_train_step(model, inputs: Dict, batch: int, steps: int, device, mode: str) -> List[Dict]:
-    """Samples per second and peak memory of an AdamW step, eager or under `torch.compile(model)`; saved
-    activations; trainable parameters; the operators of an eager step's forward and backward, or the
-    graph breaks of the compiled one."""
-    # foreach: PyTorch's default on a GPU. Its CPU default loops over the tensors in Python, which would
-    # charge an adapter for how many parameter tensors it has rather than for its work.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-    if mode == "compiled":
-        torch._dynamo.reset()
-        from torch._dynamo.utils import counters
+def _compiling(models: int):
+    """A fresh dynamo (`torch._dynamo.reset()`) for `models` models compiled side by side, its recompile
+    limits (`recompile_limit` and `accumulated_recompile_limit`, formerly `cache_size_limit` and
+    `accumulated_cache_size_limit`) raised `models`-fold until the block ends: dynamo caches graphs by
+    code object, which models of one class share, so each model's graphs count against the limit of
+    them all (past it, dynamo would run the next model eager)."""
+    torch._dynamo.reset()
+    config = torch._dynamo.config
+    return config.patch(recompile_limit=models * config.recompile_limit,
+                        accumulated_recompile_limit=models * config.accumulated_recompile_limit)
 
-        counters.clear()
+
+def _per_second(timing: Dict[str, float], amount: int) -> Dict[str, float]:
+    """`amount` items per second at the times (ms) of `timing`: the 20th percentile rate is that of the 80th
+    percentile time, and the other way round."""
+    return {key: 1e3 * amount / timing[other] for key, other in (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))}
+
+
+def _random_tokens(model, shape, device) -> torch.Tensor:
+    """Token ids of `shape` from seed 0 (the same for every provider) in [10, the model's vocabulary)."""
+    config = model.config.text_config if hasattr(model.config, "text_config") else model.config
+    torch.manual_seed(0)
+    return torch.randint(10, config.vocab_size, shape, device=device)
+
+
+TRAIN_WARMUP = 2  # untimed steps; a compiled model's first step compiles it
+
+
+def _train_step(model, inputs: Dict, mode: str) -> Callable[[], None]:
+    """An AdamW step of `model` on `inputs`, eager or under `torch.compile(model)`."""
+    # fused: transformers' Trainer default from torch 2.8 on (`default_optim = "adamw_torch_fused"` in
+    # transformers/training_args.py), what users of lime's trainer get. Asked for explicitly, torch raises
+    # at the first step where the device or dtype has no fused kernel instead of falling back to another one.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     call = torch.compile(model) if mode == "compiled" else model
 
     def step():
@@ -199,14 +229,20 @@ def _measure_train_step(model, inputs: Dict, batch: int, steps: int, device, mod
         call(**inputs).loss.backward()
         optimizer.step()
 
-    timing = time_ms(step, device, steps, 2)  # the first warm-up step of a compiled model compiles it
+    return step
+
+
+def _train_step_rows(model, inputs: Dict, step: Callable[[], None], timing: Dict[str, float], batch: int, device,
+                     mode: str, graph_breaks: Optional[int]) -> List[Dict]:
+    """Samples per second (from `timing`, the step's times) and peak memory of `step`; saved activations,
+    trainable parameters and the operators of an eager step's forward and backward, or the graph breaks
+    of the compiled one."""
     memory = peak_memory_mib(step, device)
-    rows = [dict(metric="samples_per_second", unit="samples/s", p50=1e3 * batch / timing["p50"],
-                 p20=1e3 * batch / timing["p80"], p80=1e3 * batch / timing["p20"]),
+    rows = [dict(metric="samples_per_second", unit="samples/s", **_per_second(timing, batch)),
             dict(metric="peak_memory", unit="MiB", p50=memory, p20=memory, p80=memory)]
     if mode == "compiled":
-        breaks = _graph_breaks()
-        return rows + [dict(metric="graph_breaks", unit="count", p50=breaks, p20=breaks, p80=breaks)]
+        return rows + [dict(metric="graph_breaks", unit="count", p50=graph_breaks, p20=graph_breaks,
+                            p80=graph_breaks)]
     saved = saved_mib(lambda: model(**inputs).loss)
     forward_ops, backward_ops = operator_counts(lambda: model(**inputs).loss)
     return rows + [dict(metric="saved_activations", unit="MiB", p50=saved, p20=saved, p80=saved),
@@ -219,27 +255,41 @@ def _measure_train_step(model, inputs: Dict, batch: int, steps: int, device, mod
 
 def train_step_sweep(settings: Dict, providers: List[str], device, dtype, versions: Dict,
                      on_rows: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
-    """Each provider's training step eager, then compiled (each on a model of its own, from the same seed)."""
+    """Every provider's training step eager, then compiled (each mode on models of its own, from the same
+    seed), the providers' steps timed interleaved (`interleaved_ms`)."""
+    from torch._dynamo.utils import counters
+
     rows = []
     batch, seq = settings["batch"], settings["seq"]
-    for provider in providers:
-        for mode in MODES:
-            model = wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8, experts=4)
-            model.train()
-            vocab = model.config.text_config.vocab_size if hasattr(model.config, "text_config") else model.config.vocab_size
-            torch.manual_seed(0)
-            input_ids = torch.randint(10, vocab, (batch, seq), device=device)
-            inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
-            common = dict(benchmark="train-step", provider=provider, mode=mode,
-                          shape=f"llava-onevision-{settings['model']}", tokens=batch * seq, rank=8, experts=4, n_gram=1,
-                          dtype=str(dtype).removeprefix("torch."), **versions)
-            measured = [dict(common, **row)
-                        for row in _measure_train_step(model, inputs, batch, settings["steps"], device, mode)]
-            rows += measured
-            if on_rows is not None:
-                on_rows(measured)
-            del model  # before the next one is built
-            print(f"  train-step: {provider} {mode} done", flush=True)
+    for mode in MODES:
+        models = {provider: wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8,
+                                       experts=4).train() for provider in providers}
+        inputs = {}
+        for provider in providers:
+            input_ids = _random_tokens(models[provider], (batch, seq), device)
+            inputs[provider] = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
+        with _compiling(len(providers)) if mode == "compiled" else contextlib.nullcontext():
+            steps = {provider: _train_step(models[provider], inputs[provider], mode) for provider in providers}
+            graph_breaks = {}
+            if mode == "compiled":  # each model compiles on its first step: one at a time, to count its graph breaks
+                for provider in providers:
+                    counters.clear()
+                    for _ in range(TRAIN_WARMUP):
+                        steps[provider]()
+                    graph_breaks[provider] = _graph_breaks()
+            timings = interleaved_ms(steps, device, settings["steps"], TRAIN_WARMUP)
+            for provider in providers:
+                common = dict(benchmark="train-step", provider=provider, mode=mode,
+                              shape=f"llava-onevision-{settings['model']}", tokens=batch * seq, rank=8, experts=4,
+                              n_gram=1, dtype=str(dtype).removeprefix("torch."), **versions)
+                measured = [dict(common, **row) for row in _train_step_rows(
+                    models[provider], inputs[provider], steps[provider], timings[provider], batch, device, mode,
+                    graph_breaks.get(provider))]
+                rows += measured
+                if on_rows is not None:
+                    on_rows(measured)
+                print(f"  train-step: {provider} {mode} done", flush=True)
+        del models, steps  # before the next mode's are built
     return rows
 
 
@@ -247,7 +297,8 @@ def decode_sweep(settings: Dict, layer_providers: List[str], model_providers: Li
                  versions: Dict, on_rows: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
     """Generation-sized work: the decode shape's forward (eval mode, no gradient) at each token count,
     then greedy `generate` of `new_tokens` tokens after a `prompt`-token prompt on the LLaVA-OneVision-shaped
-    model (text only), as tokens/s, for the frozen model and each model provider."""
+    model (text only), as tokens/s, for the frozen model and each model provider; the providers' calls
+    timed interleaved (`interleaved_ms`)."""
     decode = settings["decode"]
     shape, d_in, d_out = decode["shape"]
     dtype_name = str(dtype).removeprefix("torch.")
@@ -262,46 +313,42 @@ def decode_sweep(settings: Dict, layer_providers: List[str], model_providers: Li
     for tokens in decode["tokens"]:
         torch.manual_seed(0)
         x = torch.randn(1, tokens, d_in, device=device, dtype=dtype)
-        for provider in layer_providers:
-            layer = build_layer(provider, nn.Linear(d_in, d_out, device=device, dtype=dtype), decode["rank"],
-                                decode["experts"], n_gram=1).eval()
-
-            def forward():
-                with torch.no_grad():
-                    layer(x)
-
-            timing = time_ms(forward, device, decode["call_repeats"], settings["warmup"])
+        layers = {provider: build_layer(provider, nn.Linear(d_in, d_out, device=device, dtype=dtype), decode["rank"],
+                                        decode["experts"], n_gram=1).eval() for provider in layer_providers}
+        with torch.no_grad():
+            timings = interleaved_ms({provider: functools.partial(layer, x) for provider, layer in layers.items()},
+                                     device, decode["call_repeats"], settings["warmup"])
+        for provider, timing in timings.items():
             record([dict(benchmark="decode", provider=provider, mode="forward", metric="time", unit="ms",
                          shape=f"{shape} {d_in}x{d_out}", tokens=tokens, rank=decode["rank"],
                          experts=decode["experts"], n_gram=1, dtype=dtype_name, **timing, **versions)])
         print(f"  decode: {tokens} tokens done", flush=True)
-    for provider in ["frozen-linear"] + list(model_providers):
-        for mode in MODES:
-            model = wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8, experts=4)
-            model.eval()
-            torch.manual_seed(0)
-            prompt = torch.randint(10, model.config.text_config.vocab_size, (1, decode["prompt"]), device=device)
-            new_tokens = decode["new_tokens"]
+    new_tokens = decode["new_tokens"]
+    for mode in MODES:
+        models = {provider: wrap_model(provider, _model(settings["model"], device, dtype), README_TARGETS, rank=8,
+                                       experts=4).eval() for provider in ["frozen-linear"] + list(model_providers)}
+        generations = {provider: _generation(model, _random_tokens(model, (1, decode["prompt"]), device), new_tokens,
+                                             mode) for provider, model in models.items()}
+        with _compiling(len(generations)) if mode == "compiled" else contextlib.nullcontext():
+            # The first call of a compiled model compiles its decoding step (on a GPU, then records its CUDA graphs).
+            timings = interleaved_ms(generations, device, decode["generate_repeats"], 2 if mode == "compiled" else 1)
+        for provider, timing in timings.items():
             record([dict(benchmark="generate", provider=provider, mode=mode, metric="tokens_per_second",
                          unit="tokens/s", shape=f"llava-onevision-{settings['model']}", tokens=new_tokens, rank=8,
-                         experts=4, n_gram=1, dtype=dtype_name, **_generation_speed(model, prompt, new_tokens, mode,
-                                                                                   decode["generate_repeats"],
-                                                                                   device),
-                         **versions)])
-            del model
+                         experts=4, n_gram=1, dtype=dtype_name, **_per_second(timing, new_tokens), **versions)])
             print(f"  generate: {provider} {mode} done", flush=True)
+        del models, generations  # before the next mode's are built
     return rows
 
 
-def _generation_speed(model, prompt, new_tokens: int, mode: str, repeats: int, device) -> Dict[str, float]:
-    """Tokens/s of greedy generation: eager with the dynamic cache, or compiled: a static cache, whose
-    decoding step transformers compiles (`mode="reduce-overhead"`: CUDA graphs on a GPU; on the CPU the
-    same compiled graph without them)."""
+def _generation(model, prompt, new_tokens: int, mode: str) -> Callable[[], None]:
+    """Greedy generation of `new_tokens` tokens after `prompt`: eager with the dynamic cache, or compiled:
+    a static cache, whose decoding step transformers compiles (`mode="reduce-overhead"`: CUDA graphs on a
+    GPU; on the CPU the same compiled graph without them)."""
     from transformers import CompileConfig
 
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if mode == "compiled":
-        torch._dynamo.reset()
         # As lime.evaluation.compiled_generation (not imported: it needs `datasets`, which the GPU image lacks).
         config = CompileConfig(mode="reduce-overhead")
         config._compile_all_devices = True  # transformers compiles the step on a GPU only, unless told (not a keyword)
@@ -311,8 +358,7 @@ def _generation_speed(model, prompt, new_tokens: int, mode: str, repeats: int, d
         with torch.no_grad():
             model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **options)
 
-    timing = time_ms(generate, device, repeats, 2 if mode == "compiled" else 1)
-    return {key: 1e3 * new_tokens / timing[other] for key, other in (("p50", "p50"), ("p20", "p80"), ("p80", "p20"))}
+    return generate
 
 
 def _geometric_mean(values: List[float]) -> float:
@@ -357,7 +403,7 @@ def summarize(rows: List[Dict], providers: List[str], skipped: List[str]) -> str
                      f"{ratio(provider, 'peft-lora', 'saved_activations', 'forward'):.3f} | {operators} | {params} |")
     steps = [r for r in rows if r["benchmark"] == "train-step"]
     if steps:
-        lines += ["", f"## Training step ({steps[0]['shape']}, {steps[0]['tokens']} tokens per step, AdamW foreach)", "",
+        lines += ["", f"## Training step ({steps[0]['shape']}, {steps[0]['tokens']} tokens per step, AdamW fused)", "",
                   "| provider | eager samples/s | / moe-lora | / peft-lora | operators, forward + backward | "
                   "compiled samples/s | / moe-lora | / peft-lora | graph breaks | peak memory (MiB) | "
                   "trainable parameters |", "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]

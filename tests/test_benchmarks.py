@@ -68,6 +68,37 @@ def test_run_writes_each_row_to_the_csv_as_it_is_measured(tmp_path, monkeypatch)
     assert len(rows) == 2 * len(providers) * 8 and not (tmp_path / "summary.md").exists()
 
 
+def test_interleaved_timing_runs_every_step_once_a_round_from_a_rotating_start(monkeypatch):
+    """`interleaved_ms` warms every step up untimed, then runs `rounds` rounds of every step once, round i
+    starting at step i, and gives each step the percentiles of its own timed runs. The steps run on a fake
+    clock: a warm-up run takes 1 s, a timed run of step k takes k ms more in each round."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import measure
+
+    clock, calls = [0.0], []
+
+    def step(name, milliseconds):
+        def run():
+            calls.append(name)
+            timed_runs = calls[2 * 3:].count(name)  # after two warm-up rounds of three steps
+            clock[0] += milliseconds * timed_runs / 1e3 if timed_runs else 1.0
+        return run
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    timings = measure.interleaved_ms({"a": step("a", 1), "b": step("b", 2), "c": step("c", 3)},
+                                     torch.device("cpu"), rounds=5, warmup=2)
+    assert calls[:6] == ["a", "b", "c", "a", "b", "c"]
+    rounds = [calls[6 + 3 * i:9 + 3 * i] for i in range(5)]
+    assert len(calls) == 6 + 3 * 5 and all(sorted(one) == ["a", "b", "c"] for one in rounds)
+    assert [one[0] for one in rounds] == ["a", "b", "c", "a", "b"]
+    # step k's timed runs took k, 2k, ..., 5k ms: median 3k, 20th and 80th percentiles 1.8k and 4.2k
+    for name, k in (("a", 1), ("b", 2), ("c", 3)):
+        assert timings[name] == pytest.approx({"p50": 3 * k, "p20": 1.8 * k, "p80": 4.2 * k})
+    assert set(timings) == {"a", "b", "c"}
+
+
 def test_pytest_benchmark_file_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
                              os.path.join(ROOT, "benchmarks", "test_layers.py")], capture_output=True, text=True,
