@@ -63,11 +63,13 @@ def plan(quick: bool, device: torch.device) -> Dict:
         return {"projections": dict(shapes=[QWEN2_05B[0], QWEN2_05B[6]], tokens=[128], ranks=[8], experts=[4],
                                     n_grams=[1]),
                 "grid": dict(shapes=[QWEN2_05B[0]], tokens=[128], ranks=[2, 16], experts=[4, 8], n_grams=[1, 3]),
-                # A call takes a fraction of a millisecond: many repeats cost little and steady the ratios.
+                # A call or a 4-token generation takes milliseconds at most: many interleaved rounds cost
+                # little and steady the ratios on a noisy host.
                 "decode": dict(shape=QWEN2_05B[0], tokens=[1, 16], rank=8, experts=4, prompt=8, new_tokens=4,
-                               generate_repeats=5, call_repeats=200 if device.type == "cpu" else 100),
+                               generate_repeats=20 if device.type == "cpu" else 5,
+                               call_repeats=200 if device.type == "cpu" else 100),
                 "repeats": 5 if device.type == "cpu" else 50, "warmup": 2 if device.type == "cpu" else 10,
-                "model": "tiny", "batch": 4, "seq": 32, "steps": 30 if device.type == "cpu" else 20}
+                "model": "tiny", "batch": 4, "seq": 32, "steps": 80 if device.type == "cpu" else 20}  # steps: rounds
     return {"projections": dict(shapes=QWEN2_05B + QWEN2_7B + SIGLIP, tokens=[2048, 8192], ranks=[8], experts=[4],
                                 n_grams=[1]),
             "grid": dict(shapes=[QWEN2_7B[0]], tokens=[8192], ranks=[2, 8, 16], experts=[4, 8], n_grams=[1, 3]),
