@@ -36,6 +36,10 @@ def main(output: str, backend: str) -> None:
                                data_collator=TinyCollator(processor))
     trainer.train()
     safetensors.torch.save_file(lime_tensors(model), os.path.join(output, f"rank{rank}.safetensors"))
+    # The Trainer leaves its gloo group up: torn down at interpreter exit, its threads aborted rank 0 once
+    # ("terminate called without an active exception") after training had finished. Every rank done, then down.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
