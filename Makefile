@@ -18,7 +18,7 @@ LATEST_VENV := $(VENV_ROOT)/latest-$(shell date +%Y%m%d)-$(shell (cat setup.py; 
 LATEST_PY := $(LATEST_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv latest-venv test test-latest test-slow test-all demo bench lock clean-venv
+.PHONY: venv latest-venv test test-latest test-slow test-all demo bench host-gap lock clean-venv
 
 # A venv is built under a lock and marked complete last, so parallel runs (CI beside a developer)
 # never see a half-installed one; the project itself is uninstalled again so that only its
@@ -85,6 +85,10 @@ BENCH_ARGS ?= --quick --device cpu
 bench: venv
 	$(RUN) benchmarks/run.py $(BENCH_ARGS) --out benchmark-results
 	$(RUN) -m benchmarks.cost_model --out benchmark-results
+
+# Where LiME's host time goes on small layers, on the CPU (the README's "Where the host decides"): minutes.
+host-gap: venv
+	$(RUN) -m benchmarks.host_gap --out benchmark-results
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -244,3 +245,48 @@ def test_launch_overrides_replace_only_the_tunable_options_of_the_named_kernel()
     with pytest.raises(ValueError, match="tuned_kernel: cannot override BLOCK"):
         with launch_overrides({"tuned_kernel": dict(BLOCK=32, num_warps=8)}):
             pass
+
+
+def test_host_gap_reports_every_experiment_and_restores_what_it_replaced(tmp_path):
+    """`benchmarks.host_gap` (the README's "Where the host decides" experiments), eager parts, 2 rounds: every
+    variant gets a row, the ratio columns divide by the right baseline, and the stand-in's replacement of
+    `eager.lime_linear` ends with its calls."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from benchmarks import host_gap
+
+    from lime_kernels import eager
+
+    original = eager.lime_linear
+    assert host_gap.main(["--rounds", "10", "--skip-compiled", "--out", str(tmp_path)]) == 0
+    assert eager.lime_linear is original
+    lines = (tmp_path / "host_gap.md").read_text().splitlines()[2:]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    variants = {(row[0], row[1]) for row in cells}
+    assert variants == {(experiment, variant) for experiment in ("layer, eager",)
+                        for variant in ("moe-lora", "peft-lora", "lime-reference")} | {
+        (experiment, variant) for experiment in ("tiny LLaVA-OneVision training step, eager",
+                                                 "tiny LLaVA-OneVision generation (4 tokens), eager")
+        for variant in ("peft-lora", "moe-lora", "lime-reference", "lime-reference, one-operator routing (stand-in)")}
+    for row in cells:
+        assert float(row[2]) > 0
+        if row[1] == "moe-lora":
+            assert row[4] == "1.000"
+        if row[1] == "peft-lora":
+            assert row[5] == "1.000"
+
+
+def test_the_stand_in_routing_trains_the_adapter_it_replaces_the_routing_of():
+    """The one-operator stand-in keeps the adapter's products: its A and B gradients are those of
+    `base + (s x A^T B^T) * LiMEs[0]` written out with autograd."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from benchmarks.host_gap import _OneOperatorRouting
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    LiMEs = torch.randn(3, 7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: _OneOperatorRouting.apply(*t, LiMEs, 2.0), (x, base, A, B))
+    expected = base + ((x @ A.t()) * 2.0 @ B.t()) * LiMEs[0]
+    assert torch.allclose(_OneOperatorRouting.apply(x, base, A, B, LiMEs, 2.0), expected)
