@@ -309,6 +309,15 @@ def balance_statistics(
                         None if histogram is None else histogram.detach())
 
 
+def _valid_probability_sum(probs: torch.Tensor, valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The number of valid tokens (a long scalar) and the sum of their probabilities (E,); `valid` None: every
+    token is valid. Masked, not indexed: no host sync."""
+    if valid is None:
+        return (probs.new_full((), probs.shape[0] * probs.shape[1], dtype=torch.long),
+                probs.sum(dim=(0, 1)))
+    return valid.sum(), torch.where(valid.unsqueeze(-1), probs, torch.zeros_like(probs)).sum(dim=(0, 1))
+
+
 def routing_stats(probs: torch.Tensor, valid: Optional[torch.Tensor], options: RoutingOptions,
                   aux: str) -> Optional[RoutingStats]:
     """Load-balancing statistics over the valid tokens (`aux` = 'full' in training, 'usage' in eval);
@@ -317,12 +326,7 @@ def routing_stats(probs: torch.Tensor, valid: Optional[torch.Tensor], options: R
         return None
     if options.compat == "original":
         return original_routing_stats(probs, valid, options, aux)
-    if valid is None:
-        num_valid = probs.new_full((), probs.shape[0] * probs.shape[1], dtype=torch.long)
-        probs_sum = probs.sum(dim=(0, 1))
-    else:
-        num_valid = valid.sum()
-        probs_sum = torch.where(valid.unsqueeze(-1), probs, torch.zeros_like(probs)).sum(dim=(0, 1))
+    num_valid, probs_sum = _valid_probability_sum(probs, valid)
     if aux == "usage":
         return balance_statistics(probs_sum, None, num_valid, aux)
     selected = selected_experts(probs.detach(), options)
@@ -350,12 +354,7 @@ def original_routing_stats(probs: torch.Tensor, valid: Optional[torch.Tensor], o
     if aux == "usage":
         return RoutingStats(None, None, None, probs.mean(dim=(0, 1)).detach(), None)
     num_experts = probs.shape[-1]
-    if valid is None:
-        num_valid = probs.new_full((), probs.shape[0] * probs.shape[1], dtype=torch.long)
-        probs_sum = probs.sum(dim=(0, 1))
-    else:
-        num_valid = valid.sum()
-        probs_sum = torch.where(valid.unsqueeze(-1), probs, torch.zeros_like(probs)).sum(dim=(0, 1))
+    num_valid, probs_sum = _valid_probability_sum(probs, valid)
     mean_probs = probs_sum / num_valid.clamp_min(1).to(probs.dtype)
     importance = num_experts * mean_probs.square().sum() - 1.0
     kl_uniform = (mean_probs * (mean_probs.clamp_min(LOG_EPS).log() + math.log(num_experts))).sum()
