@@ -128,6 +128,18 @@ def detached_copies(tensors):
             for name, t in tensors.items()}
 
 
+def run_with_upstream_gradient(module, *inputs, seed=None, **kwargs):
+    """`module(*inputs, **kwargs)` after `torch.manual_seed(seed)` when a seed is given, backpropagated with a fixed
+    upstream gradient: `(output, module.last_stats, upstream gradient)`, the gradient for the oracle's output."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    output = module(*inputs, **kwargs)
+    stats = module.last_stats
+    grad_output = torch.randn(output.shape, dtype=output.dtype, generator=torch.Generator().manual_seed(7))
+    (output * grad_output).sum().backward()
+    return output, stats, grad_output
+
+
 def compare_stats(actual, expected, training, atol=1e-10):
     if expected is None:
         assert actual is None
@@ -149,12 +161,7 @@ def check_against_oracle(layer, variant, x, mask, training, n_gram, selection, a
     assert trainable == {id(tensors[name]) for name in named}, "trainable parameters other than the original's"
 
     x_layer = x.clone().requires_grad_(True)
-    if seed is not None:
-        torch.manual_seed(seed)
-    out = layer(x_layer, attention_mask=mask)
-    stats = layer.last_stats
-    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
-    (out * grad_out).sum().backward()
+    out, stats, grad_out = run_with_upstream_gradient(layer, x_layer, seed=seed, attention_mask=mask)
 
     copies = detached_copies(tensors)
     x_oracle = x.clone().requires_grad_(True)
@@ -276,12 +283,9 @@ def test_embedding_equals_the_original_in_float64(peft, n_gram, training):
     ids = torch.randint(1, 20, (3, 7))
     ids[0, :2] = 0
     ids[1, 4:] = 0
-    out = layer(ids)
-    stats = layer.last_stats
-    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
-    (out * grad_out).sum().backward()
+    out, stats, grad_out = run_with_upstream_gradient(layer, ids)
     names = ("A", "B", "LiMEs", "LiME_shared", "gamma")
-    copies = {n: getattr(layer, n).detach().clone().requires_grad_(getattr(layer, n).requires_grad) for n in names}
+    copies = detached_copies({n: getattr(layer, n) for n in names})
     expected, expected_stats = O.embedding_forward(
         ids, embedding.weight, copies["A"], copies["B"], copies["LiMEs"], copies["LiME_shared"], copies["gamma"],
         oracle_options(n_gram, **SELECTIONS["dense-soft"]), layer.adapter.scaling, pad_token_id=0,
@@ -319,19 +323,14 @@ def make_compat_prompts(n_gram=1, jitter_noise=0.0, input_conditioned=True, dtyp
 def check_prompts(encoder, embeds, mask, training, n_gram, selection, input_conditioned=True, atol=1e-10, seed=None,
                   jitter_noise=0.0, prompt_dropout=0.0):
     encoder.train(training)
-    if seed is not None:
-        torch.manual_seed(seed)
-    prompts = encoder(embeds, attention_mask=mask)
-    stats = encoder.last_stats
-    grad_out = torch.randn(prompts.shape, dtype=prompts.dtype, generator=torch.Generator().manual_seed(7))
-    (prompts * grad_out).sum().backward()
+    prompts, stats, grad_out = run_with_upstream_gradient(encoder, embeds, seed=seed, attention_mask=mask)
     tensors = {n: getattr(encoder, n) for n in ("prompt_delta", "LiMEs", "LiME_shared", "gamma")}
     projection = getattr(encoder, "input_proj", None)
     if projection is not None:
         tensors["input_proj"] = projection.weight
     trainable = {id(p) for p in encoder.parameters() if p.requires_grad}
     assert trainable == {id(t) for t in tensors.values()}, "trainable parameters other than the original's"
-    copies = {n: t.detach().clone().requires_grad_() for n, t in tensors.items()}
+    copies = detached_copies(tensors)  # every one of them trains (asserted above)
     if seed is not None:
         torch.manual_seed(seed)
     # The original's model wrapper gives the conditioning no mask: padding is averaged in.
