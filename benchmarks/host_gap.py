@@ -22,10 +22,10 @@ Prints a markdown table and, with `--out`, writes it to `DIR/host_gap.md`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from typing import Callable, Dict, List, Sequence
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -35,24 +35,12 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from measure import interleaved_ms  # noqa: E402
 from providers import build_layer, wrap_model  # noqa: E402
+from run import README_TARGETS, _compiling, _generation, _model, _random_tokens, _train_step  # noqa: E402
 
 from lime_kernels import eager, reference  # noqa: E402
 from lime_kernels.reference import Routed  # noqa: E402
 
 DEVICE = torch.device("cpu")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
-
-
-@contextlib.contextmanager
-def _replaced(module, name: str, replacement):
-    """`module.name` is `replacement` inside the block. A compiled graph traced inside it guards on that
-    global, so each variant keeps its own graph when the variants' calls alternate."""
-    original = getattr(module, name)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 def _detached_route(base, delta, LiMEs, LiME_shared, gamma, options, valid=None, jitter=None, routing_features=None,
@@ -97,9 +85,11 @@ def _one_operator_lime_linear(adapter_input, base, A, B, LiMEs, LiME_shared, gam
     return Routed(torch.addcmul(base, delta.view(base.shape), LiMEs[0]), None, valid)
 
 
-def _within(patch: Callable[[], contextlib.AbstractContextManager], call: Callable[[], None]) -> Callable[[], None]:
+def _within(module, name: str, replacement, call: Callable[[], None]) -> Callable[[], None]:
+    """`call` with `module.name` replaced for its duration only. A graph compiled inside guards on that global,
+    so each variant keeps its own graph while the variants' calls alternate."""
     def run():
-        with patch():
+        with mock.patch.object(module, name, replacement):
             call()
     return run
 
@@ -118,7 +108,6 @@ def layer_rows(rounds: int, compiled: bool) -> List[Dict]:
     eager_times = interleaved_ms({name: step(layer) for name, layer in layers.items()}, DEVICE, rounds, 20)
     rows += [dict(experiment="layer, eager", variant=name, **timing) for name, timing in eager_times.items()]
     if compiled:
-        torch._dynamo.reset()
         without_jitter = build_layer("lime-reference", nn.Linear(64, 64), 8, 4, 1)
         without_jitter.update_routing(jitter_noise=0.0)
         detached = build_layer("lime-reference", nn.Linear(64, 64), 8, 4, 1)
@@ -126,8 +115,8 @@ def layer_rows(rounds: int, compiled: bool) -> List[Dict]:
                  "lime-reference": step(torch.compile(layers["lime-reference"])),
                  "lime-reference, jitter_noise=0": step(torch.compile(without_jitter)),
                  "lime-reference, routing features detached (experiment)": _within(
-                     lambda: _replaced(eager, "reference_route", _detached_route), step(torch.compile(detached)))}
-        with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512):
+                     eager, "reference_route", _detached_route, step(torch.compile(detached)))}
+        with _compiling(len(steps)):
             compiled_times = interleaved_ms(steps, DEVICE, rounds, 20)
         rows += [dict(experiment="layer, torch.compile(layer)", variant=name, **timing)
                  for name, timing in compiled_times.items()]
@@ -135,22 +124,18 @@ def layer_rows(rounds: int, compiled: bool) -> List[Dict]:
 
 
 def _tiny(provider: str):
-    from run import _model
-
-    return wrap_model(provider, _model("tiny", DEVICE, torch.float32), TARGETS, rank=8, experts=4)
+    return wrap_model(provider, _model("tiny", DEVICE, torch.float32), README_TARGETS, rank=8, experts=4)
 
 
 def stand_in_rows(rounds: int) -> List[Dict]:
     """The tiny model's eager training step and generation: PEFT LoRA, MoE-LoRA, LiME, and LiME with
     `_OneOperatorRouting` (the stand-in's models run with `eager.lime_linear` replaced, the others without)."""
-    from run import _random_tokens, _train_step
-
     providers = {"peft-lora": "peft-lora", "moe-lora": "moe-lora", "lime-reference": "lime-reference",
                  "lime-reference, one-operator routing (stand-in)": "lime-reference"}
 
     def with_stand_in(name: str, call: Callable[[], None]) -> Callable[[], None]:
         if "stand-in" in name:
-            return _within(lambda: _replaced(eager, "lime_linear", _one_operator_lime_linear), call)
+            return _within(eager, "lime_linear", _one_operator_lime_linear, call)
         return call
 
     rows, steps, generations = [], {}, {}
@@ -161,13 +146,7 @@ def stand_in_rows(rounds: int) -> List[Dict]:
         steps[name] = with_stand_in(name, _train_step(model, inputs, "eager"))
         model_for_generation = _tiny(provider).eval()
         prompt = _random_tokens(model_for_generation, (1, 8), DEVICE)
-
-        def generate(model=model_for_generation, prompt=prompt):
-            with torch.no_grad():
-                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
-                               min_new_tokens=4, do_sample=False)
-
-        generations[name] = with_stand_in(name, generate)
+        generations[name] = with_stand_in(name, _generation(model_for_generation, prompt, 4, "eager"))
     rows += [dict(experiment="tiny LLaVA-OneVision training step, eager", variant=name, **timing)
              for name, timing in interleaved_ms(steps, DEVICE, rounds, 3).items()]
     rows += [dict(experiment="tiny LLaVA-OneVision generation (4 tokens), eager", variant=name, **timing)
