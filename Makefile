@@ -36,9 +36,12 @@ define build_venv
 	  touch $(1)/.complete'
 endef
 
-# The suite on the interpreter $(1). The fused kernels are checked twice without a GPU: compiled
-# for sm_80/sm_90 (compile_check), and run against the reference under Triton's CPU interpreter.
+# The suite on the interpreter $(1). The C++ CPU operators are built first (a build error stops the run
+# here, with the compiler's message, rather than as skipped tests). The fused kernels are checked twice
+# without a GPU: compiled for sm_80/sm_90 (compile_check), and run against the reference under Triton's
+# CPU interpreter.
 define run_suite
+	PYTHONPATH=$(CURDIR) $(1) -m lime_kernels.cpu
 	PYTHONPATH=$(CURDIR) $(1) -m lime_kernels.compile_check
 	PYTHONPATH=$(CURDIR) $(1) -m pytest -q -m "not slow" $(PYTEST_ARGS) --ignore=tests/test_fused.py --ignore=tests/test_fused_conv1d.py tests
 	TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $(1) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests/test_fused.py tests/test_fused_conv1d.py

@@ -14,6 +14,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["lime", "lime.*", "lime_kernels", "lime_kernels.*"]),
+    # The C++ CPU operators are compiled from their source on first use (lime_kernels/cpu/__init__.py).
+    package_data={"lime_kernels.cpu": ["routing.cpp"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
@@ -30,6 +32,8 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "scipy>=1.10",
+        # torch.utils.cpp_extension builds the C++ CPU operators with ninja (lime_kernels/cpu).
+        "ninja>=1.11",
     ],
     entry_points={"console_scripts": ["lime = lime.cli:main"]},
     extras_require={

@@ -77,7 +77,7 @@ class _OneOperatorRouting(torch.autograd.Function):
 
 
 def _one_operator_lime_linear(adapter_input, base, A, B, LiMEs, LiME_shared, gamma, options, scaling, valid=None,
-                              jitter=None, history=None):
+                              jitter=None, history=None, native=False):
     """`eager.lime_linear`'s signature around `_OneOperatorRouting` (no statistics: probs are None)."""
     if torch.is_grad_enabled():
         return Routed(_OneOperatorRouting.apply(adapter_input, base, A, B, LiMEs, scaling), None, valid)

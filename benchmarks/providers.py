@@ -2,6 +2,7 @@
 
 - `frozen-linear`: the floor (the frozen layer alone; backward gives the input gradient only);
 - `lime-fused`: LiME on the fused Triton backend (CUDA);
+- `lime-cpu`: LiME with its routing and modulation in the C++ CPU operators (`lime_kernels.cpu`);
 - `lime-reference`: LiME on the PyTorch reference backend (the unfused formulation);
 - `peft-lora`: Hugging Face PEFT's LoRA layer of the same rank;
 - `moe-lora`: E separate LoRA adapters with a learned top-k router (`moe_lora.py`).
@@ -17,21 +18,28 @@ import torch.nn as nn
 from moe_lora import MoELoRALinear
 
 import lime
-from lime_kernels import LiMELinear
+from lime_kernels import LiMELinear, cpu
 from lime_kernels.layer import triton_interpreting
 
-LAYER_PROVIDERS = ("frozen-linear", "lime-fused", "lime-reference", "peft-lora", "moe-lora")
-MODEL_PROVIDERS = ("lime-fused", "lime-reference", "peft-lora", "moe-lora")
+LAYER_PROVIDERS = ("frozen-linear", "lime-fused", "lime-cpu", "lime-reference", "peft-lora", "moe-lora")
+MODEL_PROVIDERS = ("lime-fused", "lime-cpu", "lime-reference", "peft-lora", "moe-lora")
+# The LiME providers and the backend each one runs.
+LIME_BACKENDS = {"lime-fused": "triton", "lime-cpu": "cpu", "lime-reference": "reference"}
 
 
 def available(providers, device: torch.device, interpreter: bool = False) -> Tuple[List[str], List[str]]:
     """The providers that can run here, and a reason for each one that cannot: the fused backend
     needs CUDA (the CPU interpreter is far too slow to time; `interpreter=True` admits it on the CPU
-    under `TRITON_INTERPRET=1`, for smoke runs of the measuring code) and `peft-lora` needs `peft`."""
+    under `TRITON_INTERPRET=1`, for smoke runs of the measuring code), `lime-cpu` the CPU and its C++ operators
+    built, and `peft-lora` needs `peft`."""
     runnable, skipped = [], []
     for provider in providers:
         if provider == "lime-fused" and device.type != "cuda" and not (interpreter and triton_interpreting()):
             skipped.append(f"{provider}: needs a CUDA device")
+        elif provider == "lime-cpu" and device.type != "cpu":
+            skipped.append(f"{provider}: the C++ operators run on the CPU only")
+        elif provider == "lime-cpu" and cpu.unavailable_reason() is not None:
+            skipped.append(f"{provider}: {cpu.unavailable_reason()}")
         elif provider == "peft-lora" and importlib.util.find_spec("peft") is None:
             skipped.append(f"{provider}: the peft package is not installed (pip install peft)")
         else:
@@ -51,8 +59,8 @@ def build_layer(provider: str, linear: nn.Linear, rank: int, experts: int, n_gra
     linear.requires_grad_(False)
     if provider == "frozen-linear":
         return linear
-    if provider in ("lime-fused", "lime-reference"):
-        return _lime_layer(linear, "triton" if provider == "lime-fused" else "reference", rank, experts, n_gram).train()
+    if provider in LIME_BACKENDS:
+        return _lime_layer(linear, LIME_BACKENDS[provider], rank, experts, n_gram).train()
     if provider == "peft-lora":
         from peft import LoraConfig
         from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -76,9 +84,9 @@ def wrap_model(provider: str, model: nn.Module, targets, rank: int, experts: int
     `frozen-linear`: the model alone, frozen (a baseline for inference only: nothing to train)."""
     if provider == "frozen-linear":
         return model.requires_grad_(False)
-    if provider in ("lime-fused", "lime-reference"):
+    if provider in LIME_BACKENDS:
         return lime.apply_peft(model, targets=list(targets), rank=rank, num_experts=experts,
-                               backend="triton" if provider == "lime-fused" else "reference")
+                               backend=LIME_BACKENDS[provider])
     if provider == "peft-lora":
         from peft import LoraConfig, get_peft_model
 

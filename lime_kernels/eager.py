@@ -13,13 +13,14 @@ equal in float64: outputs, and every gradient to rounding.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import reference
-from .options import RoutingOptions
+from .options import RoutingOptions, selection_code
 from .reference import (NORM_EPS, WEIGHT_EPS, Routed, RoutingHistory, blend_coefficients, compute_dtype, next_history,
                         route as reference_route, routing_representations, selected_experts)
 
@@ -219,6 +220,80 @@ class _Route(torch.autograd.Function):
                 grad_shared, grad_gamma, None, None, None, None)
 
 
+@functools.lru_cache(maxsize=64)
+def _cpu_options(options: RoutingOptions) -> tuple:
+    """The routing options as the `lime_cpu` operators take them, after their tensors (once per options: they are
+    frozen and hashable)."""
+    frozen_coef, adapted_coef = blend_coefficients(options)
+    return (options.router == "maxabs", selection_code(options.auto_topk, options.soft_topk, options.sparse_mode),
+            options.top_k, min(2 * options.top_k, options.num_experts), options.auto_topk_threshold,
+            options.soft_topk_temperature, frozen_coef, adapted_coef)
+
+
+def _cpu_forward(base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
+                 options):
+    """`(out, probs, saved)` from one `lime_cpu` operator: `lora_route_modulate` when this call computes delta
+    (`delta` None: from `adapter_input`, `A`, `B`, `scaling`), else `route_modulate`."""
+    if delta is None:
+        out, probs, projected, delta = torch.ops.lime_cpu.lora_route_modulate(
+            adapter_input, base, A, B, scaling, LiMEs, LiME_shared, gamma, valid, jitter, *_cpu_options(options))
+        return out, probs, (adapter_input, projected, A, B, base, delta, LiMEs, LiME_shared, gamma, valid, jitter)
+    out, probs = torch.ops.lime_cpu.route_modulate(base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid,
+                                                   jitter, *_cpu_options(options))
+    return out, probs, (base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter)
+
+
+class _CpuRoute(torch.autograd.Function):
+    """`_Route` with the C++ operators of `lime_kernels.cpu`: one call forward and one backward (which
+    recomputes the routing from the features rather than saving its intermediates). Inputs as `_Route`'s
+    without `dtype` (the operators take the compute dtype from their inputs)."""
+
+    @staticmethod
+    def forward(ctx, base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
+                options):
+        out, probs, saved = _cpu_forward(base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared,
+                                         gamma, valid, jitter, options)
+        ctx.options, ctx.scaling, ctx.lora = options, scaling, delta is None
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
+        ctx.save_for_backward(*saved)
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_probs):
+        if grad_out is None and grad_probs is None:
+            return (None,) * 14
+        needs = list(ctx.needs_input_grad)
+        if grad_out is None:  # only the statistics were differentiated: nothing reaches the experts, as in `_Route`
+            needs[8] = needs[9] = needs[10] = False
+        options = _cpu_options(ctx.options)
+        if ctx.lora:
+            adapter_input, projected, A, B, base, delta, LiMEs, LiME_shared, gamma, valid, jitter = ctx.saved_tensors
+            grads = torch.ops.lime_cpu.lora_route_modulate_backward(
+                grad_out, grad_probs, adapter_input, projected, A, B, ctx.scaling, base, delta, LiMEs, LiME_shared,
+                gamma, valid, jitter, *options, needs[0], needs[2], needs[3], needs[4], needs[8],
+                needs[9] or needs[10])
+            grad_base, grad_input, grad_A, grad_B, grad_LiMEs, grad_shared, grad_gamma = grads
+            grad_delta = grad_frozen = grad_adapted = None
+        else:
+            base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter = ctx.saved_tensors
+            grads = torch.ops.lime_cpu.route_modulate_backward(
+                grad_out, grad_probs, base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter, *options,
+                needs[0], needs[1], needs[6] or needs[7], needs[8], needs[9] or needs[10])
+            grad_base, grad_delta, grad_frozen, grad_adapted, grad_LiMEs, grad_shared, grad_gamma = grads
+            grad_input = grad_A = grad_B = None
+        # The operators return empty tensors for what was not asked for: None here.
+        return tuple(grad if wanted else None for grad, wanted in zip(
+            (grad_base, grad_delta, grad_input, grad_A, grad_B, None, grad_frozen, grad_adapted, grad_LiMEs, grad_shared,
+             grad_gamma, None, None, None), needs))
+
+
+def _cpu_routed(arguments: tuple, *differentiable: Optional[torch.Tensor]) -> tuple:
+    """`(out, probs)` of `_CpuRoute` on `arguments`, as `_routed` does for `_Route`."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        return _CpuRoute.apply(*arguments)
+    return _cpu_forward(*arguments)[:2]
+
+
 def _routed(arguments: tuple, *differentiable: Optional[torch.Tensor]) -> tuple:
     """`(out, probs)` of `_Route` on `arguments`: one autograd node where a graph is recorded (gradients on,
     one of `differentiable` requiring one), else its forward alone, without autograd's bookkeeping."""
@@ -238,10 +313,12 @@ def route(
     jitter: Optional[torch.Tensor] = None,
     routing_features=None,
     history: Optional[RoutingHistory] = None,
+    native: bool = False,
 ) -> Routed:
     """`reference.route` as one autograd node, or its forward alone where no graph is recorded (evaluation,
-    decoding); `routing_features` and `history` as the reference's. Under torch.compile the reference itself is
-    traced: its compiler fuses the operators anyway."""
+    decoding); `routing_features` and `history` as the reference's. `native`: steps 5-11 as the C++ operators of
+    `lime_kernels.cpu` (CPU tensors; the caller checked that they are loaded). Under torch.compile the reference
+    itself is traced: its compiler fuses the operators anyway."""
     if torch.compiler.is_compiling():
         return reference_route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, routing_features,
                                history)
@@ -253,6 +330,11 @@ def route(
         own = (_as(own[0], dtype), _as(own[1], dtype))
         frozen, adapted = routing_representations(own[0], own[1], valid, options, history)
         following = None if history is None else next_history(history, own[0], own[1], valid)
+    if native:
+        arguments = (base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
+                     options)
+        out, probs = _cpu_routed(arguments, base, delta, frozen, adapted, LiMEs, LiME_shared, gamma)
+        return Routed(out, probs, valid, following)
     arguments = (base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter, options,
                  dtype)
     out, probs = _routed(arguments, base, delta, LiMEs, LiME_shared, gamma)
@@ -272,13 +354,20 @@ def lime_linear(
     valid: Optional[torch.Tensor] = None,
     jitter: Optional[torch.Tensor] = None,
     history: Optional[RoutingHistory] = None,
+    native: bool = False,
 ) -> Routed:
     """`reference.lime_linear_routed` without DoRA's channel scale: with per-token routing, the adapter's
-    two products join the same node (or forward); otherwise `route` over `reference.adapted_outputs`."""
+    two products join the same node (or forward); otherwise `route` over `reference.adapted_outputs`.
+    `native`: as `route`'s."""
     if (options.rep_mode != "token" or options.n_gram != 1 or history is not None
             or torch.compiler.is_compiling()):
         base, delta = reference.adapted_outputs(adapter_input, base, A, B, scaling)
-        return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, history=history)
+        return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, history=history, native=native)
+    if native:
+        arguments = (base, None, adapter_input, A, B, scaling, None, None, LiMEs, LiME_shared, gamma, valid, jitter,
+                     options)
+        out, probs = _cpu_routed(arguments, adapter_input, base, A, B, LiMEs, LiME_shared, gamma)
+        return Routed(out, probs, valid)
     dtype = compute_dtype(base, adapter_input, A, B, LiMEs, LiME_shared)  # delta's dtype is that of x, A and B
     arguments = (base, None, adapter_input, A, B, scaling, None, None, LiMEs, LiME_shared, gamma, valid, jitter, options,
                  dtype)

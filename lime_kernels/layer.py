@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import eager, reference
+from . import cpu, eager, reference
 from .bases import computes_plain_product, is_wrappable_linear, linear_features
 from .decoding import DecodingState, needs_history
 from .inputs import (ContextMask, as_sequences, autocast_cast, context_valid_mask, explicit_valid_mask,
@@ -23,6 +23,9 @@ from .quantized import frozen_weight
 from .reference import RoutingStats
 
 MaskProvider = Callable[[], Optional[ContextMask]]
+
+# Whether backend='auto' has warned that the C++ CPU operators are unavailable (once per process).
+_warned_cpu_reference = [False]
 
 # What the fused kernels are built and compile-checked for: the projections pad the rank to a
 # tl.dot width of at most 128; the routing keeps [tokens, E] tiles of at most 64 lanes in registers.
@@ -233,11 +236,14 @@ class LiMEModule(nn.Module):
         return "full" if self.training else "usage"
 
     def resolve_backend(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> str:
-        """The backend this input (with its valid tokens) runs on: 'auto' takes the fused path for CUDA inputs
-        within its limits (rank <= 128, at most 64 experts; see `_fused_unsupported`) and the reference elsewhere."""
+        """The backend this input (with its valid tokens) runs on: 'auto' takes the fused Triton path for CUDA
+        inputs within its limits (rank <= 128, at most 64 experts; see `_fused_unsupported`), the C++ operators
+        (`lime_kernels.cpu`) for CPU inputs where they build, and the reference elsewhere."""
         backend = self.adapter.backend
         if backend == "reference":
             return "reference"
+        if backend == "cpu" or (backend == "auto" and x.device.type == "cpu"):
+            return self._resolve_cpu(x, backend)
         unsupported = self._fused_unsupported() or self._fused_unsupported_call(x, valid)
         if backend == "auto":
             return "triton" if x.is_cuda and unsupported is None else "reference"
@@ -249,6 +255,22 @@ class LiMEModule(nn.Module):
                 "under Triton's interpreter (TRITON_INTERPRET=1). Use backend='reference' or 'auto'."
             )
         return "triton"
+
+    def _resolve_cpu(self, x: torch.Tensor, backend: str) -> str:
+        """'cpu' where the C++ operators are loaded; 'auto' otherwise warns once (with the reason) and takes the
+        reference, 'cpu' raises."""
+        if x.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors (got an input on {x.device}); use backend='auto'")
+        reason = cpu.unavailable_reason()
+        if reason is None:
+            return "cpu"
+        if backend == "cpu":
+            raise ValueError(f"backend='cpu' cannot run: {reason}")
+        if not _warned_cpu_reference[0]:
+            _warned_cpu_reference[0] = True
+            warnings.warn(f"LiME's C++ CPU operators are unavailable ({reason}); backend='auto' runs the reference "
+                          "path on the CPU, which is slower on small layers", stacklevel=4)
+        return "reference"
 
     def _fused_unsupported(self) -> Optional[str]:
         if self.routing.compat == "original":
@@ -371,12 +393,12 @@ class LiMEModule(nn.Module):
                                                history=history)
             elif channel_scale is None:
                 routed = eager.lime_linear(adapter_input, frozen_output, A, B, self.LiMEs, self.LiME_shared, self.gamma,
-                                           options, scaling, valid, jitter, history=history)
+                                           options, scaling, valid, jitter, history=history, native=backend == "cpu")
             else:
                 base, delta, features = reference.dora_outputs(adapter_input, frozen_output, A, B, scaling,
                                                                channel_scale, bias, options)
                 routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, options, valid, jitter,
-                                     features, history)
+                                     features, history, native=backend == "cpu")
         if decoding is not None:
             decoding.store(self, routed.history)
         self._defer_stats(reference.routing_stats, routed.probs, routed.valid, options)
@@ -674,7 +696,7 @@ class LiMESliceFineLinear(LiMELinear):
         sequences = autocast_cast(as_sequences(x, in_features))
         valid = self._valid_tokens(x, attention_mask)
         jitter, dropped = self._random_draws(sequences)
-        self.resolve_backend(x, valid)  # backend='triton' raises: see `_original_unfused`
+        backend = self.resolve_backend(x, valid)  # backend='triton' raises: see `_original_unfused`
         rows_input = dropped if dropped is not None else sequences
         rank, num_experts = self.adapter.rank, self.routing.num_experts
         options = self._call_options()
@@ -686,7 +708,8 @@ class LiMESliceFineLinear(LiMELinear):
             base = frozen_rows if bias is None else frozen_rows + bias.to(frozen_rows.dtype)
             features = (frozen_rows[..., :num_experts].to(delta.dtype) + delta[..., :num_experts],
                         delta[..., :num_experts])
-            routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, options, None, jitter, features)
+            routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, options, None, jitter, features,
+                                 native=backend == "cpu")
             out = routed.out
             if valid is not None:
                 unrouted = (base.to(delta.dtype) + delta).to(out.dtype)

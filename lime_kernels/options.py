@@ -24,7 +24,17 @@ COMPAT_MODES = ("lime", "original")
 COMPAT_DEFAULTS = {"lime": {"router": "cosine", "ngram_mode": "window"},
                    "original": {"router": "maxabs", "ngram_mode": "anchor"}}
 REP_MODES = ("token", "mean", "last")
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cpu")
+
+# Step 9's four mixing rules as the kernels (Triton and C++) number them.
+AUTO_DENSE, SOFT_DENSE, HARD, AUTO_SPARSE = 0, 1, 2, 3
+
+
+def selection_code(auto_topk: bool, soft_topk: bool, sparse_mode: bool) -> int:
+    """Dense AutoTop-K, dense soft top-k, hard top-k (dense or sparse) or sparse AutoTop-K."""
+    if auto_topk:
+        return AUTO_SPARSE if sparse_mode else AUTO_DENSE
+    return SOFT_DENSE if soft_topk and not sparse_mode else HARD
 
 
 def python_number(name: str, value):

@@ -151,7 +151,8 @@ class LiMEPromptEncoder(LiMEModule):
             return result.out
         delta = self.prompt_delta.to(dtype).unsqueeze(0).expand(batch, -1, -1)
         with full_precision(base.device):
-            routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, self.routing, None, jitter)
+            routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, self.routing, None, jitter,
+                                 native=backend == "cpu")
         self._defer_stats(reference.routing_stats, routed.probs, routed.valid, self.routing)
         return routed.out
 
@@ -187,7 +188,8 @@ class LiMEPromptEncoder(LiMEModule):
             prompts = result.out
         else:
             with full_precision(base.device):
-                routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, options, None, jitter)
+                routed = eager.route(base, delta, self.LiMEs, self.LiME_shared, self.gamma, options, None, jitter,
+                                     native=backend == "cpu")
             self._defer_stats(reference.routing_stats, routed.probs, None, options)
             prompts = routed.out
         prompts = prompts.expand(batch, -1, -1)

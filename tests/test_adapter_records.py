@@ -59,5 +59,5 @@ def test_an_adapter_saved_with_the_triton_backend_loads_on_cpu_with_another_back
     layer = loaded[0]
     assert isinstance(layer, LiMELinear) and layer.adapter.backend == "auto" and loaded.lime_config.backend == "auto"
     assert torch.equal(layer.A, model[0].A)
-    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'reference', 'triton'; got backend='cuda'"):
+    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'reference', 'triton', 'cpu'; got backend='cuda'"):
         lime.load_adapter(torch.nn.Sequential(torch.nn.Linear(8, 8)), directory, backend="cuda")

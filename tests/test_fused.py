@@ -80,11 +80,14 @@ def routing_margin(run) -> float:
         captured.append((probs.detach(), frozen.detach(), adapted.detach(), valid, options))
         return probs
 
+    def reference_instead(function):  # the eager path's signature (`native` picks the C++ operators: ignored)
+        return lambda *args, native=False, **kwargs: function(*args, **kwargs)
+
     # Without gradients the reference layers run the eager path's forward (lime_kernels.eager), which computes
     # the same probabilities without routing_probs: the margins are read from the reference's own calls.
     with mock.patch.object(reference_path, "routing_probs", capture), torch.no_grad(), \
-            mock.patch.object(eager_path, "route", reference_path.route), \
-            mock.patch.object(eager_path, "lime_linear", reference_path.lime_linear_routed):
+            mock.patch.object(eager_path, "route", reference_instead(reference_path.route)), \
+            mock.patch.object(eager_path, "lime_linear", reference_instead(reference_path.lime_linear_routed)):
         run()
     assert captured, "the call did not route"
     margins = [1.0]

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from ..inputs import _autocast_on, autocast_cast, full_precision
-from ..options import RoutingOptions
+from ..options import RoutingOptions, selection_code
 from ..reference import RoutingStats, balance_statistics
 from .common import on_device_of
 from .finish import Finishing, arrival_counters, empty_grads, finish_parameter_grads
@@ -53,7 +53,6 @@ from .routing import (
     STAT_USAGE,
     pooling_backward,
     route_pooled,
-    selection_code,
     state_layout,
     statistics_length,
     statistics_partials,

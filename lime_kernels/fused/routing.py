@@ -38,18 +38,11 @@ _WEIGHT_EPS: tl.constexpr = tl.constexpr(WEIGHT_EPS)
 _LOG_EPS: tl.constexpr = tl.constexpr(LOG_EPS)
 
 REP_CODES = {"token": 0, "mean": 1, "last": 2}
-AUTO_DENSE, SOFT_DENSE, HARD, AUTO_SPARSE = 0, 1, 2, 3
 
 # The detached statistics vector the forward returns beside importance and kl_uniform: these entries,
 # then `usage` (E values).
 STAT_LOAD, STAT_ACTIVE, STAT_VALID = range(3)
 STAT_USAGE = 3
-
-
-def selection_code(auto_topk: bool, soft_topk: bool, sparse_mode: bool) -> int:
-    if auto_topk:
-        return AUTO_SPARSE if sparse_mode else AUTO_DENSE
-    return SOFT_DENSE if soft_topk and not sparse_mode else HARD
 
 
 ROUTING_WARPS = 8
@@ -817,7 +810,6 @@ __all__ = [
     "pooling_backward",
     "route_pooled",
     "routing_rows",
-    "selection_code",
     "statistics_length",
     "statistics_partials",
 ]
