@@ -7,14 +7,14 @@ On the CPU, float32, every comparison times its variants interleaved in one proc
 (`measure.interleaved_ms`), so the ratios between them do not carry the machine's drift:
 
 1. `layer`: one layer (4 x 32 tokens, 64 -> 64, r = 8, E = 4) forward + backward, eager: LiME's reference
-   backend, PEFT LoRA, MoE-LoRA; and the same layer under `torch.compile(layer)`, LiME also with
+   backend, LiME's C++ CPU operators (`lime-cpu`), PEFT LoRA, MoE-LoRA; and the same layer under `torch.compile(layer)`, LiME also with
    `jitter_noise=0` and with the routing features cut from the gradient (`base[..., :E]` and
    `delta[..., :E]` detached: an experiment that changes the gradient, to weigh what their backward costs).
 2. `stand-in`: the tiny LLaVA-OneVision's eager training step (fused AdamW) and greedy generation (4 new
-   tokens), LiME beside a LiME whose routing and modulation are replaced by one operator each way
-   (`_OneOperatorRouting`), with the adapter's products and everything else as they are. Its arithmetic is
-   not LiME's: it bounds what a fused CPU kernel (one call forward, one backward, as the Triton kernels are
-   on a GPU) could reach.
+   tokens), LiME on the reference and on the C++ operators beside a LiME whose routing and modulation are
+   replaced by one operator each way (`_OneOperatorRouting`), with the adapter's products and everything else
+   as they are. Its arithmetic is not LiME's: it bounds what one call forward and one backward (the C++
+   operators, as the Triton kernels are on a GPU) could reach.
 
 Prints a markdown table and, with `--out`, writes it to `DIR/host_gap.md`.
 """
@@ -99,7 +99,7 @@ def layer_rows(rounds: int, compiled: bool) -> List[Dict]:
     x = torch.randn(4, 32, 64, requires_grad=True)
     grad = torch.randn(4, 32, 64)
     layers = {provider: build_layer(provider, nn.Linear(64, 64), 8, 4, 1)
-              for provider in ("moe-lora", "peft-lora", "lime-reference")}
+              for provider in ("moe-lora", "peft-lora", "lime-reference", "lime-cpu")}
 
     def step(module):
         return lambda: module(x).backward(grad)
@@ -131,7 +131,7 @@ def stand_in_rows(rounds: int) -> List[Dict]:
     """The tiny model's eager training step and generation: PEFT LoRA, MoE-LoRA, LiME, and LiME with
     `_OneOperatorRouting` (the stand-in's models run with `eager.lime_linear` replaced, the others without)."""
     providers = {"peft-lora": "peft-lora", "moe-lora": "moe-lora", "lime-reference": "lime-reference",
-                 "lime-reference, one-operator routing (stand-in)": "lime-reference"}
+                 "lime-cpu": "lime-cpu", "lime-reference, one-operator routing (stand-in)": "lime-reference"}
 
     def with_stand_in(name: str, call: Callable[[], None]) -> Callable[[], None]:
         if "stand-in" in name:

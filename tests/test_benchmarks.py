@@ -263,10 +263,11 @@ def test_host_gap_reports_every_experiment_and_restores_what_it_replaced(tmp_pat
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     variants = {(row[0], row[1]) for row in cells}
     assert variants == {(experiment, variant) for experiment in ("layer, eager",)
-                        for variant in ("moe-lora", "peft-lora", "lime-reference")} | {
+                        for variant in ("moe-lora", "peft-lora", "lime-reference", "lime-cpu")} | {
         (experiment, variant) for experiment in ("tiny LLaVA-OneVision training step, eager",
                                                  "tiny LLaVA-OneVision generation (4 tokens), eager")
-        for variant in ("peft-lora", "moe-lora", "lime-reference", "lime-reference, one-operator routing (stand-in)")}
+        for variant in ("peft-lora", "moe-lora", "lime-reference", "lime-cpu",
+                        "lime-reference, one-operator routing (stand-in)")}
     for row in cells:
         assert float(row[2]) > 0
         if row[1] == "moe-lora":
