@@ -412,7 +412,9 @@ def _providers(setup: Setup, step: str, model: bool = False) -> List[str]:
     fused provider (and the frozen baseline) only: the others' sweep paths are run.py's own CPU test."""
     from providers import LAYER_PROVIDERS, MODEL_PROVIDERS, available
 
-    runnable, skipped = available(MODEL_PROVIDERS if model else LAYER_PROVIDERS, setup.device, interpreter=setup.smoke)
+    # lime-cpu (the C++ CPU operators) has no place in a GPU report, the smoke's CPU run included.
+    providers = [p for p in (MODEL_PROVIDERS if model else LAYER_PROVIDERS) if p != "lime-cpu"]
+    runnable, skipped = available(providers, setup.device, interpreter=setup.smoke)
     for reason in skipped:
         setup.report.row(step, "not-run", what=reason, reason="unavailable")
     if setup.smoke and step == "sweeps":

@@ -5,15 +5,17 @@ Run eagerly, every operator of `reference.route` records an autograd node, and o
 about 45 operators forward and 110 backward where a LoRA needs 14 and 28. `route` here computes the
 same forward with the same operators inside one `torch.autograd.Function`, so they record nothing,
 and its backward is the chain rule written out, in about half as many operators as autograd's.
+With `native=True` (backend 'cpu') the same node calls the C++ operators of `lime_kernels.cpu` instead:
+one operator forward and one backward (`_CpuRoute`), also under torch.compile, which traces them as
+opaque calls.
 
-`reference.route` stays the specification: it is what runs without gradients (nothing to record),
-under `torch.compile` (inductor fuses its operators anyway) and in the tests, which hold the two
-equal in float64: outputs, and every gradient to rounding.
+`reference.route` stays the specification: it is what runs under `torch.compile` on the reference
+backend (inductor fuses its operators anyway) and in the tests, which hold both implementations equal
+to it in float64: outputs, and every gradient to rounding.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -220,10 +222,9 @@ class _Route(torch.autograd.Function):
                 grad_shared, grad_gamma, None, None, None, None)
 
 
-@functools.lru_cache(maxsize=64)
 def _cpu_options(options: RoutingOptions) -> tuple:
-    """The routing options as the `lime_cpu` operators take them, after their tensors (once per options: they are
-    frozen and hashable)."""
+    """The routing options as the `lime_cpu` operators take them, after their tensors. Computed per call (about a
+    µs): a cache in a global that a call fills would make torch.compile guard on it and recompile."""
     frozen_coef, adapted_coef = blend_coefficients(options)
     return (options.router == "maxabs", selection_code(options.auto_topk, options.soft_topk, options.sparse_mode),
             options.top_k, min(2 * options.top_k, options.num_experts), options.auto_topk_threshold,
@@ -253,7 +254,7 @@ class _CpuRoute(torch.autograd.Function):
                 options):
         out, probs, saved = _cpu_forward(base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared,
                                          gamma, valid, jitter, options)
-        ctx.options, ctx.scaling, ctx.lora = options, scaling, delta is None
+        ctx.cpu_options, ctx.scaling, ctx.lora = _cpu_options(options), scaling, delta is None
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
         ctx.save_for_backward(*saved)
         return out, probs
@@ -265,7 +266,7 @@ class _CpuRoute(torch.autograd.Function):
         needs = list(ctx.needs_input_grad)
         if grad_out is None:  # only the statistics were differentiated: nothing reaches the experts, as in `_Route`
             needs[8] = needs[9] = needs[10] = False
-        options = _cpu_options(ctx.options)
+        options = ctx.cpu_options
         if ctx.lora:
             adapter_input, projected, A, B, base, delta, LiMEs, LiME_shared, gamma, valid, jitter = ctx.saved_tensors
             grads = torch.ops.lime_cpu.lora_route_modulate_backward(
@@ -317,9 +318,10 @@ def route(
 ) -> Routed:
     """`reference.route` as one autograd node, or its forward alone where no graph is recorded (evaluation,
     decoding); `routing_features` and `history` as the reference's. `native`: steps 5-11 as the C++ operators of
-    `lime_kernels.cpu` (CPU tensors; the caller checked that they are loaded). Under torch.compile the reference
-    itself is traced: its compiler fuses the operators anyway."""
-    if torch.compiler.is_compiling():
+    `lime_kernels.cpu` (CPU tensors; the caller checked that they are loaded), also under torch.compile (as
+    opaque calls). Otherwise under torch.compile the reference itself is traced: its compiler fuses the operators
+    anyway."""
+    if torch.compiler.is_compiling() and not native:
         return reference_route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, routing_features,
                                history)
     dtype = compute_dtype(base, delta, LiMEs, LiME_shared)
@@ -359,8 +361,10 @@ def lime_linear(
     """`reference.lime_linear_routed` without DoRA's channel scale: with per-token routing, the adapter's
     two products join the same node (or forward); otherwise `route` over `reference.adapted_outputs`.
     `native`: as `route`'s."""
+    # The embedding's adapter reads its own frozen output: torch.compile cannot trace one tensor passed as two
+    # inputs of a Function, so there the adapter's products stay outside the node.
     if (options.rep_mode != "token" or options.n_gram != 1 or history is not None
-            or torch.compiler.is_compiling()):
+            or (torch.compiler.is_compiling() and (not native or adapter_input is base))):
         base, delta = reference.adapted_outputs(adapter_input, base, A, B, scaling)
         return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, history=history, native=native)
     if native:

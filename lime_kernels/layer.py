@@ -89,6 +89,10 @@ class LiMEModule(nn.Module):
                 "backend='triton' needs a CUDA device and torch.cuda.is_available() is False; on CPU the kernels run "
                 "only under Triton's interpreter (TRITON_INTERPRET=1). Use backend='reference' or 'auto'."
             )
+        if adapter.backend == "cpu" or (adapter.backend == "auto" and not torch.cuda.is_available()):
+            # Built (or found built) now, not at a first forward that torch.compile may be tracing. With CUDA,
+            # 'auto' builds it only when a CPU input first needs it (most layers there never do).
+            cpu.unavailable_reason()
         self.routing = routing
         self.adapter = adapter
         self.compiled = False

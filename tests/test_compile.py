@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lime
+from lime_kernels import cpu
 
 
 @pytest.mark.slow
@@ -36,9 +37,9 @@ def test_use_compile_matches_eager():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def _tiny_llava(options):
-    """The tiny LLaVA-OneVision with LiME (reference backend) as `options` say, and a padded text batch.
-    `peft="prompt"`: prompt tuning; `embedding=True`: embed_tokens wrapped too."""
+def _tiny_llava(options, backend="reference"):
+    """The tiny LLaVA-OneVision with LiME (the reference backend, or `backend`) as `options` say, and a padded
+    text batch. `peft="prompt"`: prompt tuning; `embedding=True`: embed_tokens wrapped too."""
     from llava_helpers import README_TARGETS, text_batch
 
     import lime.prompt_tuning
@@ -48,24 +49,24 @@ def _tiny_llava(options):
     model, processor = build_tiny_llava_onevision(seed=0)
     torch.manual_seed(1)
     if options.get("peft") == "prompt":
-        lime.prompt_tuning.apply_peft(model, num_virtual_tokens=3, backend="reference")
+        lime.prompt_tuning.apply_peft(model, num_virtual_tokens=3, backend=backend)
     else:
         targets = README_TARGETS + (["embed_tokens"] if options.pop("embedding", False) else [])
-        lime.apply_peft(model, targets=targets, tokenizer=processor.tokenizer, backend="reference", **options)
+        lime.apply_peft(model, targets=targets, tokenizer=processor.tokenizer, backend=backend, **options)
     batch = text_batch(processor)
     assert (batch["attention_mask"] == 0).any()
     return model, batch
 
 
-def _family(name, **options):
-    """A tiny model of `tests/test_architectures.py` with LiME on its usual targets (reference backend, `options`
-    for apply_peft), and its right-padded training batch."""
+def _family(name, backend="reference", **options):
+    """A tiny model of `tests/test_architectures.py` with LiME on its usual targets (the reference backend, or
+    `backend`; `options` for apply_peft), and its right-padded training batch."""
     from test_architectures import FAMILIES, PAD, _build
 
     family = next(f for f in FAMILIES if f.name == name)
     model = _build(family)
     torch.manual_seed(1)
-    lime.apply_peft(model, targets=family.targets, pad_token_id=PAD, backend="reference", **options)
+    lime.apply_peft(model, targets=family.targets, pad_token_id=PAD, backend=backend, **options)
     return model, family.batch()
 
 
@@ -82,6 +83,15 @@ CASES += [pytest.param(lambda name=name: _family("qwen2", **VARIANTS[name]), id=
           for name in sorted(SLOW_ON_LLAVA)]
 CASES += [pytest.param(lambda: _family("llama"), id="llama"),
           pytest.param(lambda: _family("t5"), id="t5", marks=pytest.mark.slow)]
+# The C++ CPU operators (backend='cpu', what 'auto' takes on the CPU), traced as opaque calls: per-token routing
+# (the adapter inside the operator), pooled routing with maxabs, embeddings and prompt tuning.
+ON_CPU_OPERATORS = pytest.mark.skipif(not cpu.available(), reason=str(cpu.unavailable_reason()))
+CASES += [pytest.param(lambda options=options: _tiny_llava(options, backend="cpu"), id=f"llava-{name}-cpu",
+                       marks=[ON_CPU_OPERATORS])
+          for name, options in {"default": dict(), "window3-maxabs": VARIANTS["window3-maxabs"],
+                                "embedding": dict(embedding=True), "prompt": dict(peft="prompt")}.items()]
+CASES += [pytest.param(lambda: _family("qwen2", backend="cpu", peft="dora"), id="qwen2-dora-cpu",
+                       marks=[ON_CPU_OPERATORS, pytest.mark.slow])]
 
 
 @pytest.mark.parametrize("build", CASES)
@@ -228,6 +238,8 @@ def _image_batch_llava():
     pytest.param(lambda: _tiny_llava(dict(peft="dora", n_gram=3)), id="llava-dora-window3"),
     pytest.param(lambda: _family("qwen2"), id="qwen2"),
     pytest.param(lambda: _family("t5"), id="t5"),
+    pytest.param(lambda: _tiny_llava(dict(), backend="cpu"), id="llava-cpu", marks=ON_CPU_OPERATORS),
+    pytest.param(lambda: _family("qwen2", backend="cpu", n_gram=3), id="qwen2-window3-cpu", marks=ON_CPU_OPERATORS),
 ])
 def test_whole_model_compile_trains_as_eager(build):
     """torch.compile (inductor) over a whole LiME model: the padding mask reaches the layers through their

@@ -214,3 +214,24 @@ def test_the_options_reach_the_operators_as_the_kernels_number_them():
     options = RoutingOptions(num_experts=6, top_k=2, auto_topk=True, sparse_mode=True, router="maxabs",
                              gamma_routing=0.25, temperature=2.0, auto_topk_threshold=0.3, soft_topk_temperature=0.2)
     assert eager._cpu_options(options) == (True, 3, 2, 4, 0.3, 0.2, 0.375, 0.125)
+
+
+@pytest.mark.parametrize("n_gram", [1, 3])
+def test_under_torch_compile_the_operators_are_one_graph_equal_to_eager(n_gram):
+    """torch.compile(fullgraph=True) traces the C++ operators as opaque calls (their fake implementations give the
+    shapes): the compiled layer's output and gradients are the eager layer's, bit for bit."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        layer = _randomized(LiMELinear(torch.nn.Linear(16, 12), num_experts=4, rank=3, n_gram=n_gram, jitter_noise=0.0,
+                                       backend="cpu")).train()
+        x = torch.randn(2, 7, 16, requires_grad=True)
+        torch._dynamo.reset()
+        call = torch.compile(layer, fullgraph=True, backend="aot_eager") if compiled else layer
+        out = call(x)
+        (out.square().sum() + layer.last_stats.importance).backward()
+        results.append((out.detach(), x.grad, {name: p.grad for name, p in layer.named_parameters() if p.requires_grad}))
+    (eager_out, eager_x, eager_grads), (out, x_grad, grads) = results
+    assert torch.equal(out, eager_out) and torch.equal(x_grad, eager_x)
+    for name, grad in eager_grads.items():
+        assert torch.equal(grads[name], grad), name

@@ -15,6 +15,7 @@ Both operators have fake (meta) implementations, so `torch.compile` treats them 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -47,8 +48,15 @@ def _build() -> Optional[str]:
     reason = _ninja_on_path()
     if reason is not None:
         return reason
-    from torch.utils import cpp_extension
-
+    # Importing cpp_extension on a machine without CUDA logs that no CUDA runtime was found: irrelevant to a CPU
+    # build, and it would print in every process that loads the operators.
+    extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = extension_log.level
+    extension_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        extension_log.setLevel(level)
     try:
         cpp_extension.load(name="lime_cpu_routing", sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
