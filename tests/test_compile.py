@@ -154,8 +154,9 @@ def test_image_batches_break_only_where_transformers_breaks():
     assert not [f for f in frames if "/lime/" in f or "/lime_kernels/" in f]
 
 
-def _generation_case(name):
-    """(model with LiME and random adapters, eval mode; left-padded prompts, or T5's padded encoder inputs)."""
+def _generation_case(name, backend="reference"):
+    """(model with LiME (`backend`) and random adapters, eval mode; left-padded prompts, or T5's padded encoder
+    inputs)."""
     from test_architectures import PAD, _randomize_adapters
 
     if name == "llava":
@@ -163,13 +164,13 @@ def _generation_case(name):
 
         from lime.tiny import build_tiny_processor
 
-        model = _tiny_llava({})[0]
+        model = _tiny_llava({}, backend=backend)[0]
         # Images: transformers runs the prefill eagerly (where its image code breaks graphs) and compiles the
         # decoding steps.
         batch = make_batch(build_tiny_processor(), ["What is shown?", "Which option is correct? A B C D"],
                            padding_side="left")
     else:
-        model = _family(name)[0]
+        model = _family(name, backend=backend)[0]
         ids = torch.tensor([[PAD, PAD, PAD, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]])
         if name == "t5":
             ids = ids.flip(1)  # the encoder's padding on the right
@@ -178,8 +179,10 @@ def _generation_case(name):
     return model.eval(), batch
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llava", pytest.param("t5", marks=pytest.mark.slow)])
-def test_generate_with_a_static_cache_compiles_its_decoding_step_as_one_graph(name):
+@pytest.mark.parametrize("name,backend", [("qwen2", "reference"), ("llava", "reference"),
+                                          pytest.param("t5", "reference", marks=pytest.mark.slow),
+                                          pytest.param("llava", "cpu", marks=ON_CPU_OPERATORS)])
+def test_generate_with_a_static_cache_compiles_its_decoding_step_as_one_graph(name, backend):
     """transformers compiles the decoding step of generate(cache_implementation="static") with its
     CompileConfig (on a GPU by itself; on a CPU when told to: `_compile_all_devices`). With LiME that step
     traces whole (fullgraph), once for every step and for a second generate of the same shapes, and the
@@ -188,7 +191,7 @@ def test_generate_with_a_static_cache_compiles_its_decoding_step_as_one_graph(na
     says so), which changes nothing under the default per-token routing."""
     from compile_helpers import recording_compile_config
 
-    model, batch = _generation_case(name)
+    model, batch = _generation_case(name, backend)
     config, graphs = recording_compile_config()
     settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True,
                     return_dict_in_generate=True)
