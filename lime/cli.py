@@ -142,7 +142,8 @@ def _lime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--auto-topk-threshold", type=float, default=0.5, help="AutoTop-K theta (default 0.5)")
     group.add_argument("--no-shared", action="store_true", help="no shared modulation vector")
     group.add_argument("--sparse", action="store_true", help="hard masks with exact zeros")
-    group.add_argument("--backend", choices=BACKENDS, default="auto", help="reference, triton or auto")
+    group.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="auto (Triton on CUDA, the C++ operators on the CPU), reference, triton or cpu")
 
 
 def _trainer_options(parser: argparse.ArgumentParser) -> None:
