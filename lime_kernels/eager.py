@@ -232,29 +232,31 @@ def _cpu_options(options: RoutingOptions) -> tuple:
 
 
 def _cpu_forward(base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
-                 options):
+                 cpu_options):
     """`(out, probs, saved)` from one `lime_cpu` operator: `lora_route_modulate` when this call computes delta
-    (`delta` None: from `adapter_input`, `A`, `B`, `scaling`), else `route_modulate`."""
+    (`delta` None: from `adapter_input`, `A`, `B`, `scaling`), else `route_modulate`. `cpu_options`: what
+    `_cpu_options` gives."""
     if delta is None:
         out, probs, projected, delta = torch.ops.lime_cpu.lora_route_modulate(
-            adapter_input, base, A, B, scaling, LiMEs, LiME_shared, gamma, valid, jitter, *_cpu_options(options))
+            adapter_input, base, A, B, scaling, LiMEs, LiME_shared, gamma, valid, jitter, *cpu_options)
         return out, probs, (adapter_input, projected, A, B, base, delta, LiMEs, LiME_shared, gamma, valid, jitter)
     out, probs = torch.ops.lime_cpu.route_modulate(base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid,
-                                                   jitter, *_cpu_options(options))
+                                                   jitter, *cpu_options)
     return out, probs, (base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter)
 
 
 class _CpuRoute(torch.autograd.Function):
     """`_Route` with the C++ operators of `lime_kernels.cpu`: one call forward and one backward (which
-    recomputes the routing from the features rather than saving its intermediates). Inputs as `_Route`'s
-    without `dtype` (the operators take the compute dtype from their inputs)."""
+    recomputes the routing from the features rather than saving its intermediates). Inputs as `_Route`'s, with
+    the options as `_cpu_options` gives them and without `dtype` (the operators take the compute dtype from their
+    inputs)."""
 
     @staticmethod
     def forward(ctx, base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
-                options):
+                cpu_options):
         out, probs, saved = _cpu_forward(base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared,
-                                         gamma, valid, jitter, options)
-        ctx.cpu_options, ctx.scaling, ctx.lora = _cpu_options(options), scaling, delta is None
+                                         gamma, valid, jitter, cpu_options)
+        ctx.cpu_options, ctx.scaling, ctx.lora = cpu_options, scaling, delta is None
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
         ctx.save_for_backward(*saved)
         return out, probs
@@ -346,7 +348,7 @@ def route(
         following = None if history is None else next_history(history, own[0], own[1], valid)
     if native:
         arguments = (base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
-                     options)
+                     _cpu_options(options))
         out, probs = _cpu_routed(arguments, base, delta, frozen, adapted, LiMEs, LiME_shared, gamma)
         return Routed(out, probs, valid, following)
     arguments = (base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter, options,
@@ -379,7 +381,7 @@ def lime_linear(
         return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, history=history, native=native)
     if native:
         arguments = (base, None, adapter_input, A, B, scaling, None, None, LiMEs, LiME_shared, gamma, valid, jitter,
-                     options)
+                     _cpu_options(options))
         out, probs = _cpu_routed(arguments, adapter_input, base, A, B, LiMEs, LiME_shared, gamma)
         return Routed(out, probs, valid)
     dtype = compute_dtype(base, adapter_input, A, B, LiMEs, LiME_shared)  # delta's dtype is that of x, A and B

@@ -291,35 +291,50 @@ const T* pointer_or_null(const at::Tensor& tensor) {
   return tensor.defined() ? tensor.data_ptr<T>() : nullptr;
 }
 
+// What both directions read of the inputs: their data (null for an absent optional input), and maxabs's
+// batch-wide maxima of |u| and |v| (zeros for the cosine router, which does not read them).
+template <typename scalar_t>
+struct Data {
+  Features<scalar_t> features;
+  const scalar_t *base, *delta, *experts, *shared, *jitter;
+  const bool* valid;
+  scalar_t gamma;
+  std::pair<scalar_t, scalar_t> maxima{0, 0};
+
+  Data(const Inputs& in, const Options& options)
+      : features(features_of<scalar_t>(in)),
+        base(in.base.data_ptr<scalar_t>()),
+        delta(in.delta.data_ptr<scalar_t>()),
+        experts(in.experts.data_ptr<scalar_t>()),
+        shared(pointer_or_null<scalar_t>(in.shared)),
+        jitter(pointer_or_null<scalar_t>(in.jitter)),
+        valid(pointer_or_null<bool>(in.valid)),
+        gamma(in.gamma.defined() ? *in.gamma.data_ptr<scalar_t>() : scalar_t(0)) {
+    if (options.maxabs) maxima = batch_maxima(features, in.rows, in.num_experts);
+  }
+};
+
 template <typename scalar_t>
 void forward_impl(const Inputs& in, const Options& options, at::Tensor& out, at::Tensor& probs) {
   const int64_t experts = in.num_experts, width = in.width;
-  const Features<scalar_t> features = features_of<scalar_t>(in);
-  const scalar_t* base = in.base.data_ptr<scalar_t>();
-  const scalar_t* delta = in.delta.data_ptr<scalar_t>();
-  const scalar_t* experts_ptr = in.experts.data_ptr<scalar_t>();
-  const scalar_t* shared = pointer_or_null<scalar_t>(in.shared);
-  const scalar_t gamma = in.gamma.defined() ? *in.gamma.data_ptr<scalar_t>() : scalar_t(0);
-  const scalar_t* jitter = pointer_or_null<scalar_t>(in.jitter);
-  const bool* valid = pointer_or_null<bool>(in.valid);
+  const Data<scalar_t> data(in, options);
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   scalar_t* probs_ptr = probs.data_ptr<scalar_t>();
-  std::pair<scalar_t, scalar_t> maxima{0, 0};
-  if (options.maxabs) maxima = batch_maxima(features, in.rows, experts);
   at::parallel_for(0, in.rows, token_grain(width), [&](int64_t begin, int64_t end) {
     Route<scalar_t> route(experts);
     std::vector<scalar_t> modulation(width);
     for (int64_t row = begin; row < end; ++row) {
-      route_token(features, jitter, row, experts, options, maxima.first, maxima.second, route);
+      route_token(data.features, data.jitter, row, experts, options, data.maxima.first, data.maxima.second,
+                  route);
       std::copy(route.probs.begin(), route.probs.end(), probs_ptr + row * experts);
-      const scalar_t* base_row = base + row * width;
+      const scalar_t* base_row = data.base + row * width;
       scalar_t* out_row = out_ptr + row * width;
-      if (valid != nullptr && !valid[row]) {  // invalid tokens are `base`, exactly
+      if (data.valid != nullptr && !data.valid[row]) {  // invalid tokens are `base`, exactly
         std::copy(base_row, base_row + width, out_row);
         continue;
       }
-      modulation_row(route.weights, experts_ptr, shared, gamma, experts, width, modulation.data());
-      const scalar_t* delta_row = delta + row * width;
+      modulation_row(route.weights, data.experts, data.shared, data.gamma, experts, width, modulation.data());
+      const scalar_t* delta_row = data.delta + row * width;
 #pragma omp simd
       for (int64_t d = 0; d < width; ++d) out_row[d] = base_row[d] + delta_row[d] * modulation[d];
     }
@@ -390,18 +405,13 @@ template <typename scalar_t>
 void backward_impl(const Inputs& in, const Options& options, const at::Tensor& grad_out_tensor,
                    const at::Tensor& grad_probs_tensor, const Gradients<scalar_t>& grads) {
   const int64_t experts = in.num_experts, width = in.width, rows = in.rows;
-  const Features<scalar_t> features = features_of<scalar_t>(in);
+  const Data<scalar_t> data(in, options);
+  const Features<scalar_t>& features = data.features;
   const bool own_features = !in.frozen.defined();
-  const scalar_t* delta = in.delta.data_ptr<scalar_t>();
-  const scalar_t* experts_ptr = in.experts.data_ptr<scalar_t>();
-  const scalar_t* shared = pointer_or_null<scalar_t>(in.shared);
-  const scalar_t gamma = in.gamma.defined() ? *in.gamma.data_ptr<scalar_t>() : scalar_t(0);
-  const scalar_t* jitter = pointer_or_null<scalar_t>(in.jitter);
-  const bool* valid = pointer_or_null<bool>(in.valid);
+  const scalar_t *delta = data.delta, *experts_ptr = data.experts, *jitter = data.jitter;
+  const bool* valid = data.valid;
   const scalar_t* grad_out = pointer_or_null<scalar_t>(grad_out_tensor);
   const scalar_t* grad_probs_in = pointer_or_null<scalar_t>(grad_probs_tensor);
-  std::pair<scalar_t, scalar_t> maxima{0, 0};
-  if (options.maxabs) maxima = batch_maxima(features, rows, experts);
   // Per token, kept between the passes: the weights, d(logits), u_hat and v_hat (E each), and the two norms.
   const int64_t kept_width = 4 * experts + 2;
   std::vector<scalar_t> kept(rows * kept_width);
@@ -412,7 +422,7 @@ void backward_impl(const Inputs& in, const Options& options, const at::Tensor& g
     Route<scalar_t> route(experts);
     std::vector<scalar_t> modulation(width), grad_mod(width), grad_weights(experts), grad_probs(experts);
     for (int64_t row = begin; row < end; ++row) {
-      route_token(features, jitter, row, experts, options, maxima.first, maxima.second, route);
+      route_token(features, jitter, row, experts, options, data.maxima.first, data.maxima.second, route);
       const bool is_valid = valid == nullptr || valid[row];
       std::fill(grad_weights.begin(), grad_weights.end(), scalar_t(0));
       const scalar_t* grad_row = grad_out == nullptr ? nullptr : grad_out + row * width;
@@ -430,7 +440,7 @@ void backward_impl(const Inputs& in, const Options& options, const at::Tensor& g
 #pragma omp simd
         for (int64_t d = 0; d < width; ++d) grad_mod[d] = grad_row[d] * delta_row[d];
         if (delta_grad_row != nullptr) {
-          modulation_row(route.weights, experts_ptr, shared, gamma, experts, width, modulation.data());
+          modulation_row(route.weights, experts_ptr, data.shared, data.gamma, experts, width, modulation.data());
 #pragma omp simd
           for (int64_t d = 0; d < width; ++d) delta_grad_row[d] = grad_row[d] * modulation[d];
         }
@@ -473,7 +483,7 @@ void backward_impl(const Inputs& in, const Options& options, const at::Tensor& g
   scalar_t batch_inner[2] = {0, 0};
   int64_t batch_ties[2] = {0, 0};
   if (options.maxabs) {
-    const scalar_t norms[2] = {maxima.first, maxima.second};
+    const scalar_t norms[2] = {data.maxima.first, data.maxima.second};
     for (int side = 0; side < 2; ++side) {
       for (int64_t row = 0; row < rows; ++row) {
         const scalar_t* keep = kept_row(row);
