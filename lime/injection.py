@@ -108,7 +108,10 @@ class MaskScope:
             encoder_mask = None
         if mask is None and encoder_states is None:
             return None
-        return ContextMask(mask, self.in_sequence_model, encoder_states, encoder_mask)
+        # A dict for the call's layers to share the mask's alignments in (`context_valid_mask`); none in a
+        # compiled graph, which would have to rebuild it after every call.
+        aligned = None if torch.compiler.is_compiling() else {}
+        return ContextMask(mask, self.in_sequence_model, encoder_states, encoder_mask, aligned=aligned)
 
     def _cache_of_call(self, args: tuple, kwargs: dict):
         for name, position in zip(CACHE_ARGUMENTS, self._cache_positions):
@@ -247,10 +250,10 @@ class MaskScope:
 def _same_context(first: Optional[ContextMask], second: Optional[ContextMask]) -> bool:
     """Whether two calls offer their layers the very same tensors (compared by identity: comparing
     values would synchronize with the device on every training call of a run without checkpointing,
-    where this record is never read)."""
+    where this record is never read). Each call's own `aligned` dict is not what it offers."""
     if first is None or second is None:
         return first is second
-    return all(a is b for a, b in zip(first, second))
+    return all(getattr(first, name) is getattr(second, name) for name in ContextMask._fields if name != "aligned")
 
 
 def is_target_type(module: nn.Module) -> bool:

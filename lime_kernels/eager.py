@@ -5,9 +5,10 @@ Run eagerly, every operator of `reference.route` records an autograd node, and o
 about 45 operators forward and 110 backward where a LoRA needs 14 and 28. `route` here computes the
 same forward with the same operators inside one `torch.autograd.Function`, so they record nothing,
 and its backward is the chain rule written out, in about half as many operators as autograd's.
-With `native=True` (backend 'cpu') the same node calls the C++ operators of `lime_kernels.cpu` instead:
-one operator forward and one backward (`_CpuRoute`); torch.compile traces the forward operator as an
-opaque call where no gradient is recorded (`_traces_reference`).
+With `native=True` (backend 'cpu') the C++ operators of `lime_kernels.cpu` compute it instead: one
+operator forward, whose autograd node (made in C++) runs one operator backward (`_cpu_forward`);
+torch.compile traces the forward operator as an opaque call where no gradient is recorded
+(`_traces_reference`).
 
 `reference.route` stays the specification: it is what runs under `torch.compile` otherwise (inductor
 fuses its operators) and in the tests, which hold both implementations equal to it in float64: outputs,
@@ -233,68 +234,16 @@ def _cpu_options(options: RoutingOptions) -> tuple:
 
 def _cpu_forward(base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
                  cpu_options):
-    """`(out, probs, saved)` from one `lime_cpu` operator: `lora_route_modulate` when this call computes delta
-    (`delta` None: from `adapter_input`, `A`, `B`, `scaling`), else `route_modulate`. `cpu_options`: what
-    `_cpu_options` gives."""
+    """`(out, probs)` from one `lime_cpu` operator: `lora_route_modulate` when this call computes delta (`delta`
+    None: from `adapter_input`, `A`, `B`, `scaling`), else `route_modulate`. `cpu_options`: what `_cpu_options`
+    gives. Where a graph is recorded, the operator's autograd kernel (C++) makes the call one node, whose backward
+    is the backward operator (which recomputes the routing from the features rather than saving its
+    intermediates)."""
     if delta is None:
-        out, probs, projected, delta = torch.ops.lime_cpu.lora_route_modulate(
-            adapter_input, base, A, B, scaling, LiMEs, LiME_shared, gamma, valid, jitter, *cpu_options)
-        return out, probs, (adapter_input, projected, A, B, base, delta, LiMEs, LiME_shared, gamma, valid, jitter)
-    out, probs = torch.ops.lime_cpu.route_modulate(base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid,
-                                                   jitter, *cpu_options)
-    return out, probs, (base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter)
-
-
-class _CpuRoute(torch.autograd.Function):
-    """`_Route` with the C++ operators of `lime_kernels.cpu`: one call forward and one backward (which
-    recomputes the routing from the features rather than saving its intermediates). Inputs as `_Route`'s, with
-    the options as `_cpu_options` gives them and without `dtype` (the operators take the compute dtype from their
-    inputs)."""
-
-    @staticmethod
-    def forward(ctx, base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
-                cpu_options):
-        out, probs, saved = _cpu_forward(base, delta, adapter_input, A, B, scaling, frozen, adapted, LiMEs, LiME_shared,
-                                         gamma, valid, jitter, cpu_options)
-        ctx.cpu_options, ctx.scaling, ctx.lora = cpu_options, scaling, delta is None
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
-        ctx.save_for_backward(*saved)
-        return out, probs
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_probs):
-        if grad_out is None and grad_probs is None:
-            return (None,) * 14
-        needs = list(ctx.needs_input_grad)
-        if grad_out is None:  # only the statistics were differentiated: nothing reaches the experts, as in `_Route`
-            needs[8] = needs[9] = needs[10] = False
-        options = ctx.cpu_options
-        if ctx.lora:
-            adapter_input, projected, A, B, base, delta, LiMEs, LiME_shared, gamma, valid, jitter = ctx.saved_tensors
-            grads = torch.ops.lime_cpu.lora_route_modulate_backward(
-                grad_out, grad_probs, adapter_input, projected, A, B, ctx.scaling, base, delta, LiMEs, LiME_shared,
-                gamma, valid, jitter, *options, needs[0], needs[2], needs[3], needs[4], needs[8],
-                needs[9] or needs[10])
-            grad_base, grad_input, grad_A, grad_B, grad_LiMEs, grad_shared, grad_gamma = grads
-            grad_delta = grad_frozen = grad_adapted = None
-        else:
-            base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter = ctx.saved_tensors
-            grads = torch.ops.lime_cpu.route_modulate_backward(
-                grad_out, grad_probs, base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter, *options,
-                needs[0], needs[1], needs[6] or needs[7], needs[8], needs[9] or needs[10])
-            grad_base, grad_delta, grad_frozen, grad_adapted, grad_LiMEs, grad_shared, grad_gamma = grads
-            grad_input = grad_A = grad_B = None
-        # The operators return empty tensors for what was not asked for: None here.
-        return tuple(grad if wanted else None for grad, wanted in zip(
-            (grad_base, grad_delta, grad_input, grad_A, grad_B, None, grad_frozen, grad_adapted, grad_LiMEs, grad_shared,
-             grad_gamma, None, None, None), needs))
-
-
-def _cpu_routed(arguments: tuple, *differentiable: Optional[torch.Tensor]) -> tuple:
-    """`(out, probs)` of `_CpuRoute` on `arguments`, as `_routed` does for `_Route`."""
-    if _records_graph(*differentiable):
-        return _CpuRoute.apply(*arguments)
-    return _cpu_forward(*arguments)[:2]
+        return torch.ops.lime_cpu.lora_route_modulate(adapter_input, base, A, B, scaling, LiMEs, LiME_shared, gamma,
+                                                      valid, jitter, *cpu_options)[:2]
+    return torch.ops.lime_cpu.route_modulate(base, delta, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
+                                             *cpu_options)
 
 
 def _records_graph(*differentiable: Optional[torch.Tensor]) -> bool:
@@ -347,9 +296,8 @@ def route(
         frozen, adapted = routing_representations(own[0], own[1], valid, options, history)
         following = None if history is None else next_history(history, own[0], own[1], valid)
     if native:
-        arguments = (base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter,
-                     _cpu_options(options))
-        out, probs = _cpu_routed(arguments, base, delta, frozen, adapted, LiMEs, LiME_shared, gamma)
+        out, probs = _cpu_forward(base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid,
+                                  jitter, _cpu_options(options))
         return Routed(out, probs, valid, following)
     arguments = (base, delta, None, None, None, None, frozen, adapted, LiMEs, LiME_shared, gamma, valid, jitter, options,
                  dtype)
@@ -380,9 +328,8 @@ def lime_linear(
         base, delta = reference.adapted_outputs(adapter_input, base, A, B, scaling)
         return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, history=history, native=native)
     if native:
-        arguments = (base, None, adapter_input, A, B, scaling, None, None, LiMEs, LiME_shared, gamma, valid, jitter,
-                     _cpu_options(options))
-        out, probs = _cpu_routed(arguments, adapter_input, base, A, B, LiMEs, LiME_shared, gamma)
+        out, probs = _cpu_forward(base, None, adapter_input, A, B, scaling, None, None, LiMEs, LiME_shared, gamma, valid,
+                                  jitter, _cpu_options(options))
         return Routed(out, probs, valid)
     dtype = compute_dtype(base, adapter_input, A, B, LiMEs, LiME_shared)  # delta's dtype is that of x, A and B
     arguments = (base, None, adapter_input, A, B, scaling, None, None, LiMEs, LiME_shared, gamma, valid, jitter, options,

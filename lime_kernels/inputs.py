@@ -7,7 +7,7 @@ and extra leading dimensions are folded into B. Masks become a `(B, T)` bool ten
 from __future__ import annotations
 
 import contextlib
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -28,7 +28,7 @@ def as_sequences(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.reshape(x.shape[:-2].numel(), x.shape[-2], x.shape[-1])  # explicit sizes: 0 tokens is valid
 
 
-def _autocast_on(device_type: str) -> bool:
+def autocast_on(device_type: str) -> bool:
     # Devices autocast has no mode for (meta, where a device_map may park layers) are never autocast.
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
@@ -36,7 +36,7 @@ def _autocast_on(device_type: str) -> bool:
 def autocast_cast(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """`tensor` as autocast would hand it to a linear layer: cast to autocast's dtype when autocast is
     on for its device and it is a floating tensor other than float64; otherwise unchanged."""
-    if tensor is None or not _autocast_on(tensor.device.type):
+    if tensor is None or not autocast_on(tensor.device.type):
         return tensor
     if not tensor.is_floating_point() or tensor.dtype == torch.float64:
         return tensor
@@ -47,7 +47,7 @@ def full_precision(device: torch.device):
     """LiME's own math runs in float32 (or float64) whatever autocast would make of it. Autocast is
     switched off only where it is on: entering `torch.autocast` costs host time on every call."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    if _autocast_on(device_type):
+    if autocast_on(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return _NO_CONTEXT
 
@@ -115,6 +115,10 @@ class ContextMask(NamedTuple):
 
     `decoding`: the `lime_kernels.decoding.DecodingState` of the KV cache the call decodes with, where
     some layer's routing reads earlier tokens (a causal n-gram window); else None.
+
+    `aligned`: an empty dict of the call's own (or None) in which `context_valid_mask` keeps what it worked
+    out per input shape, so that a model's layers share one alignment of the mask (an eager call on small
+    layers otherwise spends more host time aligning the mask in every layer than the layer's own routing takes).
     """
 
     mask: Optional[torch.Tensor]
@@ -122,6 +126,7 @@ class ContextMask(NamedTuple):
     encoder_states: Optional[torch.Tensor] = None
     encoder_mask: Optional[torch.Tensor] = None
     decoding: Optional[Any] = None
+    aligned: Optional[Dict[tuple, Tuple[Optional[torch.Tensor], bool]]] = None
 
 
 def context_valid_mask(context: ContextMask, input_shape: torch.Size) -> Tuple[Optional[torch.Tensor], bool]:
@@ -129,8 +134,20 @@ def context_valid_mask(context: ContextMask, input_shape: torch.Size) -> Tuple[O
 
     Returns `(valid, True)` when the mask describes the input and `(None, False)` when it does not
     (an input that is not that token sequence, such as image features or a pooled 2-D input). In the
-    sequence model, a 2-D input with one row per token of the mask is the flattened sequence.
+    sequence model, a 2-D input with one row per token of the mask is the flattened sequence. Kept in
+    `context.aligned` per shape where the context has one (eagerly: a compiled graph aligns once anyway).
     """
+    aligned = context.aligned
+    if aligned is None or torch.compiler.is_compiling():
+        return _align_mask(context, input_shape)
+    key = (context.in_sequence_model, tuple(input_shape[:-1]))
+    found = aligned.get(key)
+    if found is None:
+        found = aligned[key] = _align_mask(context, input_shape)
+    return found
+
+
+def _align_mask(context: ContextMask, input_shape: torch.Size) -> Tuple[Optional[torch.Tensor], bool]:
     mask = context.mask
     _check_model_mask(mask)
     if mask.dim() != 2:

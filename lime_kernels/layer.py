@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from . import cpu, eager, reference
 from .bases import computes_plain_product, is_wrappable_linear, linear_features
 from .decoding import DecodingState, needs_history
-from .inputs import (ContextMask, as_sequences, autocast_cast, context_valid_mask, explicit_valid_mask,
-                     full_precision)
+from .inputs import (ContextMask, as_sequences, autocast_cast, autocast_on, context_valid_mask,
+                     explicit_valid_mask, full_precision)
 from .options import AdapterOptions, RoutingOptions
 from .quantized import frozen_weight
 from .reference import RoutingStats
@@ -538,6 +538,10 @@ class LiMELinear(LiMEModule):
         return computes_plain_product(self.linear)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        options = self._direct_cpu_options()
+        if (options is not None and attention_mask is None and x.dim() == 3 and x.device.type == "cpu"
+                and x.shape[-1] == self.A.shape[1] and not torch.compiler.is_compiling() and not autocast_on("cpu")):
+            return self._direct_cpu_forward(x, options)
         # Under autocast the layer reads its input as the frozen linear layer would (in autocast's
         # dtype), on both backends; LiME's own math then runs in float32.
         linear = self.linear
@@ -562,6 +566,35 @@ class LiMELinear(LiMEModule):
         )
         # A 3-D input's output is (B, T, Dout) already: no view (each one is a node the backward runs).
         return out if x.dim() == 3 else out.reshape(*x.shape[:-1], out_features)
+
+    def _direct_cpu_options(self) -> Optional[RoutingOptions]:
+        """The routing options when this layer's calls on `(B, T, Din)` CPU sequences (eager, no autocast, no
+        mask argument) go straight to the C++ operators (`_direct_cpu_forward`), else None: a LoRA or LoRA-FA
+        layer with compat='lime', per-token routing (no window, no history), not `compile_reference`, on
+        backend 'cpu' or 'auto' with the operators built. Worked out once per state of the layer (its mode,
+        options and compile switch, by identity) and kept: on small layers the general path's checks cost
+        more host time than the routing itself."""
+        state = (self.training, self.routing, self.adapter, self.compiled)
+        kept = self.__dict__.get("_direct_cpu")
+        if kept is not None and all(now is then for now, then in zip(state, kept[0])):
+            return kept[1]
+        options = self._call_options()
+        direct = (type(self) in (LiMELinear, LiMELoRAFALinear) and options.compat == "lime"
+                  and options.rep_mode == "token" and options.n_gram == 1 and not self.compiled
+                  and self.adapter.backend in ("auto", "cpu") and cpu.unavailable_reason() is None)
+        self.__dict__["_direct_cpu"] = (state, options if direct else None)
+        return options if direct else None
+
+    def _direct_cpu_forward(self, x: torch.Tensor, options: RoutingOptions) -> torch.Tensor:
+        """`forward` for the calls `_direct_cpu_options` admits: the general path's steps that apply to them, in
+        its order (the same mask, the same random draws, the same operators: the same output bit for bit)."""
+        valid = self._valid_tokens(x, None)
+        jitter, dropped = self._random_draws(x)
+        routed = eager.lime_linear(x if dropped is None else dropped, self.linear(x), self.A, self.B, self.LiMEs,
+                                   self.LiME_shared, self.gamma, options, self.adapter.scaling, valid, jitter,
+                                   native=True)
+        self._defer_stats(reference.routing_stats, routed.probs, routed.valid, options)
+        return routed.out
 
     def _sliced_rows(self) -> int:
         return 0

@@ -247,3 +247,95 @@ def test_under_torch_compile_inference_calls_the_operator_and_training_traces_th
     torch.testing.assert_close(x_grad, eager_x, rtol=1e-5, atol=1e-6)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _direct_and_general(cls, dtype, training, provider_mask):
+    """(output, gradients, statistics) of one seeded call through `_direct_cpu_forward` and through the general
+    path (the direct one switched off on the layer), from the same parameters and the same random state."""
+    from lime_kernels.inputs import ContextMask
+
+    results = []
+    for direct in (True, False):
+        torch.manual_seed(0)
+        layer = _randomized(cls(torch.nn.Linear(16, 12), num_experts=4, rank=3, jitter_noise=0.2, dropout=0.3,
+                                backend="auto")).to(dtype).train(training)
+        if provider_mask is not None:  # as apply_peft installs it: the model call's padding mask
+            layer.mask_provider = lambda: ContextMask(provider_mask, True, aligned={})
+        if not direct:
+            layer._direct_cpu_options = lambda: None
+        taken = []
+        original = layer._direct_cpu_forward
+        layer._direct_cpu_forward = lambda *arguments: taken.append(1) or original(*arguments)
+        torch.manual_seed(1)
+        x = torch.randn(2, 7, 16, dtype=dtype, requires_grad=True)
+        out = layer(x)
+        assert bool(taken) == direct
+        stats = layer.last_stats
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum()
+        if training:
+            loss = loss + 0.3 * stats.importance + 0.2 * stats.kl_uniform
+        loss.backward()
+        grads = {name: p.grad for name, p in layer.named_parameters() if p.requires_grad}
+        grads["input"] = x.grad
+        results.append((out, grads, [s for s in stats if s is not None]))
+    return results
+
+
+@pytest.mark.parametrize("cls,dtype,training,padded", list(itertools.product(
+    [LiMELinear, LiMELoRAFALinear], [torch.float32, torch.float64], [True, False], [False, True])))
+def test_direct_calls_equal_the_general_path_bit_for_bit(cls, dtype, training, padded):
+    """`LiMELinear._direct_cpu_forward` skips the general path's checks, not its work: the same mask, random draws
+    (jitter, dropout), output, gradients and statistics, exactly."""
+    mask = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]]) if padded else None
+    (direct_out, direct_grads, direct_stats), (out, grads, stats) = _direct_and_general(cls, dtype, training, mask)
+    assert torch.equal(direct_out, out)
+    assert direct_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(direct_grads[name], grad), name
+    assert len(direct_stats) == len(stats) and all(torch.equal(a, b) for a, b in zip(direct_stats, stats))
+
+
+def test_the_direct_path_is_taken_where_it_applies_and_follows_the_layers_state():
+    def direct(layer):
+        return layer._direct_cpu_options() is not None
+
+    def linear():
+        return torch.nn.Linear(16, 12)
+
+    layer = LiMELinear(linear(), num_experts=4, rank=3)
+    assert direct(layer) and direct(LiMELoRAFALinear(linear(), num_experts=4, rank=3, backend="cpu"))
+    for other in (LiMEDoRALinear(linear(), num_experts=4, rank=3), LiMESliceFineLinear(linear(), num_experts=4, rank=3),
+                  LiMELinear(linear(), num_experts=4, rank=3, compat="original"),
+                  LiMELinear(linear(), num_experts=4, rank=3, n_gram=3),
+                  LiMELinear(linear(), num_experts=4, rank=3, rep_mode="mean"),
+                  LiMELinear(linear(), num_experts=4, rank=3, backend="reference")):
+        assert not direct(other), other
+    layer.update_routing(n_gram=2)  # a new options object: worked out again
+    assert not direct(layer)
+    layer.update_routing(n_gram=1)
+    assert direct(layer) and layer._direct_cpu_options() is layer.routing
+    layer.eval()
+    assert direct(layer) and layer.__dict__["_direct_cpu"][0][0] is False  # kept per mode
+    layer.compile_reference()
+    assert not direct(layer)
+
+
+def test_a_model_calls_layers_share_one_alignment_of_its_mask():
+    """`context_valid_mask` keeps what it aligned in the call's `aligned` dict, per input shape and kind of layer
+    (in the sequence model or beside it); a compiled graph and a context without the dict align afresh."""
+    from lime.injection import _same_context
+    from lime_kernels.inputs import ContextMask, context_valid_mask
+
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    context = ContextMask(mask, True, aligned={})
+    first = context_valid_mask(context, torch.Size([2, 3, 8]))
+    assert first[1] and first[0].tolist() == [[True, True, True], [False, True, True]]
+    assert context_valid_mask(context, torch.Size([2, 3, 16])) is first  # the same (B, T): the same alignment
+    assert context_valid_mask(context._replace(in_sequence_model=False), torch.Size([2, 3, 8])) == (None, False)
+    assert context_valid_mask(context, torch.Size([2, 4, 8]))[0].tolist() == (mask != 0).tolist()
+    assert len(context.aligned) == 3
+    plain = ContextMask(mask, True)
+    assert context_valid_mask(plain, torch.Size([2, 3, 8])) is not context_valid_mask(plain, torch.Size([2, 3, 8]))
+    # Two calls offering the same tensors are the same context for checkpointing, whatever their dicts hold.
+    assert _same_context(context, ContextMask(mask, True, aligned={}))
+    assert not _same_context(context, ContextMask(mask.clone(), True, aligned={}))

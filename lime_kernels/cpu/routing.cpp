@@ -19,6 +19,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -685,6 +687,205 @@ lora_route_modulate_backward(
   return {grad_base, grad_x, grad_A, grad_B, grad_experts, grad_shared, grad_gamma};
 }
 
+
+// --- Autograd: one C++ node per call, its backward the backward operator ------------------------------------
+//
+// Registered for the Autograd dispatch key, so that a call that records a graph creates its node here rather than
+// in a Python `torch.autograd.Function`: on small layers the Python node's bookkeeping (its context, saving the
+// inputs, the Python backward frame) cost more host time than the operators' own arithmetic. The forward
+// redispatches below autograd to the CPU kernel (or to the fake one when tracing); the backward calls the backward
+// operator through the dispatcher, so torch.compile and opcheck trace it as they trace the forward.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr const char* kOptionNames[] = {"maxabs", "selection", "top_k", "max_kept", "theta", "tau", "frozen_coef",
+                                        "adapted_coef"};
+
+void save_options(AutogradContext* ctx, bool maxabs, int64_t selection, int64_t top_k, int64_t max_kept, double theta,
+                  double tau, double frozen_coef, double adapted_coef) {
+  ctx->saved_data[kOptionNames[0]] = maxabs;
+  ctx->saved_data[kOptionNames[1]] = selection;
+  ctx->saved_data[kOptionNames[2]] = top_k;
+  ctx->saved_data[kOptionNames[3]] = max_kept;
+  ctx->saved_data[kOptionNames[4]] = theta;
+  ctx->saved_data[kOptionNames[5]] = tau;
+  ctx->saved_data[kOptionNames[6]] = frozen_coef;
+  ctx->saved_data[kOptionNames[7]] = adapted_coef;
+}
+
+// The routing options as the backward operators take them, from what `save_options` kept.
+struct SavedOptions {
+  bool maxabs;
+  int64_t selection, top_k, max_kept;
+  double theta, tau, frozen_coef, adapted_coef;
+
+  explicit SavedOptions(AutogradContext* ctx)
+      : maxabs(ctx->saved_data[kOptionNames[0]].toBool()),
+        selection(ctx->saved_data[kOptionNames[1]].toInt()),
+        top_k(ctx->saved_data[kOptionNames[2]].toInt()),
+        max_kept(ctx->saved_data[kOptionNames[3]].toInt()),
+        theta(ctx->saved_data[kOptionNames[4]].toDouble()),
+        tau(ctx->saved_data[kOptionNames[5]].toDouble()),
+        frozen_coef(ctx->saved_data[kOptionNames[6]].toDouble()),
+        adapted_coef(ctx->saved_data[kOptionNames[7]].toDouble()) {}
+};
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& tensor) {
+  return tensor.defined() ? std::optional<at::Tensor>(tensor) : std::nullopt;
+}
+
+at::Tensor wanted(const at::Tensor& gradient, bool needed) { return needed ? gradient : at::Tensor(); }
+
+// The forward's gradients are asked for per autograd edge, and only tensors that were given have an edge: `edges`
+// turns an argument's position into its edge (or -1) from which optional arguments were given.
+struct Edges {
+  std::vector<int64_t> of_argument;
+  Edges(std::initializer_list<bool> given) {
+    int64_t next = 0;
+    for (bool is_tensor : given) of_argument.push_back(is_tensor ? next++ : -1);
+  }
+  bool needs(const AutogradContext* ctx, size_t argument) const {
+    return of_argument[argument] >= 0 && ctx->needs_input_grad(static_cast<size_t>(of_argument[argument]));
+  }
+};
+
+class RouteModulateFunction : public torch::autograd::Function<RouteModulateFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& base, const at::Tensor& delta,
+                               const std::optional<at::Tensor>& frozen, const std::optional<at::Tensor>& adapted,
+                               const at::Tensor& experts, const std::optional<at::Tensor>& shared,
+                               const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& valid,
+                               const std::optional<at::Tensor>& jitter, bool maxabs, int64_t selection, int64_t top_k,
+                               int64_t max_kept, double theta, double tau, double frozen_coef, double adapted_coef) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lime_cpu::route_modulate", "")
+                         .typed<decltype(route_modulate)>();
+    auto [out, probs] = op.call(base, delta, frozen, adapted, experts, shared, gamma, valid, jitter, maxabs, selection,
+                                top_k, max_kept, theta, tau, frozen_coef, adapted_coef);
+    ctx->set_materialize_grads(false);  // an unused output's gradient arrives undefined, not as zeros
+    ctx->save_for_backward({base, delta, frozen.value_or(at::Tensor()), adapted.value_or(at::Tensor()), experts,
+                            shared.value_or(at::Tensor()), gamma.value_or(at::Tensor()), valid.value_or(at::Tensor()),
+                            jitter.value_or(at::Tensor())});
+    save_options(ctx, maxabs, selection, top_k, max_kept, theta, tau, frozen_coef, adapted_coef);
+    return {out, probs};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(17);  // one per forward argument
+    const at::Tensor &grad_out = grads[0], &grad_probs = grads[1];
+    if (!grad_out.defined() && !grad_probs.defined()) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &base = saved[0], &delta = saved[1], &frozen = saved[2], &adapted = saved[3], &experts = saved[4],
+                     &shared = saved[5], &gamma = saved[6], &valid = saved[7], &jitter = saved[8];
+    const Edges edges{true, true, frozen.defined(), adapted.defined(), true, shared.defined(), gamma.defined()};
+    const bool needs_base = edges.needs(ctx, 0), needs_delta = edges.needs(ctx, 1);
+    const bool needs_features = edges.needs(ctx, 2) || edges.needs(ctx, 3);
+    // Only the statistics differentiated: nothing reaches the experts, the shared vector or gamma.
+    const bool needs_experts = grad_out.defined() && edges.needs(ctx, 4);
+    const bool needs_shared = grad_out.defined() && (edges.needs(ctx, 5) || edges.needs(ctx, 6));
+    const SavedOptions o(ctx);
+    static auto backward_op = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("lime_cpu::route_modulate_backward", "")
+                                  .typed<decltype(route_modulate_backward)>();
+    auto [grad_base, grad_delta, grad_frozen, grad_adapted, grad_experts, grad_shared, grad_gamma] =
+        backward_op.call(defined_or_none(grad_out), defined_or_none(grad_probs), base, delta,
+                                defined_or_none(frozen), defined_or_none(adapted), experts, defined_or_none(shared),
+                                defined_or_none(gamma), defined_or_none(valid), defined_or_none(jitter), o.maxabs,
+                                o.selection, o.top_k, o.max_kept, o.theta, o.tau, o.frozen_coef, o.adapted_coef,
+                                needs_base, needs_delta, needs_features, needs_experts, needs_shared);
+    result[0] = wanted(grad_base, needs_base);
+    result[1] = wanted(grad_delta, needs_delta);
+    result[2] = wanted(grad_frozen, needs_features && frozen.defined());
+    result[3] = wanted(grad_adapted, needs_features && adapted.defined());
+    result[4] = wanted(grad_experts, needs_experts);
+    result[5] = wanted(grad_shared, needs_shared);
+    result[6] = wanted(grad_gamma, needs_shared);
+    return result;
+  }
+};
+
+class LoraRouteModulateFunction : public torch::autograd::Function<LoraRouteModulateFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& base, const at::Tensor& A,
+                               const at::Tensor& B, double scaling, const at::Tensor& experts,
+                               const std::optional<at::Tensor>& shared, const std::optional<at::Tensor>& gamma,
+                               const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& jitter,
+                               bool maxabs, int64_t selection, int64_t top_k, int64_t max_kept, double theta, double tau,
+                               double frozen_coef, double adapted_coef) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lime_cpu::lora_route_modulate", "")
+                         .typed<decltype(lora_route_modulate)>();
+    auto [out, probs, projected, delta] = op.call(x, base, A, B, scaling, experts, shared, gamma, valid, jitter, maxabs,
+                                                  selection, top_k, max_kept, theta, tau, frozen_coef, adapted_coef);
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({projected, delta});  // what the backward reads, not results
+    ctx->save_for_backward({x, projected, A, B, base, delta, experts, shared.value_or(at::Tensor()),
+                            gamma.value_or(at::Tensor()), valid.value_or(at::Tensor()), jitter.value_or(at::Tensor())});
+    ctx->saved_data["scaling"] = scaling;
+    save_options(ctx, maxabs, selection, top_k, max_kept, theta, tau, frozen_coef, adapted_coef);
+    return {out, probs, projected, delta};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(18);  // one per forward argument
+    const at::Tensor &grad_out = grads[0], &grad_probs = grads[1];
+    if (!grad_out.defined() && !grad_probs.defined()) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &projected = saved[1], &A = saved[2], &B = saved[3], &base = saved[4],
+                     &delta = saved[5], &experts = saved[6], &shared = saved[7], &gamma = saved[8], &valid = saved[9],
+                     &jitter = saved[10];
+    // Edges: x, base, A, B, then (after `scaling`) experts, shared and gamma when given.
+    const Edges edges{true, true, true, true, false, true, shared.defined(), gamma.defined()};
+    const bool needs_x = edges.needs(ctx, 0), needs_base = edges.needs(ctx, 1);
+    const bool needs_A = edges.needs(ctx, 2), needs_B = edges.needs(ctx, 3);
+    const bool needs_experts = grad_out.defined() && edges.needs(ctx, 5);
+    const bool needs_shared = grad_out.defined() && (edges.needs(ctx, 6) || edges.needs(ctx, 7));
+    const SavedOptions o(ctx);
+    static auto backward_op = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("lime_cpu::lora_route_modulate_backward", "")
+                                  .typed<decltype(lora_route_modulate_backward)>();
+    auto [grad_base, grad_x, grad_A, grad_B, grad_experts, grad_shared, grad_gamma] = backward_op.call(
+        defined_or_none(grad_out), defined_or_none(grad_probs), x, projected, A, B,
+        ctx->saved_data["scaling"].toDouble(), base, delta, experts, defined_or_none(shared), defined_or_none(gamma),
+        defined_or_none(valid), defined_or_none(jitter), o.maxabs, o.selection, o.top_k, o.max_kept, o.theta, o.tau,
+        o.frozen_coef, o.adapted_coef, needs_base, needs_x, needs_A, needs_B, needs_experts, needs_shared);
+    result[0] = wanted(grad_x, needs_x);
+    result[1] = wanted(grad_base, needs_base);
+    result[2] = wanted(grad_A, needs_A);
+    result[3] = wanted(grad_B, needs_B);
+    result[5] = wanted(grad_experts, needs_experts);
+    result[6] = wanted(grad_shared, needs_shared);
+    result[7] = wanted(grad_gamma, needs_shared);
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> route_modulate_autograd(
+    const at::Tensor& base, const at::Tensor& delta, const std::optional<at::Tensor>& frozen,
+    const std::optional<at::Tensor>& adapted, const at::Tensor& experts, const std::optional<at::Tensor>& shared,
+    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& valid,
+    const std::optional<at::Tensor>& jitter, bool maxabs, int64_t selection, int64_t top_k, int64_t max_kept,
+    double theta, double tau, double frozen_coef, double adapted_coef) {
+  variable_list outputs = RouteModulateFunction::apply(base, delta, frozen, adapted, experts, shared, gamma, valid,
+                                                       jitter, maxabs, selection, top_k, max_kept, theta, tau,
+                                                       frozen_coef, adapted_coef);
+  return {outputs[0], outputs[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_route_modulate_autograd(
+    const at::Tensor& x, const at::Tensor& base, const at::Tensor& A, const at::Tensor& B, double scaling,
+    const at::Tensor& experts, const std::optional<at::Tensor>& shared, const std::optional<at::Tensor>& gamma,
+    const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& jitter, bool maxabs, int64_t selection,
+    int64_t top_k, int64_t max_kept, double theta, double tau, double frozen_coef, double adapted_coef) {
+  variable_list outputs = LoraRouteModulateFunction::apply(x, base, A, B, scaling, experts, shared, gamma, valid,
+                                                           jitter, maxabs, selection, top_k, max_kept, theta, tau,
+                                                           frozen_coef, adapted_coef);
+  return {outputs[0], outputs[1], outputs[2], outputs[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lime_cpu, m) {
@@ -717,4 +918,9 @@ TORCH_LIBRARY_IMPL(lime_cpu, CPU, m) {
   m.impl("route_modulate_backward", &route_modulate_backward);
   m.impl("lora_route_modulate", &lora_route_modulate);
   m.impl("lora_route_modulate_backward", &lora_route_modulate_backward);
+}
+
+TORCH_LIBRARY_IMPL(lime_cpu, Autograd, m) {
+  m.impl("route_modulate", &route_modulate_autograd);
+  m.impl("lora_route_modulate", &lora_route_modulate_autograd);
 }

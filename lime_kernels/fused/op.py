@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from ..inputs import _autocast_on, autocast_cast, full_precision
+from ..inputs import autocast_cast, autocast_on, full_precision
 from ..options import RoutingOptions, selection_code
 from ..reference import RoutingStats, balance_statistics
 from .common import on_device_of
@@ -534,7 +534,7 @@ def fused_lime_linear(
         raise ValueError("give exactly one of A (the adapter's down projection) and z (its output)")
     shaped = x if x is not None else (adapter_input if adapter_input is not None else (base if base is not None else z))
     # The frozen product as nn.Linear under autocast would compute it (checked once here: the hot path).
-    if weight is not None and _autocast_on(shaped.device.type):
+    if weight is not None and autocast_on(shaped.device.type):
         x, weight, bias = autocast_cast(x), autocast_cast(weight), autocast_cast(bias)
     batch, tokens = shaped.shape[:2]
     valid = None if valid is None else valid.reshape(-1)
