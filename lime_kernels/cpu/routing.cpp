@@ -731,6 +731,33 @@ struct SavedOptions {
         adapted_coef(ctx->saved_data[kOptionNames[7]].toDouble()) {}
 };
 
+// The forward operators as the dispatcher holds them, called below autograd (their CPU or fake kernels).
+auto& route_modulate_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lime_cpu::route_modulate", "")
+                       .typed<decltype(route_modulate)>();
+  return op;
+}
+
+auto& lora_route_modulate_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lime_cpu::lora_route_modulate", "")
+                       .typed<decltype(lora_route_modulate)>();
+  return op;
+}
+
+// Whether a call records a graph (gradients on, an input requiring one). Where it does not (evaluation,
+// decoding) the call goes straight to the kernel, without building the node that `Function::apply` would
+// build and drop.
+bool requires_grad(const at::Tensor& tensor) { return tensor.defined() && tensor.requires_grad(); }
+
+bool requires_grad(const std::optional<at::Tensor>& tensor) { return tensor.has_value() && requires_grad(*tensor); }
+
+template <typename... Tensors>
+bool records_graph(const Tensors&... tensors) {
+  return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
+}
+
 std::optional<at::Tensor> defined_or_none(const at::Tensor& tensor) {
   return tensor.defined() ? std::optional<at::Tensor>(tensor) : std::nullopt;
 }
@@ -759,11 +786,9 @@ class RouteModulateFunction : public torch::autograd::Function<RouteModulateFunc
                                const std::optional<at::Tensor>& jitter, bool maxabs, int64_t selection, int64_t top_k,
                                int64_t max_kept, double theta, double tau, double frozen_coef, double adapted_coef) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lime_cpu::route_modulate", "")
-                         .typed<decltype(route_modulate)>();
-    auto [out, probs] = op.call(base, delta, frozen, adapted, experts, shared, gamma, valid, jitter, maxabs, selection,
-                                top_k, max_kept, theta, tau, frozen_coef, adapted_coef);
+    auto [out, probs] = route_modulate_op().call(base, delta, frozen, adapted, experts, shared, gamma, valid, jitter,
+                                                 maxabs, selection, top_k, max_kept, theta, tau, frozen_coef,
+                                                 adapted_coef);
     ctx->set_materialize_grads(false);  // an unused output's gradient arrives undefined, not as zeros
     ctx->save_for_backward({base, delta, frozen.value_or(at::Tensor()), adapted.value_or(at::Tensor()), experts,
                             shared.value_or(at::Tensor()), gamma.value_or(at::Tensor()), valid.value_or(at::Tensor()),
@@ -815,11 +840,9 @@ class LoraRouteModulateFunction : public torch::autograd::Function<LoraRouteModu
                                bool maxabs, int64_t selection, int64_t top_k, int64_t max_kept, double theta, double tau,
                                double frozen_coef, double adapted_coef) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lime_cpu::lora_route_modulate", "")
-                         .typed<decltype(lora_route_modulate)>();
-    auto [out, probs, projected, delta] = op.call(x, base, A, B, scaling, experts, shared, gamma, valid, jitter, maxabs,
-                                                  selection, top_k, max_kept, theta, tau, frozen_coef, adapted_coef);
+    auto [out, probs, projected, delta] =
+        lora_route_modulate_op().call(x, base, A, B, scaling, experts, shared, gamma, valid, jitter, maxabs, selection,
+                                      top_k, max_kept, theta, tau, frozen_coef, adapted_coef);
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({projected, delta});  // what the backward reads, not results
     ctx->save_for_backward({x, projected, A, B, base, delta, experts, shared.value_or(at::Tensor()),
@@ -869,6 +892,11 @@ std::tuple<at::Tensor, at::Tensor> route_modulate_autograd(
     const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& valid,
     const std::optional<at::Tensor>& jitter, bool maxabs, int64_t selection, int64_t top_k, int64_t max_kept,
     double theta, double tau, double frozen_coef, double adapted_coef) {
+  if (!records_graph(base, delta, frozen, adapted, experts, shared, gamma)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return route_modulate_op().call(base, delta, frozen, adapted, experts, shared, gamma, valid, jitter, maxabs,
+                                    selection, top_k, max_kept, theta, tau, frozen_coef, adapted_coef);
+  }
   variable_list outputs = RouteModulateFunction::apply(base, delta, frozen, adapted, experts, shared, gamma, valid,
                                                        jitter, maxabs, selection, top_k, max_kept, theta, tau,
                                                        frozen_coef, adapted_coef);
@@ -880,6 +908,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_route_modulate_a
     const at::Tensor& experts, const std::optional<at::Tensor>& shared, const std::optional<at::Tensor>& gamma,
     const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& jitter, bool maxabs, int64_t selection,
     int64_t top_k, int64_t max_kept, double theta, double tau, double frozen_coef, double adapted_coef) {
+  if (!records_graph(x, base, A, B, experts, shared, gamma)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return lora_route_modulate_op().call(x, base, A, B, scaling, experts, shared, gamma, valid, jitter, maxabs,
+                                         selection, top_k, max_kept, theta, tau, frozen_coef, adapted_coef);
+  }
   variable_list outputs = LoraRouteModulateFunction::apply(x, base, A, B, scaling, experts, shared, gamma, valid,
                                                            jitter, maxabs, selection, top_k, max_kept, theta, tau,
                                                            frozen_coef, adapted_coef);
