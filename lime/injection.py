@@ -61,6 +61,8 @@ class MaskScope:
         self._mask_position = self._positional_index(owner)
         self._cache_positions = [self._positional_index(owner, name) for name in CACHE_ARGUMENTS]
         self.layers: List[LiMEModule] = []  # the LiME layers below (they may read this call's context)
+        # `_routing_kinds`'s state when last asked (the layers, their options) and its answer.
+        self._kinds: Optional[tuple] = None
         self._active: List[Optional[ContextMask]] = []
         self._latest_with_grad: Optional[ContextMask] = None
         # Whether a training call was recorded since a backward last read a context, and whether
@@ -170,10 +172,17 @@ class MaskScope:
 
     def _routing_kinds(self) -> Tuple[bool, List[str]]:
         """Whether a layer below routes from earlier tokens (a causal window), and the non-causal options of
-        the layers below (`lime_kernels.decoding.non_causal_options`)."""
+        the layers below (`lime_kernels.decoding.non_causal_options`). A generation asks at every step (no history
+        is attached where none is needed): the answer is kept while the layers and their options are the same
+        objects (`update_routing` replaces a layer's options)."""
+        kept = self._kinds
+        if kept is not None and kept[0] == self.layers and all(
+                layer.routing is routing for layer, routing in zip(self.layers, kept[1])):
+            return kept[2]
         options = [layer._call_options() for layer in self.layers]
-        return (any(needs_history(o) for o in options),
-                sorted({text for o in options for text in non_causal_options(o)}))
+        kinds = (any(needs_history(o) for o in options), sorted({text for o in options for text in non_causal_options(o)}))
+        self._kinds = (list(self.layers), [layer.routing for layer in self.layers], kinds)
+        return kinds
 
     def _warn_decoding(self, state: DecodingState) -> None:
         if state.lost is not None:

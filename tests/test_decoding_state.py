@@ -339,3 +339,18 @@ def test_routing_in_chunks_with_history_equals_one_call(path, n_gram):
         (grad,) = torch.autograd.grad(out.square().sum(), delta)
         (expected,) = torch.autograd.grad(whole.out.square().sum(), delta)
         torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_scopes_answer_which_routing_needs_a_history_afresh_when_a_layers_options_change():
+    """`MaskScope._routing_kinds` (asked at every generation step) is kept between calls, and follows the layers'
+    options: switching one layer to a causal window or to maxabs routing changes the answer at once."""
+    model, _ = _llava()
+    scope = next(scope for scope in model._lime_mask_scopes.values() if scope.enclosing is None)  # the model's
+    assert scope._routing_kinds() == (False, []) and scope._routing_kinds() is scope._routing_kinds()
+    layer = scope.layers[0]
+    layer.update_routing(n_gram=3, ngram_mode="window")
+    assert scope._routing_kinds() == (True, [])
+    layer.update_routing(n_gram=1, router="maxabs")
+    assert scope._routing_kinds() == (False, ["router='maxabs'"])
+    scope.layers = scope.layers[1:]  # the layers below change (a replaced adapter): asked afresh too
+    assert scope._routing_kinds() == (False, [])
