@@ -122,8 +122,8 @@ OPTION_CASES = [(False, 0), (True, 1), (False, 2), (True, 3)]  # (maxabs, select
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("maxabs,selection", OPTION_CASES)
 def test_the_operators_pass_opcheck(dtype, maxabs, selection):
-    """Schema, fake implementation (what torch.compile traces) and dispatch of all four operators agree with what
-    they compute, with and without every optional input."""
+    """Schema, fake implementation (what torch.compile traces), dispatch and the autograd kernels of all four
+    operators agree with what they compute, with and without every optional input."""
     options = (maxabs, selection, 2, 4, 0.5, 0.5, 0.6, 0.4)
     for shared, masked, jittered, pooled in [(False,) * 4, (True,) * 4, (True, False, True, False),
                                              (False, True, False, True)]:
@@ -147,6 +147,16 @@ def test_the_operators_pass_opcheck(dtype, maxabs, selection):
         torch.library.opcheck(torch.ops.lime_cpu.lora_route_modulate_backward.default,
                               (torch.randn_like(out), torch.randn_like(probs), x, projected, A, B, 1.5, inputs["base"],
                                delta, *rest, *options, *needs))
+    # With inputs that require gradients: the forward operators' autograd kernels (C++), traced by AOTAutograd too.
+    def trained(*tensors):
+        return [t.clone().requires_grad_() for t in tensors]
+
+    torch.library.opcheck(torch.ops.lime_cpu.lora_route_modulate.default,
+                          (*trained(x, inputs["base"], A, B), 1.5, *trained(*rest[:3]), *rest[3:], *options))
+    pooled = _opcheck_inputs(dtype, True, True, True, True)
+    torch.library.opcheck(torch.ops.lime_cpu.route_modulate.default,
+                          (*trained(*(pooled[name] for name in ("base", "delta", "frozen", "adapted", "experts", "shared",
+                                                                  "gamma"))), pooled["valid"], pooled["jitter"], *options))
 
 
 def test_a_bf16_layer_on_the_cpu_backend_matches_the_reference():

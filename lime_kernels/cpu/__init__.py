@@ -4,8 +4,9 @@ On small layers (LLaVA-OneVision-0.5B's 896-wide projections, every decoding ste
 is host time: the eager reference path dispatches about 40 ATen operators forward and 70 backward per layer,
 where a LoRA needs 14 and 25. `torch.ops.lime_cpu.lora_route_modulate` (the adapter's products, routing and
 modulation) and `torch.ops.lime_cpu.route_modulate` (routing and modulation of a given delta), with their
-backwards, compute those steps per token in one pass over the output; `lime_kernels.eager` calls them inside
-its one autograd node (backend 'cpu', what 'auto' takes for CPU inputs).
+backwards, compute those steps per token in one pass over the output. Their autograd nodes are made in C++ (an
+Autograd kernel for each forward operator, whose backward calls the backward operator), not in Python;
+`lime_kernels.eager` calls them (backend 'cpu', what 'auto' takes for CPU inputs).
 
 The extension is compiled with the machine's C++ compiler (`torch.utils.cpp_extension.load`, cached under
 `TORCH_EXTENSIONS_DIR` per source, about 20 s once) when a layer that may use it is created; `make test`

@@ -9,7 +9,8 @@
 //
 // Operators (namespace lime_cpu): `route_modulate` (base, delta -> out, probs) and its backward, and
 // `lora_route_modulate`, which also computes delta = (scaling x A^T) B^T from the adapter (and its
-// backward the gradients of x, A and B), so that a LoRA layer is one call each way.
+// backward the gradients of x, A and B), so that a LoRA layer is one call each way. The forward operators'
+// autograd kernels (the end of this file) make one C++ autograd node per call.
 //
 // Rows are tokens: `base`, `delta` (N, D) in any leading shape; the routing features `frozen`, `adapted`
 // (N, E) when the caller pooled them (n-gram window, anchor, mean, last, DoRA's original features), else
