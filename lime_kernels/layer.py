@@ -538,10 +538,11 @@ class LiMELinear(LiMEModule):
         return computes_plain_product(self.linear)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        options = self._direct_cpu_options()
-        if (options is not None and attention_mask is None and x.dim() == 3 and x.device.type == "cpu"
-                and x.shape[-1] == self.A.shape[1] and not torch.compiler.is_compiling() and not autocast_on("cpu")):
-            return self._direct_cpu_forward(x, options)
+        # Eager CPU sequences first: a compiled graph never reads (or guards on) the direct path's state.
+        if not torch.compiler.is_compiling() and attention_mask is None and x.dim() == 3 and x.device.type == "cpu":
+            options = self._direct_cpu_options()
+            if options is not None and x.shape[-1] == self.A.shape[1] and not autocast_on("cpu"):
+                return self._direct_cpu_forward(x, options)
         # Under autocast the layer reads its input as the frozen linear layer would (in autocast's
         # dtype), on both backends; LiME's own math then runs in float32.
         linear = self.linear
