@@ -180,7 +180,8 @@ class MaskScope:
                 layer.routing is routing for layer, routing in zip(self.layers, kept[1])):
             return kept[2]
         options = [layer._call_options() for layer in self.layers]
-        kinds = (any(needs_history(o) for o in options), sorted({text for o in options for text in non_causal_options(o)}))
+        kinds = (any(needs_history(o) for o in options),
+                 sorted({text for o in options for text in non_causal_options(o)}))
         self._kinds = (list(self.layers), [layer.routing for layer in self.layers], kinds)
         return kinds
 
