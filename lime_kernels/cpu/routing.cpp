@@ -732,33 +732,31 @@ struct SavedOptions {
         adapted_coef(ctx->saved_data[kOptionNames[7]].toDouble()) {}
 };
 
-// The forward operators as the dispatcher holds them, called below autograd (their CPU or fake kernels).
+// An operator of this file as the dispatcher holds it (`Schema`: its kernel's type): the autograd kernels call the
+// forward operators below autograd (their CPU or fake kernels) and the backward operators through it, which is what
+// a traced backward records.
+template <typename Schema>
+c10::TypedOperatorHandle<Schema> dispatched(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Schema>();
+}
+
 auto& route_modulate_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lime_cpu::route_modulate", "")
-                       .typed<decltype(route_modulate)>();
+  static auto op = dispatched<decltype(route_modulate)>("lime_cpu::route_modulate");
   return op;
 }
 
 auto& lora_route_modulate_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lime_cpu::lora_route_modulate", "")
-                       .typed<decltype(lora_route_modulate)>();
+  static auto op = dispatched<decltype(lora_route_modulate)>("lime_cpu::lora_route_modulate");
   return op;
 }
 
-// The backward operators as the dispatcher holds them (what a traced backward records).
 auto& route_modulate_backward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lime_cpu::route_modulate_backward", "")
-                       .typed<decltype(route_modulate_backward)>();
+  static auto op = dispatched<decltype(route_modulate_backward)>("lime_cpu::route_modulate_backward");
   return op;
 }
 
 auto& lora_route_modulate_backward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lime_cpu::lora_route_modulate_backward", "")
-                       .typed<decltype(lora_route_modulate_backward)>();
+  static auto op = dispatched<decltype(lora_route_modulate_backward)>("lime_cpu::lora_route_modulate_backward");
   return op;
 }
 
