@@ -388,6 +388,33 @@ class Routed(NamedTuple):
     history: Optional[RoutingHistory] = None  # after this call, when one was given (decoding with a cache)
 
 
+# Under torch.compile, a mixture `w @ P` of at most this many products is written as E broadcast products summed
+# (`expert_mixture`); a larger one stays a matrix product.
+FUSED_MIXTURE_PRODUCTS = 1 << 18
+
+
+def expert_mixture(weights: torch.Tensor, LiMEs: torch.Tensor, shared: Optional[torch.Tensor]) -> torch.Tensor:
+    """Step 10, `w @ P + g * p_shared`: one matrix product with the shared term `shared` as its bias.
+
+    Under torch.compile, a small one (at most `FUSED_MIXTURE_PRODUCTS` products) is written as the E
+    products `w[..., e] * P[e]` summed: inductor then fuses it into the routing's kernels before and after it,
+    where a matrix product with K = E is an extern call each way (one forward, two backward) whose fixed cost
+    outweighs its arithmetic. A large one stays a product: summed, its backward would read d(modulation)
+    once per expert for P's gradient."""
+    if torch.compiler.is_compiling() and weights.numel() * LiMEs.shape[-1] <= FUSED_MIXTURE_PRODUCTS:
+        mixture = (weights.unsqueeze(-1) * LiMEs).sum(dim=-2)
+        return mixture if shared is None else mixture + shared
+    return F.linear(weights, LiMEs.t(), shared)
+
+
+def _expert_major(features: torch.Tensor) -> torch.Tensor:
+    """`features` (..., E) as they are, in an expert-major memory layout (E, ...). Under torch.compile, inductor
+    vectorizes the routing's per-token arithmetic along the innermost dimension of its buffers: across tokens in
+    this layout, rather than across the E experts of one token (E = 4 lanes of a 16-lane AVX-512 vector, each
+    load and store masked)."""
+    return features.movedim(-1, 0).contiguous().movedim(0, -1)
+
+
 def check_experts(base: torch.Tensor, LiMEs: torch.Tensor, LiME_shared: Optional[torch.Tensor],
                    gamma: Optional[torch.Tensor], options: RoutingOptions) -> None:
     if (LiME_shared is None) != (gamma is None):
@@ -420,11 +447,12 @@ def route(
     dtype = compute_dtype(base, delta, LiMEs, LiME_shared)
     frozen, adapted = routing_features or (base[..., :num_experts], delta[..., :num_experts])
     frozen, adapted = frozen.to(dtype), adapted.to(dtype)
+    if torch.compiler.is_compiling():
+        frozen, adapted = _expert_major(frozen), _expert_major(adapted)
     probs = routing_probs(frozen, adapted, valid, options, jitter, history)
     weights = mixing_weights(probs, options)
-    # Step 10: `w @ P + g * p_shared` as one matrix product with the shared term as its bias.
     shared = None if LiME_shared is None else gamma.to(dtype) * LiME_shared.to(dtype)
-    modulation = F.linear(weights, LiMEs.to(dtype).t(), shared)
+    modulation = expert_mixture(weights, LiMEs.to(dtype), shared)
     out = torch.addcmul(base.to(dtype), delta.to(dtype), modulation).to(base.dtype)
     if valid is not None:
         out = torch.where(valid.unsqueeze(-1), out, base)

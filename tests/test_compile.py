@@ -130,6 +130,73 @@ def test_graph_host_syncs_reads_the_sync_prone_operators_of_a_compiled_graph():
     assert sorted(set(recorded_host_syncs(record))) == ["aten::histc", "aten::masked_scatter"]
 
 
+ROUTE_CASES = {"auto-topk-cosine": dict(), "window3-maxabs-padded": dict(n_gram=3, router="maxabs"),
+               "sparse-top2-unshared": dict(auto_topk=False, sparse_mode=True, top_k=2)}
+
+
+def _route_inputs(case: str):
+    """float64 inputs of `reference.route` (2 x 9 tokens, 40 channels, 4 experts) for `ROUTE_CASES[case]`."""
+    from lime_kernels import RoutingOptions
+
+    options = RoutingOptions(num_experts=4, jitter_noise=0.1, **ROUTE_CASES[case])
+    torch.manual_seed(0)
+    shape = (2, 9, 40)
+    tensors = dict(base=torch.randn(shape, dtype=torch.float64), delta=torch.randn(shape, dtype=torch.float64),
+                   LiMEs=torch.randn(4, 40, dtype=torch.float64),
+                   LiME_shared=None if case == "sparse-top2-unshared" else torch.randn(40, dtype=torch.float64),
+                   gamma=None if case == "sparse-top2-unshared" else torch.tensor(0.3, dtype=torch.float64))
+    leaves = {name: t.requires_grad_() for name, t in tensors.items() if t is not None}
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    if case == "window3-maxabs-padded":
+        valid[0, 6:] = False
+    jitter = torch.empty(18, 4, dtype=torch.float64).uniform_(0.9, 1.1)
+    return tensors, leaves, options, valid, jitter
+
+
+@pytest.mark.parametrize("fused_mixture", [True, False], ids=["fused-mixture", "matrix-product"])
+@pytest.mark.parametrize("case", list(ROUTE_CASES))
+def test_compiled_routing_equals_eager_routing(case, fused_mixture, monkeypatch):
+    """`reference.route` under torch.compile (inductor) gives the eager output, probabilities and gradients to
+    float64 rounding, with the routing features in their expert-major layout and the mixture `w @ P` written as
+    summed products (a small layer) or kept a matrix product (`FUSED_MIXTURE_PRODUCTS` set to 0)."""
+    from lime_kernels import reference
+
+    if not fused_mixture:
+        monkeypatch.setattr(reference, "FUSED_MIXTURE_PRODUCTS", 0)
+    results = []
+    for compiled in (False, True):
+        tensors, leaves, options, valid, jitter = _route_inputs(case)
+        torch._dynamo.reset()
+        route = torch.compile(reference.route) if compiled else reference.route
+        routed = route(**tensors, options=options, valid=valid, jitter=jitter)
+        (routed.out.square().sum() + routed.probs.pow(3).sum()).backward()
+        results.append((routed.out.detach(), routed.probs.detach(), {n: t.grad for n, t in leaves.items()}))
+    (out, probs, grads), (compiled_out, compiled_probs, compiled_grads) = results
+    torch.testing.assert_close(compiled_out, out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(compiled_probs, probs, rtol=1e-10, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-9, atol=1e-11,
+                                   msg=lambda message, name=name: f"d{name}: {message}")
+
+
+@pytest.mark.parametrize("tokens,fused", [(16, True), (4096, False)])
+def test_the_mixture_is_summed_products_for_small_layers_under_compile(tokens, fused):
+    """`reference.expert_mixture` under torch.compile: a small mixture (16 tokens x 4 experts x 64 channels) traces
+    no matrix product, a large one (4096 tokens: past `FUSED_MIXTURE_PRODUCTS`) one; eager it is always one."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from lime_kernels import reference
+
+    weights, experts, shared = torch.rand(tokens, 4), torch.randn(4, 64), torch.randn(64)
+    record = EagerAndRecordGraphs()
+    torch._dynamo.reset()
+    compiled = torch.compile(reference.expert_mixture, backend=record, fullgraph=True)(weights, experts, shared)
+    torch.testing.assert_close(compiled, weights @ experts + shared)
+    products = [node for graph in record.graphs for node in graph.graph.nodes
+                if node.op == "call_function" and node.target in (torch._C._nn.linear, torch.nn.functional.linear)]
+    assert len(products) == (0 if fused else 1)
+
+
 def test_image_batches_break_only_where_transformers_breaks():
     """An image batch breaks the tiny LLaVA-OneVision's graph inside transformers' own image code (.item()
     calls, data-dependent branches and operators): with LiME (on the vision tower too) the breaks are the same,
