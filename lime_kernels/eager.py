@@ -6,9 +6,8 @@ about 45 operators forward and 110 backward where a LoRA needs 14 and 28. `route
 same forward with the same operators inside one `torch.autograd.Function`, so they record nothing,
 and its backward is the chain rule written out, in about half as many operators as autograd's.
 With `native=True` (backend 'cpu') the C++ operators of `lime_kernels.cpu` compute it instead: one
-operator forward, whose autograd node (made in C++) runs one operator backward (`_cpu_forward`);
-torch.compile traces the forward operator as an opaque call where no gradient is recorded
-(`_traces_reference`).
+operator forward, whose autograd node (made in C++) runs one operator backward (`_cpu_forward`).
+Under torch.compile the reference is traced instead, for every backend (`_traces_reference`).
 
 `reference.route` stays the specification: it is what runs under `torch.compile` otherwise (inductor
 fuses its operators) and in the tests, which hold both implementations equal to it in float64: outputs,
@@ -250,13 +249,13 @@ def _records_graph(*differentiable: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
 
 
-def _traces_reference(native: bool, *differentiable: Optional[torch.Tensor]) -> bool:
-    """Whether torch.compile traces the reference here: always on the reference backend (inductor fuses its
-    operators), and on the C++ one where a gradient graph is recorded. There inductor's fused routing backward
-    beat the opaque operators in 3 of 4 paired `make bench` runs (compiled training 0.75-0.85 x MoE-LoRA against
-    0.77-0.80); without gradients (compiled generation) the operators were faster in all 4 (0.78-0.84 x PEFT
-    LoRA against 0.75-0.79), and are called there."""
-    return torch.compiler.is_compiling() and (not native or _records_graph(*differentiable))
+def _traces_reference() -> bool:
+    """Whether to trace `reference.route` here: under torch.compile, on every backend. Inductor fuses its operators
+    into few kernels (see `reference.expert_mixture`); the C++ operators would be opaque calls, each from Python
+    and around the fused kernels. Traced, the reference was faster in training (compiled step 0.75-0.85 x
+    MoE-LoRA against 0.77-0.80 for the operators, 3 of 4 paired `make bench` runs) and, since the mixture is fused
+    (5d2eb15), in generation too (0.865-0.914 x PEFT LoRA's tokens/s against 0.809-0.890, 3 paired runs)."""
+    return torch.compiler.is_compiling()
 
 
 def _routed(arguments: tuple, *differentiable: Optional[torch.Tensor]) -> tuple:
@@ -284,7 +283,7 @@ def route(
     decoding); `routing_features` and `history` as the reference's. `native`: steps 5-11 as the C++ operators of
     `lime_kernels.cpu` (CPU tensors; the caller checked that they are loaded). Under torch.compile see
     `_traces_reference`."""
-    if _traces_reference(native, base, delta, LiMEs, LiME_shared, gamma):
+    if _traces_reference():
         return reference_route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, routing_features,
                                history)
     dtype = compute_dtype(base, delta, LiMEs, LiME_shared)
@@ -324,7 +323,7 @@ def lime_linear(
     two products join the same node (or forward); otherwise `route` over `reference.adapted_outputs`.
     `native`: as `route`'s."""
     if (options.rep_mode != "token" or options.n_gram != 1 or history is not None
-            or _traces_reference(native, adapter_input, base, A, B, LiMEs, LiME_shared, gamma)):
+            or _traces_reference()):
         base, delta = reference.adapted_outputs(adapter_input, base, A, B, scaling)
         return route(base, delta, LiMEs, LiME_shared, gamma, options, valid, jitter, history=history, native=native)
     if native:

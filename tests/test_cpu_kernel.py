@@ -227,10 +227,9 @@ def test_the_options_reach_the_operators_as_the_kernels_number_them():
 
 
 @pytest.mark.parametrize("n_gram", [1, 3])
-def test_under_torch_compile_inference_calls_the_operator_and_training_traces_the_reference(n_gram):
-    """torch.compile(fullgraph=True) on backend='cpu': without gradients the forward operator is traced as an
-    opaque call (its fake implementation gives the shapes), and the compiled output is the eager one bit for
-    bit; in training the reference is traced (eager._traces_reference), equal to eager to rounding."""
+def test_under_torch_compile_training_and_inference_trace_the_reference(n_gram):
+    """torch.compile(fullgraph=True) on backend='cpu' traces the reference, with gradients and without
+    (eager._traces_reference): neither graph calls a C++ operator, and both equal eager to rounding."""
     from torch._dynamo.testing import AotEagerAndRecordGraphs
 
     results = []
@@ -249,10 +248,10 @@ def test_under_torch_compile_inference_calls_the_operator_and_training_traces_th
         grads = {name: p.grad for name, p in layer.named_parameters() if p.requires_grad}
         results.append((out.detach(), inference, x.grad, grads, record))
     (eager_out, eager_inference, eager_x, eager_grads, _), (out, inference, x_grad, grads, record) = results
-    assert torch.equal(inference, eager_inference)
     graphs = [str(graph.graph) for graph in record.graphs]
-    assert len(graphs) == 2 and "lime_cpu.lora_route_modulate" not in graphs[0] and \
-        "lime_cpu" in graphs[1], "training traces the reference, inference the operator"
+    assert len(graphs) == 2 and not any("lime_cpu" in graph for graph in graphs), \
+        "training and inference trace the reference"
+    torch.testing.assert_close(inference, eager_inference, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x_grad, eager_x, rtol=1e-5, atol=1e-6)
     for name, grad in eager_grads.items():

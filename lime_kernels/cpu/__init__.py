@@ -13,7 +13,8 @@ The extension is compiled with the machine's C++ compiler (`torch.utils.cpp_exte
 builds it first (`python -m lime_kernels.cpu`). Where it cannot be built, `unavailable_reason()` says why:
 `backend='cpu'` then raises with that reason, and `backend='auto'` warns once and runs the reference path.
 
-Every operator has a fake (meta) implementation, so `torch.compile` can trace it as an opaque call.
+Every operator has a fake (meta) implementation, so `torch.compile` can trace a call of it as an opaque call (the
+layers themselves trace the reference under torch.compile: `eager._traces_reference`).
 """
 
 from __future__ import annotations
