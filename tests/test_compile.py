@@ -83,8 +83,8 @@ CASES += [pytest.param(lambda name=name: _family("qwen2", **VARIANTS[name]), id=
           for name in sorted(SLOW_ON_LLAVA)]
 CASES += [pytest.param(lambda: _family("llama"), id="llama"),
           pytest.param(lambda: _family("t5"), id="t5", marks=pytest.mark.slow)]
-# The C++ CPU operators (backend='cpu', what 'auto' takes on the CPU), traced as opaque calls: per-token routing
-# (the adapter inside the operator), pooled routing with maxabs, embeddings and prompt tuning.
+# backend='cpu' (what 'auto' takes on the CPU), whose layers trace the reference under torch.compile as the reference
+# backend's do: per-token routing, pooled routing with maxabs, embeddings and prompt tuning.
 ON_CPU_OPERATORS = pytest.mark.skipif(not cpu.available(), reason=str(cpu.unavailable_reason()))
 CASES += [pytest.param(lambda options=options: _tiny_llava(options, backend="cpu"), id=f"llava-{name}-cpu",
                        marks=[ON_CPU_OPERATORS])
