@@ -9,9 +9,9 @@ With `native=True` (backend 'cpu') the C++ operators of `lime_kernels.cpu` compu
 operator forward, whose autograd node (made in C++) runs one operator backward (`_cpu_forward`).
 Under torch.compile the reference is traced instead, for every backend (`_traces_reference`).
 
-`reference.route` stays the specification: it is what runs under `torch.compile` otherwise (inductor
-fuses its operators) and in the tests, which hold both implementations equal to it in float64: outputs,
-and every gradient to rounding.
+`reference.route` stays the specification: it is what runs under `torch.compile` (inductor fuses its
+operators) and in the tests, which hold both implementations equal to it in float64: outputs, and every
+gradient to rounding.
 """
 
 from __future__ import annotations
