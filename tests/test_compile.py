@@ -182,7 +182,7 @@ def test_compiled_routing_equals_eager_routing(case, fused_mixture, monkeypatch)
 @pytest.mark.parametrize("tokens,fused", [(16, True), (4096, False)])
 def test_the_mixture_is_summed_products_for_small_layers_under_compile(tokens, fused):
     """`reference.expert_mixture` under torch.compile: a small mixture (16 tokens x 4 experts x 64 channels) traces
-    no matrix product, a large one (4096 tokens: past `FUSED_MIXTURE_PRODUCTS`) one; eager it is always one."""
+    no matrix product, a large one (4096 tokens: past `FUSED_MIXTURE_PRODUCTS`) one."""
     from torch._dynamo.testing import EagerAndRecordGraphs
 
     from lime_kernels import reference
