@@ -506,9 +506,16 @@ def dora_magnitude(
 
 def adapter_delta(adapter_input: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """`delta = scaling * adapter_input @ A.T @ B.T` in float32 (float64 for float64 inputs); the scaling
-    multiplies the rank-r intermediate, the smaller tensor."""
+    multiplies the rank-r intermediate, the smaller tensor.
+
+    Under torch.compile it multiplies the product instead: inductor fuses it into the kernels that read
+    `delta` (the routing's, forward and backward), where between the two matrix products it is a kernel
+    of its own each way."""
     dtype = compute_dtype(adapter_input, A, B)
-    return F.linear(F.linear(adapter_input.to(dtype), A.to(dtype)) * scaling, B.to(dtype))
+    projected = F.linear(adapter_input.to(dtype), A.to(dtype))
+    if torch.compiler.is_compiling():
+        return F.linear(projected, B.to(dtype)) * scaling
+    return F.linear(projected * scaling, B.to(dtype))
 
 
 def adapted_outputs(

@@ -197,6 +197,30 @@ def test_the_mixture_is_summed_products_for_small_layers_under_compile(tokens, f
     assert len(products) == (0 if fused else 1)
 
 
+def test_the_adapter_scaling_multiplies_the_product_under_compile():
+    """`reference.adapter_delta` under torch.compile scales the product `x A^T B^T`, which inductor fuses into the
+    kernels that read delta, rather than the rank-r intermediate between the two products (a kernel of its own
+    each way); eagerly it scales the intermediate. Both agree to rounding."""
+    import operator
+
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from lime_kernels import reference
+
+    torch.manual_seed(0)
+    x, A, B = (torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(4, 16, dtype=torch.float64),
+               torch.randn(12, 4, dtype=torch.float64))
+    record = EagerAndRecordGraphs()
+    torch._dynamo.reset()
+    compiled = torch.compile(reference.adapter_delta, backend=record, fullgraph=True)(x, A, B, 0.5)
+    torch.testing.assert_close(compiled, reference.adapter_delta(x, A, B, 0.5), rtol=1e-12, atol=1e-12)
+    nodes = [node for graph in record.graphs for node in graph.graph.nodes if node.op == "call_function"]
+    products = [node for node in nodes if node.target in (torch._C._nn.linear, torch.nn.functional.linear)]
+    scalings = [node for node in nodes if node.target in (operator.mul, torch.mul)]
+    assert len(products) == 2 and len(scalings) == 1
+    assert scalings[0].args[0] is products[1], f"the scaling multiplies {scalings[0].args[0]}, not the product"
+
+
 def test_image_batches_break_only_where_transformers_breaks():
     """An image batch breaks the tiny LLaVA-OneVision's graph inside transformers' own image code (.item()
     calls, data-dependent branches and operators): with LiME (on the vision tower too) the breaks are the same,
